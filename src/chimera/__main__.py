@@ -1,0 +1,7 @@
+"""``python -m chimera`` runs the ``chimera`` command."""
+
+import sys
+
+from chimera.cli import main
+
+sys.exit(main())

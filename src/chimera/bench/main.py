@@ -1,0 +1,98 @@
+"""``chimera bench``: the main job on embedded data (stress suite + MNIST-1D optimizer comparison).
+
+Record files in the output folder are rewritten on every run; the printed tables are also saved
+as ``summary.md`` there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from chimera.bench.records import RecordWriter
+from chimera.bench.spec import RunSpec
+from chimera.bench.stress import run_stress, stress_table
+from chimera.bench.summary import format_table, pm, summarize
+from chimera.bench.trainer import train
+from chimera.data import load_task
+
+# Published MNIST-1D test accuracies (Greydanus 2020) for the models we train.
+PUBLISHED_MNIST1D = {"mlp": 0.68, "cnn": 0.94}
+
+# (model, optimizer, hyper-parameters) of the MNIST-1D comparison; one shared budget.
+MNIST1D_EPOCHS = 30
+MNIST1D_BATCH = 100
+MNIST1D_GRID: list[tuple[str, str, dict[str, Any]]] = [
+    ("cnn", "adamw", {"lr": 1e-2, "weight_decay": 1e-4}),
+    ("cnn", "chimera21", {"lr": 1e-2, "weight_decay": 1e-4}),
+    ("cnn", "stac", {"lr": 1e-2, "weight_decay": 1e-4}),
+    ("cnn", "lion", {"lr": 1e-3, "weight_decay": 1e-3}),
+    ("cnn", "sgd", {"lr": 5e-2, "momentum": 0.9}),
+    ("mlp", "adamw", {"lr": 1e-2, "weight_decay": 1e-4}),
+]
+
+
+def mnist1d_specs(seeds: Sequence[int], epochs: int = MNIST1D_EPOCHS) -> list[RunSpec]:
+    """The run specs of the MNIST-1D comparison."""
+    return [
+        RunSpec(task="mnist1d", model=model, optimizer=opt, seed=seed, epochs=epochs,
+                batch_size=MNIST1D_BATCH, optimizer_hparams=hp)
+        for model, opt, hp in MNIST1D_GRID
+        for seed in seeds
+    ]
+
+
+def classification_table(finals: list[dict[str, Any]]) -> str:
+    """Test accuracy mean ± std over seeds per (task, model, optimizer), beside published numbers."""
+    rows = summarize(finals, ["task", "model", "optimizer"],
+                     ["test_accuracy", "train_time_s", "median_step_time_s",
+                      "median_optimizer_step_time_s", "state_bytes_per_param", "epochs"])
+    return format_table(rows, [
+        ("task", lambda r: r["task"]),
+        ("model", lambda r: r["model"]),
+        ("optimizer", lambda r: r["optimizer"]),
+        ("seeds", lambda r: ",".join(map(str, r["seeds"]))),
+        ("test acc (%)", lambda r: pm(r, "test_accuracy", ".1f", 100)),
+        ("published (%)", lambda r: f"{PUBLISHED_MNIST1D[r['model']] * 100:.0f}"
+            if r["task"] == "mnist1d" and r["model"] in PUBLISHED_MNIST1D else "-"),
+        ("epochs", lambda r: f"{r['epochs_mean']:.0f}"),
+        ("train time (s)", lambda r: f"{r['train_time_s_mean']:.1f}"),
+        ("step (ms)", lambda r: f"{r['median_step_time_s_mean'] * 1e3:.2f}"),
+        ("opt step (ms)", lambda r: f"{r['median_optimizer_step_time_s_mean'] * 1e3:.3f}"),
+        ("state B/param", lambda r: f"{r['state_bytes_per_param_mean']:.1f}"),
+    ])
+
+
+def _fresh_writer(path: Path) -> RecordWriter:
+    path.unlink(missing_ok=True)
+    return RecordWriter(path)
+
+
+def run_bench(
+    out: str | Path,
+    seeds: Sequence[int] = (0, 1, 2),
+    stress_steps: int = 300,
+    epochs: int = MNIST1D_EPOCHS,
+    progress: bool = True,
+) -> str:
+    """Run the main job, write records to ``out`` and return the summary (markdown)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with _fresh_writer(out / "stress.jsonl") as w:
+        stress = run_stress(seeds=seeds, steps=stress_steps, writer=w, progress=progress)
+    data = load_task("mnist1d")
+    finals = []
+    with _fresh_writer(out / "mnist1d.jsonl") as w:
+        for spec in tqdm(mnist1d_specs(seeds, epochs), desc="mnist1d", disable=not progress):
+            finals.append({**spec.to_dict(), **train(spec, w, data=data, progress=progress)})
+    summary = (
+        f"## Stress problems ({stress_steps} steps, seeds {list(seeds)})\n\n"
+        f"{stress_table(stress)}\n\n"
+        f"## MNIST-1D (4000/1000 split, {epochs} epochs, batch {MNIST1D_BATCH}, "
+        f"seeds {list(seeds)})\n\n{classification_table(finals)}\n"
+    )
+    (out / "summary.md").write_text(summary, encoding="utf-8")
+    return summary

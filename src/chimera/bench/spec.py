@@ -1,0 +1,53 @@
+"""Run specifications: one run = (task, model, optimizer, quantizer, rule, seed, budget)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that determines a training run; its ``run_id`` is derived from these fields."""
+
+    task: str
+    model: str
+    optimizer: str
+    seed: int = 0
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    optimizer_hparams: dict[str, Any] = field(default_factory=dict)
+    model_hparams: dict[str, Any] = field(default_factory=dict)
+    quantizer: str = "fp32"
+    rule: str = "backprop"
+    device: str = "cpu"
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as plain JSON-able data."""
+        return dataclasses.asdict(self)
+
+    @property
+    def config_id(self) -> str:
+        """Identity of the configuration: every field except the seed (seeds of one config share it)."""
+        d = self.to_dict()
+        d.pop("seed")
+        digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.task}-{self.model}-{self.optimizer}-{digest}"
+
+    @property
+    def run_id(self) -> str:
+        """Deterministic name of the run: the configuration id plus the seed."""
+        return f"{self.config_id}-s{self.seed}"

@@ -1,0 +1,151 @@
+"""The training loop shared by every command: one ``RunSpec`` in, records and final metrics out."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+import chimera
+from chimera.bench.records import RecordWriter
+from chimera.bench.spec import RunSpec
+from chimera.data import TaskData, load_task
+from chimera.models import build_model
+from chimera.optim import build_optimizer, optimizer_state_memory_summary
+
+WARMUP_STEPS = 5  # steps excluded from the median step times
+
+
+def resolve_device(name: str) -> torch.device:
+    """``torch.device(name)``, with a clear error for a CUDA device on a machine without one."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{name}' requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def identity_of(spec: RunSpec) -> dict[str, Any]:
+    """Identity fields carried by every record of a run."""
+    return {
+        "run_id": spec.run_id,
+        "config_id": spec.config_id,
+        **spec.to_dict(),
+        "versions": {"chimera": chimera.__version__, "torch": torch.__version__},
+    }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict:
+    """Mean cross-entropy and accuracy of ``model`` on (x, y); the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(x), batch_size):
+        logits = model(x[i : i + batch_size])
+        loss_sum += F.cross_entropy(logits, y[i : i + batch_size], reduction="sum").item()
+        correct += (logits.argmax(1) == y[i : i + batch_size]).sum().item()
+    model.train(was_training)
+    return {"loss": loss_sum / len(x), "accuracy": correct / len(x)}
+
+
+def _median_after_warmup(times: list[float]) -> float | None:
+    tail = times[WARMUP_STEPS:] or times
+    return statistics.median(tail) if tail else None
+
+
+def train(
+    spec: RunSpec,
+    writer: RecordWriter | None = None,
+    *,
+    data: TaskData | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``spec`` with backprop and cross-entropy; write step/epoch/eval/final records.
+
+    Returns the final record's metrics. ``data`` may be passed to reuse an already loaded task.
+    """
+    device = resolve_device(spec.device)
+    data = data if data is not None else load_task(spec.task)
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model, data.input_shape, data.num_classes, **spec.model_hparams)
+    model.to(device)
+    opt = build_optimizer(spec.optimizer, model, **spec.optimizer_hparams)
+    log = writer.with_identity(**identity_of(spec)) if writer is not None else None
+
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+    gen = torch.Generator().manual_seed(spec.seed)
+    n, bs = len(x_train), spec.batch_size
+    steps_per_epoch = math.ceil(n / bs)
+    step_times: list[float] = []
+    opt_times: list[float] = []
+    step, best_acc, start = 0, 0.0, time.perf_counter()
+    ev: dict[str, float] = {}
+
+    bar = tqdm(range(1, spec.epochs + 1), desc=spec.run_id, disable=not progress, leave=False)
+    for epoch in bar:
+        model.train()
+        perm = torch.randperm(n, generator=gen).to(device)
+        loss_sum, correct = 0.0, 0
+        epoch_start = time.perf_counter()
+        for i in range(steps_per_epoch):
+            idx = perm[i * bs : (i + 1) * bs]
+            xb, yb = x_train[idx], y_train[idx]
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            loss.backward()
+            t1 = time.perf_counter()
+            opt.step()
+            t2 = time.perf_counter()
+            step += 1
+            step_times.append(t2 - t0)
+            opt_times.append(t2 - t1)
+            loss_value = loss.item()
+            loss_sum += loss_value * len(idx)
+            correct += (logits.argmax(1) == yb).sum().item()
+            if log is not None and step % spec.log_every == 0:
+                diag = getattr(opt, "last_diagnostics", None) or {}
+                log.write(
+                    "step", epoch=epoch, step=step, loss=loss_value, step_time_s=t2 - t0,
+                    optimizer_step_time_s=t2 - t1, **{f"opt_{k}": v for k, v in diag.items()},
+                )
+        epoch_time = time.perf_counter() - epoch_start
+        train_loss, train_acc = loss_sum / n, correct / n
+        ev = evaluate(model, x_test, y_test, spec.eval_batch_size)
+        best_acc = max(best_acc, ev["accuracy"])
+        if log is not None:
+            log.write(
+                "epoch", epoch=epoch, step=step, train_loss=train_loss, train_accuracy=train_acc,
+                epoch_time_s=epoch_time, throughput_samples_per_s=n / epoch_time,
+            )
+            log.write("eval", epoch=epoch, step=step, test_loss=ev["loss"],
+                      test_accuracy=ev["accuracy"])
+        bar.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{ev['accuracy']:.3f}")
+
+    n_params = sum(p.numel() for p in model.parameters())
+    state = optimizer_state_memory_summary(opt)
+    final = {
+        "epochs": spec.epochs,
+        "steps": step,
+        "test_loss": ev.get("loss"),
+        "test_accuracy": ev.get("accuracy"),
+        "best_test_accuracy": best_acc,
+        "train_time_s": time.perf_counter() - start,
+        "median_step_time_s": _median_after_warmup(step_times),
+        "median_optimizer_step_time_s": _median_after_warmup(opt_times),
+        "num_params": n_params,
+        "optimizer_state_bytes": state["total"],
+        "optimizer_state": state,
+        "state_bytes_per_param": state["total"] / max(n_params, 1),
+    }
+    if log is not None:
+        log.write("final", **final)
+    return final

@@ -1,0 +1,153 @@
+"""The ``chimera`` command: train, stress, bench, list."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+
+def parse_kv(items: Sequence[str], what: str) -> dict[str, Any]:
+    """``["lr=0.1", "betas=[0.9,0.99]"]`` -> ``{"lr": 0.1, "betas": (0.9, 0.99)}`` (JSON values,
+    bare words as strings, lists as tuples)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{what} must look like KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def _csv(text: str) -> list[str]:
+    return [t for t in text.split(",") if t]
+
+
+def _seeds(n: int) -> range:
+    if n < 1:
+        raise ValueError(f"--seeds must be >= 1, got {n}")
+    return range(n)
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from chimera.bench.main import classification_table
+    from chimera.bench.records import RecordWriter
+    from chimera.bench.spec import RunSpec
+    from chimera.bench.trainer import train
+
+    hparams = parse_kv(args.opt_arg, "--opt-arg")
+    if args.lr is not None:
+        hparams["lr"] = args.lr
+    finals = []
+    with RecordWriter(args.out) as writer:
+        for seed in args.seed:
+            spec = RunSpec(task=args.task, model=args.model, optimizer=args.optimizer, seed=seed,
+                           epochs=args.epochs, batch_size=args.batch_size,
+                           optimizer_hparams=hparams,
+                           model_hparams=parse_kv(args.model_arg, "--model-arg"),
+                           device=args.device, log_every=args.log_every)
+            finals.append({**spec.to_dict(), **train(spec, writer, progress=not args.quiet)})
+    print(classification_table(finals))
+    print(f"records: {args.out}")
+
+
+def _cmd_stress(args: argparse.Namespace) -> None:
+    from chimera.bench.records import RecordWriter
+    from chimera.bench.stress import run_stress, stress_table
+
+    with RecordWriter(args.out) as writer:
+        finals = run_stress(_csv(args.problems) or None, _csv(args.optimizers) or None,
+                            seeds=_seeds(args.seeds), steps=args.steps, writer=writer,
+                            progress=not args.quiet)
+    print(stress_table(finals))
+    print(f"records: {args.out}")
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from chimera.bench.main import run_bench
+
+    start = time.perf_counter()
+    budget = {} if args.epochs is None else {"epochs": args.epochs}
+    summary = run_bench(args.out, seeds=_seeds(args.seeds), stress_steps=args.stress_steps,
+                        progress=not args.quiet, **budget)
+    print(summary)
+    print(f"records and summary.md in {args.out}/ ({time.perf_counter() - start:.0f} s)")
+
+
+def _cmd_list(args: argparse.Namespace) -> None:
+    from chimera.bench.stress import STRESS_CONFIGS
+    from chimera.data import TASKS
+    from chimera.data.stress import STRESS
+    from chimera.models import MODELS
+    from chimera.optim import OPTIMIZERS
+
+    for reg in (OPTIMIZERS, TASKS, MODELS, STRESS, STRESS_CONFIGS):
+        print(f"{reg.kind}s: {', '.join(reg.names())}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``chimera`` command."""
+    p = argparse.ArgumentParser(prog="chimera", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one configuration over one or more seeds")
+    t.add_argument("--task", default="mnist1d")
+    t.add_argument("--model", default="cnn")
+    t.add_argument("--optimizer", default="adamw")
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--opt-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="optimizer hyper-parameter (repeatable)")
+    t.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="model argument (repeatable)")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--batch-size", type=int, default=100)
+    t.add_argument("--seed", type=int, nargs="+", default=[0])
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--log-every", type=int, default=10, help="steps between step records")
+    t.add_argument("--out", default="runs.jsonl", help="JSONL record file (appended)")
+    t.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("stress", help="stress problems x optimizer configurations x seeds")
+    s.add_argument("--problems", default="", help="comma-separated (default: all)")
+    s.add_argument("--optimizers", default="", help="comma-separated configurations "
+                   "(default: all; see `chimera list`)")
+    s.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+    s.add_argument("--steps", type=int, default=300)
+    s.add_argument("--out", default="stress.jsonl")
+    s.set_defaults(func=_cmd_stress)
+
+    b = sub.add_parser("bench", help="the main job on embedded data")
+    b.add_argument("--out", default="bench-out")
+    b.add_argument("--seeds", type=int, default=3)
+    b.add_argument("--stress-steps", type=int, default=300)
+    b.add_argument("--epochs", type=int, default=None, help="MNIST-1D epochs (default: recipe)")
+    b.set_defaults(func=_cmd_bench)
+
+    ls = sub.add_parser("list", help="list registered optimizers, tasks, models, problems")
+    ls.set_defaults(func=_cmd_list)
+
+    for sp in (t, s, b):
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; bad input ends with a one-line ``chimera: error: ...`` and exit code 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as e:
+        print(f"chimera: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""Optimizers: Chimera21, STAC, Lion, torch's baselines, one registry, state accounting."""
+
+from chimera.optim.chimera21 import Chimera21
+from chimera.optim.lion import Lion
+from chimera.optim.memory import optimizer_state_memory_summary
+from chimera.optim.registry import OPTIMIZERS, build_optimizer, optimizer_hparam_names
+from chimera.optim.stac import STAC, LayerGroup, STACPartition, partition_trainable_layers
+
+__all__ = [
+    "OPTIMIZERS",
+    "STAC",
+    "Chimera21",
+    "LayerGroup",
+    "Lion",
+    "STACPartition",
+    "build_optimizer",
+    "optimizer_hparam_names",
+    "optimizer_state_memory_summary",
+    "partition_trainable_layers",
+]

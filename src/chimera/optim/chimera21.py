@@ -1,0 +1,579 @@
+"""Chimera21: agreement-gated Adam (SPEC 1.1).
+
+Adam whose step is scaled, per element, by ``kappa = clamp(exp(lambda_gate * psi))``, where
+``psi`` is an exponential average of the agreement ``sign(m) * sign(g)`` between momentum and
+gradient. The math lives in two module-level functions, torch.optim style:
+``_single_tensor_chimera21`` (a for-loop, the ground truth) and ``_multi_tensor_chimera21``
+(``torch._foreach_*`` kernels, the same operations in the same order).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
+
+ZERO_GRAD_POLICIES = ("standard", "freeze", "decay", "inertia")
+KAPPA_GATE_MODES = ("none", "noise_ratio")
+PSI_STORAGES = ("fp32", "int8")
+PSI_INT8_SCALE = 127.0
+PSI_SATURATION = 0.999  # |psi| at or above this counts as saturated in the diagnostics
+
+# Group keys the update functions take as keyword arguments.
+_MATH_KEYS = (
+    "lr",
+    "beta1",
+    "beta2",
+    "eps_opt",
+    "weight_decay",
+    "rho_psi",
+    "lambda_gate",
+    "kappa_min",
+    "kappa_max",
+    "zero_grad_policy",
+    "idle_decay",
+    "kappa_gate_mode",
+    "noise_threshold",
+    "gate_sharpness",
+    "psi_storage",
+)
+
+DIAGNOSTIC_KEYS = (
+    "count",
+    "kappa_mean",
+    "kappa_std",
+    "kappa_min",
+    "kappa_max",
+    "mean_noise_ratio",
+    "mean_effective_lr",
+    "active_mean_effective_lr",
+    "applied_update_norm",
+    "param_update_ratio",
+    "update_abs_mean",
+    "update_abs_max",
+    "zero_grad_ratio",
+    "active_grad_ratio",
+    "psi_abs_mean",
+    "psi_saturation_ratio",
+    "collision_score",
+)
+
+
+def _require(name: str, value: Any, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
+
+
+def _validate(hp: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first hyper-parameter of ``hp`` outside its domain."""
+    _require("lr", hp["lr"], hp["lr"] >= 0, ">= 0")
+    for name in ("beta1", "beta2"):
+        _require(name, hp[name], 0 <= hp[name] < 1, "[0, 1)")
+    _require("eps_opt", hp["eps_opt"], hp["eps_opt"] > 0, "> 0")
+    _require("weight_decay", hp["weight_decay"], hp["weight_decay"] >= 0, ">= 0")
+    _require("rho_psi", hp["rho_psi"], 0 <= hp["rho_psi"] <= 1, "[0, 1]")
+    _require("kappa_min", hp["kappa_min"], hp["kappa_min"] > 0, "> 0")
+    kmax = hp["kappa_max"]
+    _require("kappa_max", kmax, kmax >= hp["kappa_min"], f">= kappa_min = {hp['kappa_min']!r}")
+    policy = hp["zero_grad_policy"]
+    _require(
+        "zero_grad_policy", policy, policy in ZERO_GRAD_POLICIES, ", ".join(ZERO_GRAD_POLICIES)
+    )
+    _require("idle_decay", hp["idle_decay"], 0 <= hp["idle_decay"] <= 1, "[0, 1]")
+    mode = hp["kappa_gate_mode"]
+    _require("kappa_gate_mode", mode, mode in KAPPA_GATE_MODES, ", ".join(KAPPA_GATE_MODES))
+    _require("gate_sharpness", hp["gate_sharpness"], hp["gate_sharpness"] >= 0, ">= 0")
+    storage = hp["psi_storage"]
+    _require("psi_storage", storage, storage in PSI_STORAGES, ", ".join(PSI_STORAGES))
+    foreach = hp["foreach"]
+    _require("foreach", foreach, foreach in (None, True, False), "None, True or False")
+
+
+def _resolve_aliases(hp: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """Map the torch spellings ``betas=(b1, b2)`` and ``eps`` onto ``beta1``/``beta2``/``eps_opt``.
+
+    An alias conflicts with an explicit value when that value differs from its default and
+    from the alias: ``ValueError``.
+    """
+    out = {k: v for k, v in hp.items() if k not in ("betas", "eps")}
+    aliased: dict[str, Any] = {}
+    if hp.get("betas") is not None:
+        betas = tuple(hp["betas"])
+        _require("betas", hp["betas"], len(betas) == 2, "a pair (beta1, beta2)")
+        aliased.update(beta1=betas[0], beta2=betas[1])
+    if hp.get("eps") is not None:
+        aliased["eps_opt"] = hp["eps"]
+    for key, value in aliased.items():
+        alias = "betas" if key.startswith("beta") else "eps"
+        explicit = out.get(key, defaults[key])
+        if explicit != defaults[key] and explicit != value:
+            raise ValueError(
+                f"Conflicting {key}: {explicit!r} and {alias}={hp[alias]!r}; give only one"
+            )
+        out[key] = value
+    return out
+
+
+def _decode_psi(psi: Tensor, dtype: torch.dtype, psi_storage: str) -> Tensor:
+    """psi as a float tensor (int8 storage holds ``round(psi * 127)``)."""
+    return psi.to(dtype).div_(PSI_INT8_SCALE) if psi_storage == "int8" else psi
+
+
+def _encode_psi_int8(psi: Tensor) -> Tensor:
+    """``clamp(round(clamp(psi, -1, 1) * 127), -127, 127)`` (still a float tensor)."""
+    return psi.clamp(-1, 1).mul_(PSI_INT8_SCALE).round_().clamp_(-127, 127)
+
+
+def _idle_psi(policy: str, psi: Tensor, m: Tensor, rho_psi: float, idle_decay: float) -> Tensor:
+    """psi where ``g == 0`` under the freeze, decay or inertia policy."""
+    if policy == "freeze":
+        return psi
+    if policy == "decay":
+        return psi * idle_decay
+    return psi * rho_psi + m.sign().square_() * (1 - rho_psi)  # inertia
+
+
+def _diagnostic_row(
+    p_sq: Tensor,
+    g: Tensor,
+    kappa: Tensor,
+    s: Tensor,
+    noise: Tensor,
+    update: Tensor,
+    psi: Tensor,
+    *,
+    lr: float,
+    eps_opt: float,
+) -> Tensor:
+    """Per-parameter sums (float64) that ``_summarize_diagnostics`` combines; see ``_ROW``."""
+    k = kappa.double()
+    n = k.numel()
+    eff_lr = lr * k / (s.double() + eps_opt)
+    active = g != 0
+    upd = update.double().abs()
+    noise = noise.double()
+    return torch.stack(
+        [
+            torch.tensor(float(n), dtype=torch.float64, device=k.device),
+            active.sum().double(),
+            k.sum(),
+            (k - k.mean()).square().sum(),
+            k.min(),
+            k.max(),
+            noise.sum(),
+            eff_lr.sum(),
+            torch.where(active, eff_lr, 0.0).sum(),
+            upd.square().sum(),
+            upd.sum(),
+            upd.max(),
+            psi.double().abs().sum(),
+            (psi.abs() >= PSI_SATURATION).sum().double(),
+            (k.log().abs() * noise).sum(),
+            p_sq,
+        ]
+    )
+
+
+_ROW = (
+    "n",
+    "active",
+    "kappa",
+    "kappa_m2",
+    "kappa_min",
+    "kappa_max",
+    "noise",
+    "eff_lr",
+    "active_eff_lr",
+    "update_sq",
+    "update_abs",
+    "update_abs_max",
+    "psi_abs",
+    "psi_saturated",
+    "collision",
+    "param_sq",
+)
+
+
+def _summarize_diagnostics(rows: list[Tensor]) -> dict[str, float]:
+    """Aggregate per-parameter rows over all elements; empty → count 0, the rest NaN.
+
+    ``kappa_std`` is the population standard deviation (combined exactly from per-parameter
+    means and centred sums of squares).
+    """
+    if not rows:
+        return {key: (0.0 if key == "count" else math.nan) for key in DIAGNOSTIC_KEYS}
+    stacked = torch.stack([r.to(rows[0].device) for r in rows]).tolist()  # one host sync
+    table = [dict(zip(_ROW, r, strict=True)) for r in stacked]
+    tot = {key: sum(r[key] for r in table) for key in _ROW}
+    n, active = tot["n"], tot["active"]
+    kappa_mean = tot["kappa"] / n
+    kappa_m2 = tot["kappa_m2"] + sum(
+        r["n"] * (r["kappa"] / r["n"] - kappa_mean) ** 2 for r in table
+    )
+    update_norm = math.sqrt(tot["update_sq"])
+    param_norm = math.sqrt(tot["param_sq"])
+    return {
+        "count": n,
+        "kappa_mean": kappa_mean,
+        "kappa_std": math.sqrt(kappa_m2 / n),
+        "kappa_min": min(r["kappa_min"] for r in table),
+        "kappa_max": max(r["kappa_max"] for r in table),
+        "mean_noise_ratio": tot["noise"] / n,
+        "mean_effective_lr": tot["eff_lr"] / n,
+        "active_mean_effective_lr": tot["active_eff_lr"] / active if active else math.nan,
+        "applied_update_norm": update_norm,
+        "param_update_ratio": update_norm / param_norm if param_norm > 0 else math.nan,
+        "update_abs_mean": tot["update_abs"] / n,
+        "update_abs_max": max(r["update_abs_max"] for r in table),
+        "zero_grad_ratio": (n - active) / n,
+        "active_grad_ratio": active / n,
+        "psi_abs_mean": tot["psi_abs"] / n,
+        "psi_saturation_ratio": tot["psi_saturated"] / n,
+        "collision_score": tot["collision"] / n,
+    }
+
+
+def _single_tensor_chimera21(
+    params: list[Tensor],
+    grads: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor],
+    psis: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps_opt: float,
+    weight_decay: float,
+    rho_psi: float,
+    lambda_gate: float,
+    kappa_min: float,
+    kappa_max: float,
+    zero_grad_policy: str,
+    idle_decay: float,
+    kappa_gate_mode: str,
+    noise_threshold: float,
+    gate_sharpness: float,
+    psi_storage: str,
+    diagnostics: list[Tensor] | None = None,
+) -> None:
+    """Chimera21 update, one tensor at a time (ground truth; equations in ``Chimera21``).
+
+    With ``diagnostics`` (a list), one row of per-parameter sums is appended for every
+    non-empty parameter.
+    """
+    for p, g, m, v, psi, step_t in zip(params, grads, ms, vs, psis, steps, strict=True):
+        p_sq = p.double().square().sum() if diagnostics is not None else None
+        step_t += 1
+        t = step_t.item()
+        if weight_decay != 0:
+            p.mul_(1 - lr * weight_decay)
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        m_hat = m / (1 - beta1**t)
+        s = (v / (1 - beta2**t)).sqrt_()
+        d = m_hat / (s + eps_opt)
+        agreement = m.sign().mul_(g.sign())
+        psi_old = _decode_psi(psi, p.dtype, psi_storage)
+        psi_new = psi_old.mul(rho_psi).add_(agreement, alpha=1 - rho_psi)
+        if zero_grad_policy != "standard":
+            idle = _idle_psi(zero_grad_policy, psi_old, m, rho_psi, idle_decay)
+            psi_new = torch.where(g == 0, idle, psi_new)
+        kappa = psi_new.mul(lambda_gate).exp_().clamp_(kappa_min, kappa_max)
+        noise = None
+        if kappa_gate_mode == "noise_ratio" or diagnostics is not None:
+            noise = s / (m_hat.abs().add_(eps_opt))
+        if kappa_gate_mode == "noise_ratio":
+            gate = noise.neg().add_(noise_threshold).mul_(gate_sharpness).sigmoid_()
+            kappa.sub_(1).mul_(gate).add_(1)
+        psi.copy_(_encode_psi_int8(psi_new) if psi_storage == "int8" else psi_new)
+        p.addcmul_(kappa, d, value=-lr)
+        if diagnostics is not None and p.numel() > 0:
+            diagnostics.append(
+                _diagnostic_row(
+                    p_sq,
+                    g,
+                    kappa,
+                    s,
+                    noise,
+                    kappa * d * lr,
+                    _decode_psi(psi, p.dtype, psi_storage),
+                    lr=lr,
+                    eps_opt=eps_opt,
+                )
+            )
+
+
+def _multi_tensor_chimera21(
+    params: list[Tensor],
+    grads: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor],
+    psis: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps_opt: float,
+    weight_decay: float,
+    rho_psi: float,
+    lambda_gate: float,
+    kappa_min: float,
+    kappa_max: float,
+    zero_grad_policy: str,
+    idle_decay: float,
+    kappa_gate_mode: str,
+    noise_threshold: float,
+    gate_sharpness: float,
+    psi_storage: str,
+) -> None:
+    """Chimera21 update with ``torch._foreach_*`` kernels: the operations of the for-loop path
+    in the same order. Exceptions, per tensor: the int8 decode's dtype cast and the zero-grad
+    policy's ``torch.where`` (there is no foreach comparison or select)."""
+    if not params:
+        return
+    torch._foreach_add_(steps, 1)
+    ts = [t.item() for t in steps]
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    torch._foreach_mul_(ms, beta1)
+    torch._foreach_add_(ms, grads, alpha=1 - beta1)
+    torch._foreach_mul_(vs, beta2)
+    torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+    m_hat = torch._foreach_div(ms, [1 - beta1**t for t in ts])
+    s = torch._foreach_div(vs, [1 - beta2**t for t in ts])
+    torch._foreach_sqrt_(s)
+    d = torch._foreach_div(m_hat, torch._foreach_add(s, eps_opt))
+    agreement = torch._foreach_sign(ms)
+    torch._foreach_mul_(agreement, torch._foreach_sign(grads))
+    if psi_storage == "int8":
+        psi_old = [psi.to(p.dtype) for psi, p in zip(psis, params, strict=True)]
+        torch._foreach_div_(psi_old, PSI_INT8_SCALE)
+    else:
+        psi_old = psis
+    psi_new = torch._foreach_mul(psi_old, rho_psi)
+    torch._foreach_add_(psi_new, agreement, alpha=1 - rho_psi)
+    if zero_grad_policy != "standard":
+        psi_new = [
+            torch.where(g == 0, _idle_psi(zero_grad_policy, old, m, rho_psi, idle_decay), new)
+            for g, old, m, new in zip(grads, psi_old, ms, psi_new, strict=True)
+        ]
+    kappa = torch._foreach_mul(psi_new, lambda_gate)
+    torch._foreach_exp_(kappa)
+    torch._foreach_clamp_min_(kappa, kappa_min)
+    torch._foreach_clamp_max_(kappa, kappa_max)
+    if kappa_gate_mode == "noise_ratio":
+        denom = torch._foreach_abs(m_hat)
+        torch._foreach_add_(denom, eps_opt)
+        gate = torch._foreach_div(s, denom)  # the noise ratio
+        torch._foreach_neg_(gate)
+        torch._foreach_add_(gate, noise_threshold)
+        torch._foreach_mul_(gate, gate_sharpness)
+        torch._foreach_sigmoid_(gate)
+        torch._foreach_sub_(kappa, 1)
+        torch._foreach_mul_(kappa, gate)
+        torch._foreach_add_(kappa, 1)
+    if psi_storage == "int8":
+        torch._foreach_clamp_min_(psi_new, -1)
+        torch._foreach_clamp_max_(psi_new, 1)
+        torch._foreach_mul_(psi_new, PSI_INT8_SCALE)
+        torch._foreach_round_(psi_new)
+        torch._foreach_clamp_min_(psi_new, -127)
+        torch._foreach_clamp_max_(psi_new, 127)
+    torch._foreach_copy_(psis, psi_new)
+    torch._foreach_addcmul_(params, kappa, d, value=-lr)
+
+
+def _use_foreach(foreach: bool | None, params: list[Tensor]) -> bool:
+    """``None``: the foreach kernels when all parameters and gradients share one dtype and one
+    device of a type with native foreach kernels (CUDA, XPU, ...), as torch decides."""
+    if foreach is not None:
+        return foreach
+    tensors = [*params, *(p.grad for p in params)]
+    return (
+        bool(params)
+        and len({(t.device, t.dtype) for t in tensors}) == 1
+        and params[0].device.type in _get_foreach_kernels_supported_devices()
+    )
+
+
+class Chimera21(torch.optim.Optimizer):
+    r"""Agreement-gated Adam (SPEC 1.1).
+
+    For each parameter p with gradient g, t the step count after the increment::
+
+        p     <- p * (1 - lr * weight_decay)                    (decoupled weight decay)
+        m     <- beta1 * m + (1 - beta1) * g
+        v     <- beta2 * v + (1 - beta2) * g^2
+        m_hat  = m / (1 - beta1^t);  s = sqrt(v / (1 - beta2^t));  d = m_hat / (s + eps_opt)
+        a      = sign(m) * sign(g)                              (updated m; sign(0) = 0)
+        psi'   = rho_psi * psi + (1 - rho_psi) * a
+        where g == 0 exactly, zero_grad_policy decides psi':
+            standard: psi' as is;  freeze: psi;  decay: psi * idle_decay;
+            inertia: rho_psi * psi + (1 - rho_psi) * sign(m)^2
+        kappa  = clamp(exp(lambda_gate * psi'), kappa_min, kappa_max)
+        if kappa_gate_mode == "noise_ratio":
+            noise = s / (|m_hat| + eps_opt)
+            kappa = 1 + sigmoid(gate_sharpness * (noise_threshold - noise)) * (kappa - 1)
+        psi   <- psi'   (int8: clamp(round(clamp(psi', -1, 1) * 127), -127, 127))
+        p     <- p - lr * kappa * d
+
+    kappa uses the unrounded psi'; with ``psi_storage="int8"`` the stored value is decoded as
+    ``psi / 127`` on the next step. ``betas=(b1, b2)`` and ``eps`` are accepted as aliases of
+    ``beta1``/``beta2`` and ``eps_opt``, in the constructor and in param groups.
+
+    State per parameter, created at its first step with a gradient: ``m``, ``v`` (like p),
+    ``psi`` (like p with ``psi_storage="fp32"``, i.e. in p's floating dtype; int8 otherwise) and
+    ``step``, a 0-dim float32 tensor as in ``torch.optim.Adam`` (exact up to 2^24 steps).
+    Parameters whose grad is None are untouched and get no state; sparse gradients raise
+    ``RuntimeError``.
+
+    ``foreach``: True forces the ``torch._foreach_*`` path, False the for-loop path, None picks
+    foreach where torch would (all tensors of a group on one CUDA/XPU device with one dtype).
+    On CPU both paths run the same kernels in the same order and agree bit for bit.
+
+    ``log_diagnostics`` (per group): after each step ``last_diagnostics`` maps
+    ``DIAGNOSTIC_KEYS`` to floats aggregated over every element of the logging groups that had
+    a gradient: kappa statistics (``kappa_std`` is the population std), ``mean_noise_ratio``,
+    ``mean_effective_lr`` = mean(lr * kappa / (s + eps_opt)) (``active_...`` over g != 0),
+    ``applied_update_norm`` = ||lr * kappa * d||_2, ``param_update_ratio`` = that norm over the
+    L2 norm of the same parameters before the step (before weight decay), ``update_abs_*``
+    over |lr * kappa * d|, zero/active gradient ratios, ``psi_abs_mean`` and
+    ``psi_saturation_ratio`` (|psi| >= 0.999) of the stored psi after the step, and
+    ``collision_score`` = mean(|ln kappa| * noise). Logging groups run the for-loop path.
+    Without any logging group ``last_diagnostics`` is ``{}`` and no diagnostic work is done.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps_opt: float = 1e-8,
+        weight_decay: float = 0.0,
+        rho_psi: float = 0.95,
+        lambda_gate: float = 0.1,
+        kappa_min: float = 0.5,
+        kappa_max: float = 2.0,
+        log_diagnostics: bool = False,
+        zero_grad_policy: str = "standard",
+        idle_decay: float = 0.95,
+        kappa_gate_mode: str = "none",
+        noise_threshold: float = 2.0,
+        gate_sharpness: float = 4.0,
+        psi_storage: str = "fp32",
+        *,
+        betas: tuple[float, float] | None = None,
+        eps: float | None = None,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps_opt=eps_opt,
+            weight_decay=weight_decay,
+            rho_psi=rho_psi,
+            lambda_gate=lambda_gate,
+            kappa_min=kappa_min,
+            kappa_max=kappa_max,
+            log_diagnostics=log_diagnostics,
+            zero_grad_policy=zero_grad_policy,
+            idle_decay=idle_decay,
+            kappa_gate_mode=kappa_gate_mode,
+            noise_threshold=noise_threshold,
+            gate_sharpness=gate_sharpness,
+            psi_storage=psi_storage,
+            foreach=foreach,
+        )
+        defaults = _resolve_aliases({**defaults, "betas": betas, "eps": eps}, _CONSTRUCTOR_DEFAULTS)
+        _validate(defaults)
+        super().__init__(params, defaults)
+        self.last_diagnostics: dict[str, float] = {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its hyper-parameters (aliases included) are validated first."""
+        group = _resolve_aliases(param_group, self.defaults)
+        _validate({**self.defaults, **group})
+        super().add_param_group(group)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "last_diagnostics": self.last_diagnostics}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's loading, except that an int8 ``psi`` stays int8 (torch casts floating state
+        to the parameter's dtype)."""
+        int8_ids = {
+            pid
+            for pid, s in state_dict["state"].items()
+            if isinstance(s.get("psi"), Tensor) and s["psi"].dtype == torch.int8
+        }
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for pid, p in zip(saved_ids, params, strict=True):
+            if pid in int8_ids:
+                self.state[p]["psi"] = self.state[p]["psi"].to(torch.int8)
+
+    def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> list[list[Tensor]]:
+        """Lists ``[grads, ms, vs, psis, steps]`` of ``params``, creating missing state and
+        converting ``psi`` if the group's ``psi_storage`` changed since the last step."""
+        int8 = group["psi_storage"] == "int8"
+        lists: list[list[Tensor]] = [[], [], [], [], []]
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["v"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["psi"] = torch.zeros_like(
+                    p, dtype=torch.int8 if int8 else p.dtype, memory_format=torch.preserve_format
+                )
+            elif int8 and state["psi"].dtype != torch.int8:
+                state["psi"] = _encode_psi_int8(state["psi"]).to(torch.int8)
+            elif not int8 and state["psi"].dtype == torch.int8:
+                state["psi"] = _decode_psi(state["psi"], p.dtype, "int8")
+            values = (p.grad, state["m"], state["v"], state["psi"], state["step"])
+            for out, value in zip(lists, values, strict=True):
+                out.append(value)
+        return lists
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One Chimera21 step; returns the closure's loss when a closure is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        active = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        if any(p.grad.is_sparse for _, params in active for p in params):
+            raise RuntimeError("Chimera21 does not support sparse gradients")
+        rows: list[Tensor] | None = None
+        for group, params in active:
+            lists = self._init_group(group, params)
+            hp = {k: group[k] for k in _MATH_KEYS}
+            if group["log_diagnostics"]:
+                rows = [] if rows is None else rows
+                _single_tensor_chimera21(params, *lists, **hp, diagnostics=rows)
+            elif _use_foreach(group["foreach"], params):
+                _multi_tensor_chimera21(params, *lists, **hp)
+            else:
+                _single_tensor_chimera21(params, *lists, **hp)
+        self.last_diagnostics = {} if rows is None else _summarize_diagnostics(rows)
+        return loss
+
+
+_CONSTRUCTOR_DEFAULTS = {
+    name: param.default
+    for name, param in inspect.signature(Chimera21.__init__).parameters.items()
+    if param.default is not param.empty
+}

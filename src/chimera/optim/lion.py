@@ -1,0 +1,77 @@
+"""Lion: sign of interpolated momentum with decoupled weight decay (Chen et al., 2023).
+
+Per parameter p with gradient g (``maximize`` flips g)::
+
+    p <- p * (1 - lr * wd)
+    c  = beta1 * m + (1 - beta1) * g
+    p <- p - lr * sign(c)
+    m <- beta2 * m + (1 - beta2) * g
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+
+def lion_update(
+    p: Tensor, g: Tensor, m: Tensor, *, lr: float, beta1: float, beta2: float, weight_decay: float
+) -> None:
+    """One in-place Lion update of ``p`` and its momentum ``m``.
+
+    ``torch.sign`` maps NaN to 0, which would hide a non-finite gradient; adding ``0 * c`` makes
+    a non-finite ``c`` give NaN so that it reaches ``p`` like in every other optimizer here.
+    """
+    if weight_decay:
+        p.mul_(1 - lr * weight_decay)
+    c = m.mul(beta1).add_(g, alpha=1 - beta1)
+    p.add_(torch.sign(c).add_(c, alpha=0), alpha=-lr)
+    m.lerp_(g, 1 - beta2)
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion optimizer; state ``exp_avg`` (the momentum m), one tensor per parameter."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+    ) -> None:
+        if lr < 0:
+            raise ValueError(f"Invalid lr: {lr} (allowed: >= 0)")
+        for i, b in enumerate(betas):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"Invalid betas[{i}]: {b} (allowed: [0, 1))")
+        if weight_decay < 0:
+            raise ValueError(f"Invalid weight_decay: {weight_decay} (allowed: >= 0)")
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Apply one Lion step; returns the closure's loss when a closure is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Lion does not support sparse gradients")
+                g = -p.grad if group["maximize"] else p.grad
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                lion_update(
+                    p, g, state["exp_avg"], lr=group["lr"], beta1=beta1, beta2=beta2,
+                    weight_decay=group["weight_decay"],
+                )
+        return loss

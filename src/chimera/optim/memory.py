@@ -1,0 +1,32 @@
+"""Bytes of optimizer state, split into the roles every optimizer of the toolkit shares."""
+
+from __future__ import annotations
+
+import torch
+
+# State key -> role. torch's Adam/AdamW moments map onto Chimera21's m/v; every other
+# tensor (step counters, amsgrad maxima, integer accumulators, ...) counts as "other".
+_ROLE_OF_KEY = {
+    "m": "m",
+    "exp_avg": "m",
+    "momentum_buffer": "m",
+    "trunk_momentum_buffer": "m",
+    "v": "v",
+    "exp_avg_sq": "v",
+    "psi": "psi",
+}
+
+
+def optimizer_state_memory_summary(opt: torch.optim.Optimizer) -> dict[str, int]:
+    """``{m, v, psi, other, total}``: bytes held in tensor state of ``opt``.
+
+    Works for every optimizer of the toolkit and torch's own (``exp_avg``/``exp_avg_sq`` count
+    as m/v). Python scalars in the state are not counted; only tensors are.
+    """
+    out = {"m": 0, "v": 0, "psi": 0, "other": 0}
+    for state in opt.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                out[_ROLE_OF_KEY.get(key, "other")] += value.numel() * value.element_size()
+    out["total"] = sum(out.values())
+    return out

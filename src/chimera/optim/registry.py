@@ -1,0 +1,75 @@
+"""``build_optimizer(name, model_or_params, **hparams)``: every optimizer of the toolkit by name.
+
+STAC needs the model (it partitions it into trunk and cap); the others take parameters. The
+registry hides the difference: pass a model to any of them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from chimera.optim.chimera21 import Chimera21
+from chimera.optim.lion import Lion
+from chimera.optim.stac import STAC
+from chimera.registry import Registry
+
+OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
+
+_BY_PARAMS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "lion": Lion,
+    "chimera21": Chimera21,
+}
+
+
+def _params_factory(cls: type[torch.optim.Optimizer]) -> Callable[..., torch.optim.Optimizer]:
+    def build(model_or_params: nn.Module | Iterable, **hparams) -> torch.optim.Optimizer:
+        if isinstance(model_or_params, nn.Module):
+            model_or_params = model_or_params.parameters()
+        return cls(model_or_params, **hparams)
+
+    build.__wrapped__ = cls  # type: ignore[attr-defined]  # for hyper-parameter checking
+    return build
+
+
+for _name, _cls in _BY_PARAMS.items():
+    OPTIMIZERS.register(_name)(_params_factory(_cls))
+
+
+@OPTIMIZERS.register("stac")
+def _build_stac(model: nn.Module, **hparams) -> STAC:
+    if not isinstance(model, nn.Module):
+        raise ValueError("optimizer 'stac' needs the model (an nn.Module), not a parameter list")
+    return STAC(model, **hparams)
+
+
+_build_stac.__wrapped__ = STAC  # type: ignore[attr-defined]
+
+
+def optimizer_hparam_names(name: str) -> list[str]:
+    """Hyper-parameters the optimizer ``name`` accepts (its constructor's keyword arguments)."""
+    cls = OPTIMIZERS.get(name).__wrapped__
+    sig = inspect.signature(cls.__init__)
+    return [p for p in sig.parameters if p not in ("self", "params", "model")]
+
+
+def build_optimizer(
+    name: str, model_or_params: nn.Module | Iterable, **hparams
+) -> torch.optim.Optimizer:
+    """Build the optimizer registered as ``name``; unknown names or hyper-parameters raise
+    ``ValueError`` listing what is allowed."""
+    factory = OPTIMIZERS.get(name)
+    allowed = optimizer_hparam_names(name)
+    unknown = sorted(set(hparams) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"optimizer '{name}' has no hyper-parameter {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(allowed)}"
+        )
+    return factory(model_or_params, **hparams)

@@ -1,0 +1,391 @@
+"""STAC: sign-momentum trunk, AdamW cap (SPEC 1.2).
+
+Drop-in for the public API of the ``stac-optimizer`` 0.1.2 package: ``STAC``, ``STACPartition``,
+``LayerGroup`` and ``partition_trainable_layers``. The model is split into *layers* (modules that
+directly own a trainable parameter, in registration order); the last ``last_n_layers`` layers
+form the *cap*, updated by AdamW, the others the *trunk*, updated by the sign of a momentum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim.adamw import adamw
+
+TRUNK = "trunk"
+CAP = "cap"
+ROOT_LAYER = "<root>"
+_FOREACH_DEVICES = ("cuda", "xpu")  # where torch defaults to its foreach kernels
+
+
+@dataclass(frozen=True, eq=False)
+class LayerGroup:
+    """One layer: a module's own trainable parameters and their qualified names."""
+
+    name: str
+    parameter_names: tuple[str, ...]
+    parameters: tuple[nn.Parameter, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class STACPartition:
+    """The trunk layers then the cap layers, each in registration order."""
+
+    trunk_layers: tuple[LayerGroup, ...]
+    cap_layers: tuple[LayerGroup, ...]
+
+    @property
+    def trunk_layer_names(self) -> tuple[str, ...]:
+        return tuple(layer.name for layer in self.trunk_layers)
+
+    @property
+    def cap_layer_names(self) -> tuple[str, ...]:
+        return tuple(layer.name for layer in self.cap_layers)
+
+    @property
+    def trunk_parameters(self) -> tuple[nn.Parameter, ...]:
+        return tuple(p for layer in self.trunk_layers for p in layer.parameters)
+
+    @property
+    def cap_parameters(self) -> tuple[nn.Parameter, ...]:
+        return tuple(p for layer in self.cap_layers for p in layer.parameters)
+
+
+def _trainable_layers(model: nn.Module) -> Iterator[LayerGroup]:
+    """Modules owning a not-yet-seen trainable parameter, in ``named_modules()`` order."""
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        owned = [
+            (f"{module_name}.{name}" if module_name else name, p)
+            for name, p in module.named_parameters(recurse=False)
+            if p.requires_grad and id(p) not in seen
+        ]
+        if owned:
+            seen.update(id(p) for _, p in owned)
+            names, params = zip(*owned, strict=True)
+            yield LayerGroup(module_name or ROOT_LAYER, names, params)
+
+
+def partition_trainable_layers(model: nn.Module, *, last_n_layers: int = 1) -> STACPartition:
+    """Split the trainable layers of ``model``: the last ``last_n_layers`` are the cap.
+
+    A layer is a module directly owning (``recurse=False``) a parameter with ``requires_grad``;
+    a shared parameter belongs to its first owner; the root's own parameters are ``"<root>"``.
+    ``last_n_layers=0`` puts everything in the trunk, more than exist everything in the cap.
+    """
+    if isinstance(last_n_layers, bool) or not isinstance(last_n_layers, int) or last_n_layers < 0:
+        raise ValueError(f"Invalid last_n_layers: {last_n_layers!r} (allowed: an int >= 0)")
+    layers = list(_trainable_layers(model))
+    if not layers:
+        raise ValueError(
+            "STAC needs a model with at least one trainable parameter (requires_grad=True)"
+        )
+    split = max(len(layers) - last_n_layers, 0)
+    return STACPartition(tuple(layers[:split]), tuple(layers[split:]))
+
+
+def _single_tensor_stac_trunk(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    maximize: bool,
+) -> None:
+    """Trunk update, one tensor at a time (ground truth; see ``STAC``)."""
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        direction = -g if maximize else g
+        if weight_decay != 0:
+            p.mul_(1 - lr * weight_decay)
+        if momentum != 0:
+            direction = momentum_buffers[i].mul_(momentum).add_(direction, alpha=1 - momentum)
+        p.add_(direction.sign(), alpha=-lr)
+
+
+def _multi_tensor_stac_trunk(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    maximize: bool,
+) -> None:
+    """Trunk update with ``torch._foreach_*`` kernels; same math as the for-loop version."""
+    if not params:
+        return
+    directions = torch._foreach_neg(grads) if maximize else grads
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    if momentum != 0:
+        torch._foreach_mul_(momentum_buffers, momentum)
+        torch._foreach_add_(momentum_buffers, directions, alpha=1 - momentum)
+        directions = momentum_buffers
+    torch._foreach_add_(params, torch._foreach_sign(directions), alpha=-lr)
+
+
+def _use_foreach(foreach: bool | None, params: list[Tensor]) -> bool:
+    """``foreach=None`` picks the foreach kernels when every tensor lives on an accelerator."""
+    if foreach is not None:
+        return foreach
+    return bool(params) and all(p.device.type in _FOREACH_DEVICES for p in params)
+
+
+def _all_finite(grads: list[Tensor]) -> bool:
+    """Whether no gradient holds NaN or +-Inf (a single host sync for all of them)."""
+    if not grads:
+        return True
+    device = grads[0].device
+    return bool(torch.stack([torch.isfinite(g).all().to(device) for g in grads]).all())
+
+
+def _scalar_dtype() -> torch.dtype:
+    """dtype of AdamW's ``step`` counter, as torch chooses it."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _require(name: str, value: Any, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
+
+
+class STAC(torch.optim.Optimizer):
+    r"""Sign-momentum trunk, AdamW cap.
+
+    Trunk parameter p with gradient g, momentum ``mu = trunk_momentum``::
+
+        u = -g if maximize else g
+        p <- p * (1 - lr * wd)                     (decoupled weight decay)
+        b <- mu * b + (1 - mu) * u                 (state "trunk_momentum_buffer", b_0 = 0)
+        p <- p - lr * sign(b)
+
+    with ``mu = 0``: ``p <- p - lr * sign(u)`` and no state. Cap parameters follow
+    ``torch.optim.AdamW`` exactly (``amsgrad``, ``maximize``, bias correction; state ``step``,
+    ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``); the math is torch's functional ``adamw``.
+
+    Defaults: ``trunk_lr = 0.75 * lr`` when trunk and cap are both non-empty, else ``lr``;
+    ``cap_lr = lr``; both weight decays default to ``weight_decay``. Param groups: the trunk
+    (``stac_role="trunk"``, ``layer_names``) then the cap (``stac_role="cap"``); a role without
+    layers (``last_n_layers=0`` or larger than the layer count) has no group at all.
+
+    A step first checks every gradient: sparse ones raise ``RuntimeError``; a non-finite one
+    raises with ``error_if_nonfinite=True``, otherwise the whole step is skipped (no parameter
+    or state moves) and ``nonfinite_skipped_steps`` (saved in ``state_dict``) is incremented.
+    ``foreach=None`` uses the foreach kernels when all tensors of a group are on CUDA/XPU.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        lr: float = 1e-3,
+        trunk_lr: float | None = None,
+        cap_lr: float | None = None,
+        last_n_layers: int = 1,
+        trunk_momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        trunk_weight_decay: float | None = None,
+        cap_weight_decay: float | None = None,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        error_if_nonfinite: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"STAC needs the model (an nn.Module), got {type(model).__name__}")
+        _require("lr", lr, lr >= 0, ">= 0")
+        _require("trunk_momentum", trunk_momentum, 0 <= trunk_momentum < 1, "[0, 1)")
+        _require("betas", betas, len(betas) == 2, "a pair (beta1, beta2)")
+        for i, beta in enumerate(betas):
+            _require(f"betas[{i}]", beta, 0 <= beta < 1, "[0, 1)")
+        _require("eps", eps, eps > 0, "> 0")
+        _require("weight_decay", weight_decay, weight_decay >= 0, ">= 0")
+        _require("foreach", foreach, foreach in (None, True, False), "None, True or False")
+        partition = partition_trainable_layers(model, last_n_layers=last_n_layers)
+
+        if trunk_lr is None:
+            both = bool(partition.trunk_layers and partition.cap_layers)
+            trunk_lr = 0.75 * lr if both else lr
+        roles = (
+            (TRUNK, partition.trunk_layers, trunk_lr, trunk_weight_decay),
+            (CAP, partition.cap_layers, lr if cap_lr is None else cap_lr, cap_weight_decay),
+        )
+        groups = []
+        for role, layers, role_lr, role_wd in roles:
+            role_wd = weight_decay if role_wd is None else role_wd
+            _require(f"{role}_lr", role_lr, role_lr >= 0, ">= 0")
+            _require(f"{role}_weight_decay", role_wd, role_wd >= 0, ">= 0")
+            if layers:
+                groups.append(
+                    {
+                        "params": [p for layer in layers for p in layer.parameters],
+                        "stac_role": role,
+                        "layer_names": tuple(layer.name for layer in layers),
+                        "lr": role_lr,
+                        "weight_decay": role_wd,
+                    }
+                )
+        defaults = dict(
+            lr=lr,
+            trunk_momentum=trunk_momentum,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            error_if_nonfinite=error_if_nonfinite,
+            foreach=foreach,
+        )
+        super().__init__(groups, defaults)
+        self.partition = partition  # from here on add_param_group refuses
+        self.nonfinite_skipped_steps = 0
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if hasattr(self, "partition"):
+            raise RuntimeError(
+                "STAC does not support add_param_group: its trunk/cap partition is fixed by the "
+                "model at construction; build a new STAC instead"
+            )
+        super().add_param_group(param_group)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            **super().__getstate__(),
+            "partition": self.partition,
+            "nonfinite_skipped_steps": self.nonfinite_skipped_steps,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus ``nonfinite_skipped_steps``."""
+        return {**super().state_dict(), "nonfinite_skipped_steps": self.nonfinite_skipped_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by a STAC with the same partition; anything else is a ValueError."""
+        self._check_same_partition(state_dict)
+        super().load_state_dict(state_dict)
+        self.nonfinite_skipped_steps = int(state_dict.get("nonfinite_skipped_steps", 0))
+
+    def _check_same_partition(self, state_dict: dict[str, Any]) -> None:
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state has {len(saved_groups)} parameter groups but this STAC has "
+                f"{len(self.param_groups)} (roles {[g['stac_role'] for g in self.param_groups]}): "
+                "it comes from a different partition"
+            )
+        for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
+            role = group["stac_role"]
+            if saved.get("stac_role") != role:
+                raise ValueError(
+                    f"loaded parameter group {i} has stac_role {saved.get('stac_role')!r}, "
+                    f"expected {role!r}: not a state of this STAC partition"
+                )
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"loaded {role} group has {len(saved['params'])} parameters, "
+                    f"expected {len(group['params'])}"
+                )
+            if tuple(saved.get("layer_names", ())) != tuple(group["layer_names"]):
+                raise ValueError(
+                    f"loaded {role} layer names {list(saved.get('layer_names', ()))} differ from "
+                    f"this partition's {list(group['layer_names'])}"
+                )
+        saved_ids = chain.from_iterable(g["params"] for g in saved_groups)
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for pid, p in zip(saved_ids, params, strict=True):
+            for key, value in state_dict["state"].get(pid, {}).items():
+                if key != "step" and torch.is_tensor(value) and value.shape != p.shape:
+                    raise ValueError(
+                        f"loaded state {key!r} has shape {tuple(value.shape)}, "
+                        f"its parameter {tuple(p.shape)}"
+                    )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One all-or-nothing STAC step; returns the closure's loss when a closure is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        active = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        for group, params in active:
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError(
+                    f"STAC does not support sparse gradients (found in the {group['stac_role']})"
+                )
+        if not _all_finite([p.grad for _, params in active for p in params]):
+            if any(group["error_if_nonfinite"] for group in self.param_groups):
+                raise RuntimeError(
+                    "STAC found non-finite gradients (NaN or Inf) with error_if_nonfinite=True; "
+                    "no parameter was updated"
+                )
+            self.nonfinite_skipped_steps += 1
+            return loss
+        for group, params in active:
+            foreach = _use_foreach(group["foreach"], params)
+            update = self._trunk_update if group["stac_role"] == TRUNK else self._cap_update
+            update(group, params, foreach)
+        return loss
+
+    def _trunk_update(self, group: dict[str, Any], params: list[Tensor], foreach: bool) -> None:
+        momentum = group["trunk_momentum"]
+        buffers = []
+        if momentum != 0:
+            for p in params:
+                state = self.state[p]
+                if "trunk_momentum_buffer" not in state:
+                    state["trunk_momentum_buffer"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+                buffers.append(state["trunk_momentum_buffer"])
+        update = _multi_tensor_stac_trunk if foreach else _single_tensor_stac_trunk
+        update(
+            params,
+            [p.grad for p in params],
+            buffers,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            momentum=momentum,
+            maximize=group["maximize"],
+        )
+
+    def _cap_update(self, group: dict[str, Any], params: list[Tensor], foreach: bool) -> None:
+        amsgrad = group["amsgrad"]
+        states = []
+        for p in params:
+            state = self.state[p]
+            if not state:  # lazy initialisation, as torch.optim.AdamW does it
+                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if amsgrad and "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            states.append(state)
+        beta1, beta2 = group["betas"]
+        adamw(
+            params,
+            [p.grad for p in params],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
+            [s["step"] for s in states],
+            foreach=foreach,
+            has_complex=any(torch.is_complex(p) for p in params),
+            amsgrad=amsgrad,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+        )

@@ -1,0 +1,65 @@
+"""Ternary weight quantizers and the int8 activation quantizer (SPEC 2.1, 2.2 step 1).
+
+Pure functions of their inputs. ``gamma`` is the weight scale, ``alpha`` the threshold factor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+ACT_QUANT_MODES = ("per_tensor", "per_token", "none")
+STAT_MODES = ("mean", "median")
+
+
+def _check_weight(u: object, name: str = "U") -> Tensor:
+    if not isinstance(u, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(u).__name__}")
+    if not u.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {u.dtype}")
+    if u.numel() == 0:
+        raise ValueError(f"{name} must not be empty")
+    return u
+
+
+def abs_stat(w: Tensor, mode: str = "mean") -> Tensor:
+    """The weight scale statistic: ``mean(|W|)`` or ``median(|W|)`` (0-dim tensor)."""
+    _check_weight(w, "W")
+    if mode == "mean":
+        return w.abs().mean()
+    if mode == "median":
+        return w.abs().median()
+    raise ValueError(f"stat_mode must be one of {STAT_MODES}, got {mode!r}")
+
+
+def quantize_weight_strict_bitnet(u: Tensor, gamma: Tensor | float) -> Tensor:
+    """BitNet b1.58 absmean quantizer: ``clamp(round(U / gamma), -1, 1)`` (round half to even)."""
+    _check_weight(u)
+    return torch.clamp(torch.round(u / gamma), -1, 1)
+
+
+def quantize_weight_chimera(u: Tensor, gamma: Tensor | float, alpha: float) -> Tensor:
+    """Dynamic-threshold quantizer: ``sign(U) * [|U| > alpha * gamma]`` (strict ``>``)."""
+    _check_weight(u)
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    return torch.sign(u) * (u.abs() > alpha * gamma).to(u.dtype)
+
+
+def quantize_activations(x: Tensor, mode: str = "per_tensor", eps_beta: float = 1e-6) -> Tensor:
+    """int8 fake-quantized activations with a straight-through estimator.
+
+    ``beta = max|x| / 127 + eps_beta`` (per tensor, or per token = per row of the last dim),
+    ``x_q = clamp(round(x / beta), -127, 127)``; returns ``x + (beta * x_q - x).detach()``:
+    the forward value is ``beta * x_q`` and the gradient reaches ``x`` unchanged.
+    """
+    if mode == "none":
+        return x
+    if mode == "per_tensor":
+        beta = x.detach().abs().max() / 127 + eps_beta
+    elif mode == "per_token":
+        beta = x.detach().abs().amax(dim=-1, keepdim=True) / 127 + eps_beta
+    else:
+        raise ValueError(f"act_quant must be one of {ACT_QUANT_MODES}, got {mode!r}")
+    x_q = torch.clamp(torch.round(x.detach() / beta), -127, 127)
+    return x + (beta * x_q - x).detach()

@@ -1,0 +1,68 @@
+import math
+
+import pytest
+
+from chimera.bench.records import RecordWriter, read_records
+from chimera.bench.spec import RunSpec
+from chimera.bench.trainer import train
+from chimera.data import load_task
+from chimera.optim import OPTIMIZERS
+
+LRS = {"sgd": 0.1, "lion": 1e-3, "stac": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_task("digits")
+
+
+def spec(optimizer="adamw", seed=0, epochs=2, **kw):
+    return RunSpec("digits", "mlp", optimizer, seed=seed, epochs=epochs, batch_size=64,
+                   optimizer_hparams={"lr": LRS.get(optimizer, 1e-2)}, log_every=5, **kw)
+
+
+def test_records_of_a_run(tmp_path, digits):
+    path = tmp_path / "runs.jsonl"
+    with RecordWriter(path) as w:
+        final = train(spec(), w, data=digits, progress=False)
+    recs = read_records(path)
+    types = [r["record_type"] for r in recs]
+    assert types.count("epoch") == 2 and types.count("eval") == 2 and types[-1] == "final"
+    assert types.count("step") == (2 * math.ceil(len(digits.x_train) / 64)) // 5
+    assert {r["run_id"] for r in recs} == {spec().run_id}
+    assert all(r["versions"]["torch"] and r["seed"] == 0 for r in recs)
+    assert recs[-1]["test_accuracy"] == final["test_accuracy"] > 0.8
+    assert final["optimizer_state_bytes"] == 2 * 4 * final["num_params"]  # AdamW: m and v
+    assert final["state_bytes_per_param"] == pytest.approx(8.0)
+
+
+def test_same_seed_same_result_other_seed_differs(digits):
+    a = train(spec(seed=1), data=digits, progress=False)
+    b = train(spec(seed=1), data=digits, progress=False)
+    c = train(spec(seed=2), data=digits, progress=False)
+    assert a["test_loss"] == b["test_loss"]
+    assert a["test_loss"] != c["test_loss"]
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS.names())
+def test_every_registered_optimizer_trains(name, digits):
+    final = train(spec(name, epochs=3), data=digits, progress=False)
+    assert final["test_accuracy"] > 0.5  # chance is 0.1
+
+
+def test_chimera21_diagnostics_reach_step_records(tmp_path, digits):
+    s = RunSpec("digits", "mlp", "chimera21", epochs=1, batch_size=64, log_every=5,
+                optimizer_hparams={"log_diagnostics": True})
+    with RecordWriter(tmp_path / "r.jsonl") as w:
+        train(s, w, data=digits, progress=False)
+    step = read_records(tmp_path / "r.jsonl", record_type="step")[0]
+    assert 0.5 <= step["opt_kappa_mean"] <= 2.0 and "opt_collision_score" in step
+
+
+def test_cuda_without_cuda_is_a_clear_error(digits):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("machine has CUDA")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        train(spec(device="cuda"), data=digits, progress=False)

@@ -1,0 +1,70 @@
+import pytest
+
+from chimera.bench.records import read_records
+from chimera.cli import main, parse_kv
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+TRAIN = ["train", "--task", "digits", "--model", "mlp", "--epochs", "1", "--quiet"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--optimizer", "adamx"], "unknown optimizer 'adamx'; known: sgd, adam, adamw"),
+    (["--task", "imagenet"], "unknown task 'imagenet'; known:"),
+    (["--model", "vit"], "unknown model 'vit'; known:"),
+    (["--lr", "-1"], "learning rate"),
+    (["--opt-arg", "betas"], "--opt-arg must look like KEY=VALUE"),
+    (["--opt-arg", "momentum=0.9", "--optimizer", "adamw"], "no hyper-parameter 'momentum'"),
+    (["--epochs", "0"], "epochs must be a positive integer"),
+    (["--model-arg", "hidden=0"], "hidden"),
+])
+def test_bad_input_gives_a_one_line_error(capsys, tmp_path, argv, message):
+    code, _, err = run_cli(capsys, *TRAIN, "--out", str(tmp_path / "r.jsonl"), *argv)
+    assert code == 2
+    assert err.startswith("chimera: error: ") and message in err
+    assert err.count("\n") == 1
+
+
+def test_train_command_writes_records_and_prints_table(capsys, tmp_path):
+    out = tmp_path / "r.jsonl"
+    code, stdout, _ = run_cli(capsys, *TRAIN, "--seed", "0", "1", "--out", str(out),
+                              "--optimizer", "stac", "--lr", "0.001")
+    assert code == 0
+    finals = read_records(out, record_type="final")
+    assert [r["seed"] for r in finals] == [0, 1]
+    assert "| digits | mlp   | stac" in stdout
+
+
+def test_stress_command(capsys, tmp_path):
+    out = tmp_path / "s.jsonl"
+    code, stdout, _ = run_cli(capsys, "stress", "--problems", "saddle", "--optimizers",
+                              "adamw,chimera21-psi-int8", "--seeds", "2", "--steps", "30",
+                              "--out", str(out), "--quiet")
+    assert code == 0
+    finals = read_records(out, record_type="final")
+    assert len(finals) == 4
+    assert "chimera21-psi-int8" in stdout and "saddle" in stdout
+
+
+def test_stress_rejects_unknown_names_before_running(capsys, tmp_path):
+    out = tmp_path / "s.jsonl"
+    code, _, err = run_cli(capsys, "stress", "--optimizers", "adamw,nope", "--out", str(out))
+    assert code == 2 and "unknown stress configuration 'nope'" in err
+    assert not out.exists() or out.read_text() == ""
+
+
+def test_list_names_every_registry(capsys):
+    code, out, _ = run_cli(capsys, "list")
+    assert code == 0
+    assert "optimizers: sgd, adam, adamw, lion, chimera21, stac" in out
+    assert "mnist1d" in out and "cnn" in out and "noisy_quadratic" in out
+
+
+def test_parse_kv():
+    assert parse_kv(["lr=0.1", "betas=[0.9,0.99]", "mode=fast"], "x") == {
+        "lr": 0.1, "betas": (0.9, 0.99), "mode": "fast"}
