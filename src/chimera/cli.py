@@ -52,7 +52,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
                            epochs=args.epochs, batch_size=args.batch_size,
                            optimizer_hparams=hparams,
                            model_hparams=parse_kv(args.model_arg, "--model-arg"),
-                           device=args.device, log_every=args.log_every)
+                           device=args.device, log_every=args.log_every,
+                           lr_schedule=args.lr_schedule)
             finals.append({**spec.to_dict(), **train(spec, writer, progress=not args.quiet)})
     print(classification_table(finals))
     print(f"records: {args.out}")
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model argument (repeatable)")
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--batch-size", type=int, default=100)
+    t.add_argument("--lr-schedule", default="constant", help="constant | cosine (per step, to 0)")
     t.add_argument("--seed", type=int, nargs="+", default=[0])
     t.add_argument("--device", default="cpu")
     t.add_argument("--log-every", type=int, default=10, help="steps between step records")

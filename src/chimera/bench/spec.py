@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+LR_SCHEDULES = ("constant", "cosine")
+
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -26,12 +28,17 @@ class RunSpec:
     rule: str = "backprop"
     device: str = "cpu"
     log_every: int = 10
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"
+            )
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
 
@@ -41,7 +48,7 @@ class RunSpec:
 
     @property
     def config_id(self) -> str:
-        """Identity of the configuration: every field except the seed (seeds of one config share it)."""
+        """Identity of the configuration: every field but the seed (its seeds share it)."""
         d = self.to_dict()
         d.pop("seed")
         digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]

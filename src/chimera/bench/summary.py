@@ -16,7 +16,7 @@ def group_by(records: Iterable[dict[str, Any]], keys: Sequence[str]) -> dict[tup
 
 
 def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None, int]:
-    """Mean, sample standard deviation (ddof=1; 0 for one value) and count of the non-None values."""
+    """Mean, sample std (ddof=1; 0 for one value) and count of the non-None values."""
     vals = [float(v) for v in values if v is not None]
     if not vals:
         return None, None, 0

@@ -54,6 +54,18 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return {"loss": loss_sum / len(x), "accuracy": correct / len(x)}
 
 
+def lr_scheduler(
+    opt: torch.optim.Optimizer, schedule: str, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step schedule of every group's lr: ``constant``, or ``cosine`` from the group's lr
+    to 0 over ``total_steps`` (``lr_t = lr * (1 + cos(pi * t / total)) / 2``)."""
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps))
+        )
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
+
+
 def _median_after_warmup(times: list[float]) -> float | None:
     tail = times[WARMUP_STEPS:] or times
     return statistics.median(tail) if tail else None
@@ -83,6 +95,7 @@ def train(
     gen = torch.Generator().manual_seed(spec.seed)
     n, bs = len(x_train), spec.batch_size
     steps_per_epoch = math.ceil(n / bs)
+    scheduler = lr_scheduler(opt, spec.lr_schedule, spec.epochs * steps_per_epoch)
     step_times: list[float] = []
     opt_times: list[float] = []
     step, best_acc, start = 0, 0.0, time.perf_counter()
@@ -105,6 +118,7 @@ def train(
             t1 = time.perf_counter()
             opt.step()
             t2 = time.perf_counter()
+            scheduler.step()
             step += 1
             step_times.append(t2 - t0)
             opt_times.append(t2 - t1)
@@ -115,6 +129,7 @@ def train(
                 diag = getattr(opt, "last_diagnostics", None) or {}
                 log.write(
                     "step", epoch=epoch, step=step, loss=loss_value, step_time_s=t2 - t0,
+                    lr=opt.param_groups[0]["lr"],
                     optimizer_step_time_s=t2 - t1, **{f"opt_{k}": v for k, v in diag.items()},
                 )
         epoch_time = time.perf_counter() - epoch_start

@@ -1,0 +1,32 @@
+"""The ``digits`` task: scikit-learn's bundled 8x8 digits (1797 images, 10 classes), no download.
+
+Inputs are the 64 pixel intensities divided by 16 (range [0, 1]); no further standardisation. The
+split is stratified and deterministic (``train_test_split(..., random_state=split_seed)``).
+"""
+
+from __future__ import annotations
+
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+from chimera.data.base import TASKS, TaskData
+
+
+@TASKS.register("digits")
+def load_digits_task(test_fraction: float = 0.2, split_seed: int = 0) -> TaskData:
+    """Digits as (N, 64) float32 in [0, 1]; ``test_fraction`` of each class goes to the test set."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    x, y = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x / 16.0, y, test_size=test_fraction, random_state=split_seed, stratify=y
+    )
+    return TaskData(
+        name="digits",
+        x_train=torch.tensor(x_train, dtype=torch.float32),
+        y_train=torch.tensor(y_train, dtype=torch.int64),
+        x_test=torch.tensor(x_test, dtype=torch.float32),
+        y_test=torch.tensor(y_test, dtype=torch.int64),
+        num_classes=10,
+    )

@@ -1,0 +1,31 @@
+"""Models (``MODELS`` registry): ``build_model(name, input_shape, num_classes, **kwargs)``.
+
+Built from ``nn.Linear`` / ``nn.Conv1d`` and activations only, so a converter can swap the
+weight layers for ternary ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from chimera.models.cnn import CNN1d
+from chimera.models.mlp import MLP
+from chimera.registry import Registry
+
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+MODELS.register("mlp")(MLP)
+MODELS.register("cnn")(CNN1d)
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs) -> nn.Module:
+    """The model registered as ``name`` for ``input_shape`` inputs and ``num_classes`` logits."""
+    if len(input_shape) == 0:
+        raise ValueError("input_shape must be non-empty (the shape of one example)")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    return MODELS.get(name)(tuple(input_shape), num_classes, **kwargs)
+
+
+__all__ = ["MODELS", "CNN1d", "MLP", "build_model"]

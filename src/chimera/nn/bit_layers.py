@@ -1,0 +1,313 @@
+"""Ternary-weight layers with int8 activations (SPEC 2.2): BitLinear, BitConv1d, BitConv2d.
+
+Forward (all quantization logic lives in :class:`BitLayer`; subclasses only add geometry):
+
+1. ``x_ste = x + (beta * clamp(round(x / beta), -127, 127) - x).detach()``,
+   ``beta = max|x| / 127 + eps_beta`` per tensor or per row of the last dimension (``per_token``;
+   for convolutions that is a row of the width axis)
+2. training only: ``scale_ema = rho_s * scale_ema + (1 - rho_s) * abs_stat(W)``
+3. ``gamma = max(scale_ema, eps_gamma)``, ``alpha = current_alpha()``
+4. ``T = quantize(W, gamma[, alpha])``; ``w_ste = clamp(W + (T - W).detach(), -ste_clip, ste_clip)``
+   (the clamp acts on the forward value T, so any ``ste_clip >= 1`` leaves values and gradients
+   unchanged; ``ste_clip < 1`` shrinks nonzero weights to ``±ste_clip`` and blocks their gradient)
+5. ``y = gamma * (x_ste @ w_ste^T) + bias``, computed as ``F.linear(x_ste, gamma * w_ste, bias)``
+   (convolutions: ``F.conv*`` with the layer's geometry in place of ``F.linear``)
+6. remember the statistics for ``get_last_stats()``; training only: ``forward_step += 1``
+
+Alpha schedule: ``alpha_override`` if set; else ``alpha_target`` if ``warmup_steps == 0``; else
+``alpha_min + (alpha_target - alpha_min) * min(forward_step / warmup_steps, 1)``, i.e. the first
+training forward (``forward_step == 0``) uses alpha_min and the forward with
+``forward_step == warmup_steps`` and all later ones use alpha_target. ``strict_bitnet`` ignores
+alpha (it equals ``chimera`` at alpha 0.5); the reported alpha is still ``current_alpha()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from chimera.quant.functions import (
+    ACT_QUANT_MODES,
+    STAT_MODES,
+    abs_stat,
+    quantize_activations,
+    quantize_weight_chimera,
+    quantize_weight_strict_bitnet,
+)
+from chimera.quant.stats import stats_from_counts, ternary_counts
+
+WEIGHT_QUANTIZERS: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
+    "strict_bitnet": lambda w, gamma, alpha: quantize_weight_strict_bitnet(w, gamma),
+    "chimera": quantize_weight_chimera,
+}
+QUANT_MODES = tuple(WEIGHT_QUANTIZERS)
+
+
+def _number(name: str, value: Any, low: float, high: float = math.inf, *, open_low=False) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, int | float)
+    ok = ok and (low < value if open_low else low <= value) and value <= high
+    if not ok:
+        bracket = "(" if open_low else "["
+        raise ValueError(f"{name} must be a number in {bracket}{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+class BitLayer(nn.Module):
+    """Shared ternary quantization logic; subclasses define ``_FLOAT_TYPE``, ``_float_args`` and
+    ``_project(x, weight, bias)`` (the float op applied to the scaled ternary weight)."""
+
+    _FLOAT_TYPE: type[nn.Module]
+
+    def __init__(
+        self,
+        weight_shape: tuple[int, ...],
+        bias: bool,
+        *,
+        stat_mode: str = "mean",
+        rho_s: float = 0.95,
+        alpha_min: float = 0.0,
+        alpha_target: float = 0.7,
+        warmup_steps: int = 100,
+        quant_mode: str = "chimera",
+        eps_gamma: float = 1e-6,
+        eps_beta: float = 1e-6,
+        ste_clip: float | None = 1.0,
+        act_quant: str = "per_tensor",
+    ) -> None:
+        super().__init__()
+        self.stat_mode = _choice("stat_mode", stat_mode, STAT_MODES)
+        self.quant_mode = _choice("quant_mode", quant_mode, QUANT_MODES)
+        self.act_quant = _choice("act_quant", act_quant, ACT_QUANT_MODES)
+        self.rho_s = _number("rho_s", rho_s, 0.0, 1.0)
+        self.alpha_min = _number("alpha_min", alpha_min, 0.0)
+        self.alpha_target = alpha_target
+        self.alpha_override: float | None = None
+        self.warmup_steps = _positive_int("warmup_steps", warmup_steps, minimum=0)
+        self.eps_gamma = _number("eps_gamma", eps_gamma, 0.0, open_low=True)
+        self.eps_beta = _number("eps_beta", eps_beta, 0.0, open_low=True)
+        self.ste_clip = None if ste_clip is None else _number("ste_clip", ste_clip, 0.0,
+                                                              open_low=True)
+        fp32 = torch.float32
+        self.weight_master = nn.Parameter(torch.empty(weight_shape, dtype=fp32))
+        self.bias = nn.Parameter(torch.empty(weight_shape[:1], dtype=fp32)) if bias else None
+        self.register_buffer("scale_ema", torch.zeros(()))
+        self.register_buffer("forward_step", torch.zeros((), dtype=torch.int64))
+        self._last_stats: tuple[Tensor, float, Tensor] | None = None
+        self.reset_parameters()
+
+    # -- alpha ------------------------------------------------------------------------------
+    @property
+    def alpha_target(self) -> float:
+        """Threshold factor after warm-up; settable at run time (e.g. by a controller)."""
+        return self._alpha_target
+
+    @alpha_target.setter
+    def alpha_target(self, value: float) -> None:
+        self._alpha_target = _number("alpha_target", value, 0.0)
+
+    @property
+    def alpha_override(self) -> float | None:
+        """When not ``None``, the alpha of every forward (skips the warm-up)."""
+        return self._alpha_override
+
+    @alpha_override.setter
+    def alpha_override(self, value: float | None) -> None:
+        self._alpha_override = None if value is None else _number("alpha_override", value, 0.0)
+
+    def current_alpha(self) -> float:
+        """``alpha_override``, else the linear warm-up from alpha_min to alpha_target."""
+        if self.alpha_override is not None:
+            return self.alpha_override
+        if self.warmup_steps == 0:
+            return self.alpha_target
+        progress = min(int(self.forward_step) / self.warmup_steps, 1.0)
+        return self.alpha_min + (self.alpha_target - self.alpha_min) * progress
+
+    # -- parameters -------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """nn.Linear's init (kaiming-uniform a=sqrt(5), bias U(±1/sqrt(fan_in))); scale from W."""
+        nn.init.kaiming_uniform_(self.weight_master, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.weight_master[0].numel())
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_scale()
+
+    @torch.no_grad()
+    def reset_scale(self) -> None:
+        """``scale_ema = abs_stat(W)``."""
+        self.scale_ema.copy_(abs_stat(self.weight_master, self.stat_mode))
+
+    @classmethod
+    def from_float(cls, module: nn.Module, **quant_kwargs: Any) -> BitLayer:
+        """A layer of the same geometry holding ``module``'s weight and bias as latent weights."""
+        if type(module) is not cls._FLOAT_TYPE:
+            raise TypeError(
+                f"{cls.__name__}.from_float expects {cls._FLOAT_TYPE.__name__}, "
+                f"got {type(module).__name__}"
+            )
+        layer = cls(**cls._float_args(module), **quant_kwargs)
+        layer.to(module.weight.device)
+        with torch.no_grad():
+            layer.weight_master.copy_(module.weight)
+            if module.bias is not None:
+                layer.bias.copy_(module.bias)
+        layer.reset_scale()
+        return layer.train(module.training)
+
+    @classmethod
+    def _float_args(cls, module: nn.Module) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _project(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        x_ste = quantize_activations(x, self.act_quant, self.eps_beta)
+        w = self.weight_master
+        if self.training:
+            with torch.no_grad():
+                stat = abs_stat(w.detach(), self.stat_mode)
+                self.scale_ema.mul_(self.rho_s).add_(stat, alpha=1 - self.rho_s)
+        gamma = self.scale_ema.clamp(min=self.eps_gamma)
+        alpha = self.current_alpha()
+        t = WEIGHT_QUANTIZERS[self.quant_mode](w.detach(), gamma, alpha)
+        w_ste = w + (t - w).detach()
+        if self.ste_clip is not None:
+            w_ste = w_ste.clamp(-self.ste_clip, self.ste_clip)
+        y = self._project(x_ste, gamma * w_ste, self.bias)
+        self._last_stats = (gamma.detach(), alpha, ternary_counts(t))
+        if self.training:
+            self.forward_step.add_(1)
+        return y
+
+    def get_last_stats(self) -> dict[str, float] | None:
+        """``{gamma, alpha, zero_ratio, plus_ratio, minus_ratio, effective_bits, num_weights}``
+        of the last forward (``None`` before the first one)."""
+        if self._last_stats is None:
+            return None
+        gamma, alpha, counts = self._last_stats
+        stats = stats_from_counts(*counts.tolist())
+        return {"gamma": float(gamma), "alpha": alpha, **stats,
+                "num_weights": self.weight_master.numel()}
+
+    def extra_repr(self) -> str:
+        return (f"quant_mode={self.quant_mode}, alpha_target={self.alpha_target}, "
+                f"warmup_steps={self.warmup_steps}, act_quant={self.act_quant}, "
+                f"bias={self.bias is not None}")
+
+
+class BitLinear(BitLayer):
+    """Ternary ``nn.Linear``: ``y = gamma * (x_ste @ w_ste^T) + bias``."""
+
+    _FLOAT_TYPE = nn.Linear
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 **quant_kwargs: Any) -> None:
+        self.in_features = _positive_int("in_features", in_features)
+        self.out_features = _positive_int("out_features", out_features)
+        super().__init__((out_features, in_features), bias, **quant_kwargs)
+
+    @classmethod
+    def _float_args(cls, module: nn.Linear) -> dict[str, Any]:
+        return {"in_features": module.in_features, "out_features": module.out_features,
+                "bias": module.bias is not None}
+
+    def _project(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                + super().extra_repr())
+
+
+class _BitConvNd(BitLayer):
+    """Ternary N-d convolution (zero padding only); ``_DIMS`` and ``_CONV`` set the geometry."""
+
+    _DIMS: int
+    _CONV: Callable[..., Tensor]
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        padding: int | tuple[int, ...] | str = 0,
+        dilation: int | tuple[int, ...] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        **quant_kwargs: Any,
+    ) -> None:
+        self.in_channels = _positive_int("in_channels", in_channels)
+        self.out_channels = _positive_int("out_channels", out_channels)
+        self.groups = _positive_int("groups", groups)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups ({groups}) must divide in_channels ({in_channels}) and "
+                             f"out_channels ({out_channels})")
+        self.kernel_size = self._tuple("kernel_size", kernel_size, 1)
+        self.stride = self._tuple("stride", stride, 1)
+        self.dilation = self._tuple("dilation", dilation, 1)
+        if isinstance(padding, str):
+            _choice("padding", padding, ("same", "valid"))
+            if padding == "same" and any(s != 1 for s in self.stride):
+                raise ValueError("padding='same' requires stride 1")
+            self.padding: tuple[int, ...] | str = padding
+        else:
+            self.padding = self._tuple("padding", padding, 0)
+        super().__init__((out_channels, in_channels // groups, *self.kernel_size), bias,
+                         **quant_kwargs)
+
+    @classmethod
+    def _tuple(cls, name: str, value: int | tuple[int, ...], minimum: int) -> tuple[int, ...]:
+        values = (value,) * cls._DIMS if isinstance(value, int) else tuple(value)
+        if len(values) != cls._DIMS:
+            raise ValueError(f"{name} must be an int or {cls._DIMS} ints, got {value!r}")
+        return tuple(_positive_int(name, v, minimum) for v in values)
+
+    @classmethod
+    def _float_args(cls, module: nn.Module) -> dict[str, Any]:
+        if module.padding_mode != "zeros":
+            raise ValueError(f"only padding_mode='zeros' can be ternarized, got "
+                             f"{module.padding_mode!r}")
+        names = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                 "groups")
+        return {**{n: getattr(module, n) for n in names}, "bias": module.bias is not None}
+
+    def _project(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return type(self)._CONV(x, weight, bias, self.stride, self.padding, self.dilation,
+                                self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"groups={self.groups}, " + super().extra_repr())
+
+
+class BitConv1d(_BitConvNd):
+    """Ternary ``nn.Conv1d``."""
+
+    _DIMS, _CONV, _FLOAT_TYPE = 1, F.conv1d, nn.Conv1d
+
+
+class BitConv2d(_BitConvNd):
+    """Ternary ``nn.Conv2d``."""
+
+    _DIMS, _CONV, _FLOAT_TYPE = 2, F.conv2d, nn.Conv2d

@@ -1,0 +1,79 @@
+"""Bang-bang controller steering the threshold factor alpha to a target zero ratio (SPEC 2.3).
+
+A larger alpha zeroes more weights, so ``update`` raises alpha while the measured zero ratio is
+below ``target - tolerance``, lowers it while above ``target + tolerance``, and clips it to
+``[alpha_min, alpha_max]``. The target zero ratio comes from the target entropy ``target_bits`` on
+the chosen branch of ``H(z, (1-z)/2, (1-z)/2)`` unless given directly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from chimera.quant.stats import BRANCHES, MAX_TERNARY_BITS, symmetric_zero_ratio_for_entropy
+
+
+def _check_number(name: str, value: Any, low: float = 0.0, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+class TargetBitsController:
+    """``update(alpha, zero_ratio) -> alpha'``; ``last_error = zero_ratio - target_zero_ratio``."""
+
+    _CONFIG = ("target_bits", "branch", "target_zero_ratio", "tolerance", "step_size",
+               "alpha_min", "alpha_max")
+
+    def __init__(
+        self,
+        target_bits: float = 1.32,
+        branch: str = "sparse",
+        target_zero_ratio: float | None = None,
+        tolerance: float = 0.02,
+        step_size: float = 0.05,
+        alpha_min: float = 0.0,
+        alpha_max: float = 1.5,
+    ) -> None:
+        if branch not in BRANCHES:
+            raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
+        self.branch = branch
+        self.target_bits = _check_number("target_bits", target_bits, high=MAX_TERNARY_BITS)
+        if target_zero_ratio is None:
+            self.target_zero_ratio = symmetric_zero_ratio_for_entropy(self.target_bits, branch)
+        else:
+            self.target_zero_ratio = _check_number("target_zero_ratio", target_zero_ratio, high=1)
+        self.tolerance = _check_number("tolerance", tolerance)
+        self.step_size = _check_number("step_size", step_size)
+        if self.step_size == 0:
+            raise ValueError("step_size must be > 0, got 0")
+        self.alpha_min = _check_number("alpha_min", alpha_min)
+        self.alpha_max = _check_number("alpha_max", alpha_max, low=self.alpha_min)
+        self.last_error: float | None = None
+
+    def update(self, alpha: float, zero_ratio: float) -> float:
+        """The next alpha: one ``step_size`` toward the target band, clipped."""
+        alpha = _check_number("alpha", alpha, low=-math.inf)
+        zero_ratio = _check_number("zero_ratio", zero_ratio, high=1)
+        self.last_error = zero_ratio - self.target_zero_ratio
+        if self.last_error < -self.tolerance:
+            alpha += self.step_size
+        elif self.last_error > self.tolerance:
+            alpha -= self.step_size
+        return min(max(alpha, self.alpha_min), self.alpha_max)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Configuration (with the resolved target zero ratio) and ``last_error``."""
+        return {**{key: getattr(self, key) for key in self._CONFIG}, "last_error": self.last_error}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; its values are validated like constructor arguments."""
+        expected = {*self._CONFIG, "last_error"}
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(f"state has missing keys {missing} and unexpected keys {unexpected}")
+        restored = type(self)(**{key: state[key] for key in self._CONFIG})
+        error = state["last_error"]
+        restored.last_error = None if error is None else _check_number("last_error", error, -1, 1)
+        self.__dict__.update(restored.__dict__)

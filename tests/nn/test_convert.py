@@ -1,0 +1,116 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chimera.models.cnn import CNN1d
+from chimera.models.mlp import MLP
+from chimera.nn.bit_layers import BitConv1d, BitLayer, BitLinear
+from chimera.nn.convert import TERNARY_CONVERTERS, ternarize
+
+MODES = ["strict_bitnet", "chimera"]
+
+
+def mlp():
+    torch.manual_seed(0)
+    return MLP((12,), 5, hidden=8, depth=3)  # Flatten, 4 Linear layers named 1, 3, 5, 7
+
+
+def layer_types(model):
+    return [type(m) for m in model.modules() if isinstance(m, nn.Linear | BitLayer)]
+
+
+def assert_every_parameter_gets_gradient(model, x, num_classes):
+    loss = F.cross_entropy(model(x), torch.arange(len(x)) % num_classes)
+    loss.backward()
+    dead = [n for n, p in model.named_parameters()
+            if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert dead == []
+
+
+def test_registered_modes():
+    assert {"strict_bitnet", "chimera"} <= set(TERNARY_CONVERTERS.names())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ternarize_keeps_latent_weights_and_applies_quant_kwargs(mode):
+    model = mlp()
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert ternarize(model, mode, skip=(), alpha_target=0.4, warmup_steps=3) is model
+    layers = [m for m in model.modules() if isinstance(m, BitLinear)]
+    assert len(layers) == 4
+    assert all(m.quant_mode == mode and m.alpha_target == 0.4 and m.warmup_steps == 3
+               for m in layers)
+    for name in ("1", "3", "5", "7"):
+        layer = model.get_submodule(name)
+        assert torch.equal(layer.weight_master, original[f"{name}.weight"])
+        assert torch.equal(layer.bias, original[f"{name}.bias"])
+        assert layer.scale_ema.item() == pytest.approx(original[f"{name}.weight"].abs().mean())
+
+
+def test_skip_rules():
+    default = ternarize(mlp(), "chimera")
+    assert layer_types(default) == [nn.Linear, BitLinear, BitLinear, nn.Linear]
+    first = ternarize(mlp(), "chimera", skip=("first",))
+    assert layer_types(first) == [nn.Linear, BitLinear, BitLinear, BitLinear]
+    last = ternarize(mlp(), "chimera", skip=["last"])
+    assert layer_types(last) == [BitLinear, BitLinear, BitLinear, nn.Linear]
+    named = ternarize(mlp(), "chimera", skip=("3", "last"))
+    assert layer_types(named) == [BitLinear, nn.Linear, BitLinear, nn.Linear]
+    assert layer_types(ternarize(mlp(), "chimera", skip="5")) == [BitLinear] * 2 + [
+        nn.Linear, BitLinear]
+
+
+def test_qualified_names_in_nested_models():
+    model = CNN1d((40,), 4, channels=3)  # features.0, features.2, features.4 (Conv1d), head
+    ternarize(model, "strict_bitnet", skip=("features.2",))
+    types = [type(model.features[i]) for i in (0, 2, 4)] + [type(model.head)]
+    assert types == [BitConv1d, nn.Conv1d, BitConv1d, BitLinear]
+
+
+def test_unknown_skip_name_lists_valid_names():
+    with pytest.raises(ValueError, match=r"\['1', '3', '5', '7'\]"):
+        ternarize(mlp(), "chimera", skip=("9",))
+
+
+def test_fp32_is_a_no_op_and_unknown_modes_raise():
+    model = mlp()
+    before = [type(m) for m in model.modules()]
+    assert ternarize(model, "fp32") is model
+    assert [type(m) for m in model.modules()] == before
+    with pytest.raises(ValueError, match="chimera"):  # the registry lists the known modes
+        ternarize(model, "binary")
+    with pytest.raises(ValueError, match="quant_mode"):
+        ternarize(model, "chimera", quant_mode="strict_bitnet")
+
+
+def test_shared_layers_stay_shared_and_a_bare_layer_is_returned_converted():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    ternarize(model, "chimera", skip=())
+    assert isinstance(model[0], BitLinear) and model[0] is model[2]
+    bare = nn.Linear(3, 2)
+    assert isinstance(ternarize(bare, "chimera", skip=()), BitLinear)
+    assert ternarize(bare, "chimera") is bare  # the only layer is both first and last
+
+
+def test_subclasses_are_left_alone():
+    attention = nn.MultiheadAttention(8, 2)  # out_proj is a subclass of nn.Linear
+    ternarize(attention, "chimera", skip=())
+    assert type(attention.out_proj) is not BitLinear
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("skip", [(), ("first", "last")])
+def test_every_parameter_of_a_ternary_mlp_gets_gradient(mode, skip):
+    model = ternarize(mlp(), mode, skip=skip)
+    assert_every_parameter_gets_gradient(model, torch.randn(6, 12), 5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("skip", [(), ("first", "last")])
+def test_every_parameter_of_a_ternary_cnn1d_gets_gradient(mode, skip):
+    torch.manual_seed(1)
+    model = ternarize(CNN1d((40,), 10, channels=8), mode, skip=skip)
+    assert sum(isinstance(m, BitConv1d) for m in model.modules()) == (3 if skip == () else 2)
+    assert_every_parameter_gets_gradient(model, torch.randn(6, 40), 10)
