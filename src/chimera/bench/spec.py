@@ -25,6 +25,8 @@ class RunSpec:
     optimizer_hparams: dict[str, Any] = field(default_factory=dict)
     model_hparams: dict[str, Any] = field(default_factory=dict)
     quantizer: str = "fp32"
+    quant_hparams: dict[str, Any] = field(default_factory=dict)
+    controller: dict[str, Any] | None = None
     rule: str = "backprop"
     device: str = "cpu"
     log_every: int = 10

@@ -13,6 +13,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import chimera
+from chimera.bench.checkpoint import save_checkpoint
+from chimera.bench.quant_control import AlphaControl, quant_record, quantize_model
 from chimera.bench.records import RecordWriter
 from chimera.bench.spec import RunSpec
 from chimera.data import TaskData, load_task
@@ -66,6 +68,12 @@ def lr_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
 
 
+def build_run_model(spec: RunSpec, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The model of a run: the registered model, converted by the run's quantizer."""
+    model = build_model(spec.model, input_shape, num_classes, **spec.model_hparams)
+    return quantize_model(model, spec.quantizer, spec.quant_hparams)
+
+
 def _median_after_warmup(times: list[float]) -> float | None:
     tail = times[WARMUP_STEPS:] or times
     return statistics.median(tail) if tail else None
@@ -77,17 +85,19 @@ def train(
     *,
     data: TaskData | None = None,
     progress: bool = True,
+    checkpoint: str | None = None,
 ) -> dict[str, Any]:
     """Train ``spec`` with backprop and cross-entropy; write step/epoch/eval/final records.
 
-    Returns the final record's metrics. ``data`` may be passed to reuse an already loaded task.
+    Returns the final record's metrics. ``data`` may be passed to reuse an already loaded task;
+    ``checkpoint`` is a path where the trained model and optimizer are saved at the end.
     """
     device = resolve_device(spec.device)
     data = data if data is not None else load_task(spec.task)
     torch.manual_seed(spec.seed)
-    model = build_model(spec.model, data.input_shape, data.num_classes, **spec.model_hparams)
-    model.to(device)
+    model = build_run_model(spec, data.input_shape, data.num_classes).to(device)
     opt = build_optimizer(spec.optimizer, model, **spec.optimizer_hparams)
+    control = AlphaControl(model, spec.controller) if spec.controller is not None else None
     log = writer.with_identity(**identity_of(spec)) if writer is not None else None
 
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
@@ -100,6 +110,7 @@ def train(
     opt_times: list[float] = []
     step, best_acc, start = 0, 0.0, time.perf_counter()
     ev: dict[str, float] = {}
+    quant: dict[str, Any] = {}
 
     bar = tqdm(range(1, spec.epochs + 1), desc=spec.run_id, disable=not progress, leave=False)
     for epoch in bar:
@@ -120,6 +131,8 @@ def train(
             t2 = time.perf_counter()
             scheduler.step()
             step += 1
+            if control is not None and control.frequency == "batch":
+                control.update(model)
             step_times.append(t2 - t0)
             opt_times.append(t2 - t1)
             loss_value = loss.item()
@@ -129,17 +142,22 @@ def train(
                 diag = getattr(opt, "last_diagnostics", None) or {}
                 log.write(
                     "step", epoch=epoch, step=step, loss=loss_value, step_time_s=t2 - t0,
-                    lr=opt.param_groups[0]["lr"],
-                    optimizer_step_time_s=t2 - t1, **{f"opt_{k}": v for k, v in diag.items()},
+                    lr=opt.param_groups[0]["lr"], optimizer_step_time_s=t2 - t1,
+                    **{f"opt_{k}": v for k, v in diag.items()}, **quant_record(model),
+                    **(control.record() if control is not None else {}),
                 )
         epoch_time = time.perf_counter() - epoch_start
         train_loss, train_acc = loss_sum / n, correct / n
+        quant = quant_record(model)  # stats of the last training forward, before eval runs
+        if control is not None and control.frequency == "epoch":
+            control.update(model)
         ev = evaluate(model, x_test, y_test, spec.eval_batch_size)
         best_acc = max(best_acc, ev["accuracy"])
         if log is not None:
             log.write(
                 "epoch", epoch=epoch, step=step, train_loss=train_loss, train_accuracy=train_acc,
-                epoch_time_s=epoch_time, throughput_samples_per_s=n / epoch_time,
+                epoch_time_s=epoch_time, throughput_samples_per_s=n / epoch_time, **quant,
+                **(control.record() if control is not None else {}),
             )
             log.write("eval", epoch=epoch, step=step, test_loss=ev["loss"],
                       test_accuracy=ev["accuracy"])
@@ -160,7 +178,14 @@ def train(
         "optimizer_state_bytes": state["total"],
         "optimizer_state": state,
         "state_bytes_per_param": state["total"] / max(n_params, 1),
+        **quant,
     }
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, {
+            "spec": spec.to_dict(), "input_shape": list(data.input_shape),
+            "num_classes": data.num_classes, "epoch": spec.epochs,
+            "model": model.state_dict(), "optimizer": opt.state_dict(),
+        })
     if log is not None:
         log.write("final", **final)
     return final
