@@ -1,4 +1,4 @@
-"""The ``chimera`` command: train, stress, bench, list."""
+"""The ``chimera`` command: train, compare-quant, stress, bench, list."""
 
 from __future__ import annotations
 
@@ -53,9 +53,26 @@ def _cmd_train(args: argparse.Namespace) -> None:
                            optimizer_hparams=hparams,
                            model_hparams=parse_kv(args.model_arg, "--model-arg"),
                            device=args.device, log_every=args.log_every,
-                           lr_schedule=args.lr_schedule)
-            finals.append({**spec.to_dict(), **train(spec, writer, progress=not args.quiet)})
+                           lr_schedule=args.lr_schedule, quantizer=args.quantizer,
+                           quant_hparams=parse_kv(args.quant_arg, "--quant-arg"),
+                           controller=parse_kv(args.controller_arg, "--controller-arg")
+                           if args.controller_arg else None)
+            checkpoint = (args.checkpoint.format(run_id=spec.run_id, seed=seed)
+                          if args.checkpoint else None)
+            finals.append({**spec.to_dict(), **train(spec, writer, progress=not args.quiet,
+                                                     checkpoint=checkpoint)})
     print(classification_table(finals))
+    print(f"records: {args.out}")
+
+
+def _cmd_compare_quant(args: argparse.Namespace) -> None:
+    from chimera.bench.compare_quant import quant_specs, quant_table, run_compare_quant
+    from chimera.bench.records import RecordWriter
+
+    specs = quant_specs(args.task, args.model, _csv(args.modes), _seeds(args.seeds), args.epochs)
+    with RecordWriter(args.out) as writer:
+        finals = run_compare_quant(specs, writer, progress=not args.quiet)
+    print(quant_table(finals))
     print(f"records: {args.out}")
 
 
@@ -113,8 +130,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, nargs="+", default=[0])
     t.add_argument("--device", default="cpu")
     t.add_argument("--log-every", type=int, default=10, help="steps between step records")
+    t.add_argument("--quantizer", default="fp32",
+                   help="fp32 | strict_bitnet | chimera | int_ternary (int_ternary trains with "
+                        "--optimizer scaled_optum)")
+    t.add_argument("--quant-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="ternary layer argument, e.g. alpha_target=0.7, skip=[\"first\"] "
+                        "(repeatable)")
+    t.add_argument("--controller-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="enables the target-bits controller: target_bits=1.32, branch=sparse, "
+                        "frequency=epoch|batch, affects=alpha_target|alpha_override, ...")
+    t.add_argument("--checkpoint", default=None,
+                   help="save the trained run here (may contain {run_id} and {seed})")
     t.add_argument("--out", default="runs.jsonl", help="JSONL record file (appended)")
     t.set_defaults(func=_cmd_train)
+
+    q = sub.add_parser("compare-quant", help="the same task and budget in each quantizer mode")
+    q.add_argument("--task", default="mnist1d")
+    q.add_argument("--model", default="cnn")
+    q.add_argument("--modes", default="fp32,strict_bitnet,chimera,int_ternary")
+    q.add_argument("--seeds", type=int, default=3)
+    q.add_argument("--epochs", type=int, default=100)
+    q.add_argument("--out", default="compare-quant.jsonl")
+    q.set_defaults(func=_cmd_compare_quant)
 
     s = sub.add_parser("stress", help="stress problems x optimizer configurations x seeds")
     s.add_argument("--problems", default="", help="comma-separated (default: all)")
@@ -135,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list registered optimizers, tasks, models, problems")
     ls.set_defaults(func=_cmd_list)
 
-    for sp in (t, s, b):
+    for sp in (t, q, s, b):
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 

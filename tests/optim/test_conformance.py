@@ -55,6 +55,11 @@ INFOS = {
                 [{"lr": -1.0}, {"last_n_layers": -1}, {"betas": (1.0, 0.9)}, {"eps": 0.0},
                  {"weight_decay": -1.0}, {"trunk_momentum": 1.5}],
                 nonfinite="skip", fast_paths=[{"foreach": True}]),
+        # on a model without integer-ternary modules: sign-SGD of the float parameters
+        OptInfo("scaled_optum", {"lr": 0.005},
+                [{"lr": -1.0}, {"threshold": 0}, {"threshold": 128},
+                 {"default_group_size": 0}, {"ternary_lr": -1.0}, {"e_policy": "bogus"}],
+                maximize=False),
     ]
 }
 NAMES = OPTIMIZERS.names()

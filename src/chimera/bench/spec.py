@@ -41,6 +41,11 @@ class RunSpec:
             raise ValueError(
                 f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"
             )
+        if self.quantizer == "int_ternary" and self.optimizer != "scaled_optum":
+            raise ValueError(
+                "quantizer 'int_ternary' has no float weights and is trained by optimizer "
+                f"'scaled_optum'; got optimizer {self.optimizer!r}"
+            )
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
 

@@ -19,7 +19,12 @@ from chimera.bench.records import RecordWriter
 from chimera.bench.spec import RunSpec
 from chimera.data import TaskData, load_task
 from chimera.models import build_model
-from chimera.optim import build_optimizer, optimizer_state_memory_summary
+from chimera.optim import (
+    ScaledOptum,
+    build_optimizer,
+    optimizer_state_memory_summary,
+    scaled_optum_state_bytes_per_weight,
+)
 
 WARMUP_STEPS = 5  # steps excluded from the median step times
 
@@ -180,6 +185,8 @@ def train(
         "state_bytes_per_param": state["total"] / max(n_params, 1),
         **quant,
     }
+    if isinstance(opt, ScaledOptum):
+        final["ternary_state_bytes_per_weight"] = scaled_optum_state_bytes_per_weight(opt)
     if checkpoint is not None:
         save_checkpoint(checkpoint, {
             "spec": spec.to_dict(), "input_shape": list(data.input_shape),

@@ -30,3 +30,12 @@ def load_digits_task(test_fraction: float = 0.2, split_seed: int = 0) -> TaskDat
         y_test=torch.tensor(y_test, dtype=torch.int64),
         num_classes=10,
     )
+
+
+@TASKS.register("digits_2d")
+def load_digits_2d(test_fraction: float = 0.2, split_seed: int = 0) -> TaskData:
+    """The same split as ``digits`` with each example shaped as a 1x8x8 image (for ResNet-20)."""
+    d = load_digits_task(test_fraction, split_seed)
+    return TaskData(name="digits_2d", x_train=d.x_train.view(-1, 1, 8, 8),
+                    y_train=d.y_train, x_test=d.x_test.view(-1, 1, 8, 8), y_test=d.y_test,
+                    num_classes=d.num_classes)

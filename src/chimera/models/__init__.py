@@ -12,11 +12,20 @@ from torch import nn
 
 from chimera.models.cnn import CNN1d
 from chimera.models.mlp import MLP
+from chimera.models.resnet import ChimeraResNet20, ResNet20, resnet20
 from chimera.registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 MODELS.register("mlp")(MLP)
 MODELS.register("cnn")(CNN1d)
+
+
+@MODELS.register("resnet20")
+def _resnet20(input_shape: tuple[int, ...], num_classes: int) -> ResNet20:
+    """ResNet-20 for (channels, height, width) images; quantize it with the run's quantizer."""
+    if len(input_shape) != 3 or min(input_shape) < 1:
+        raise ValueError(f"resnet20 needs (channels, height, width) inputs, got {input_shape}")
+    return resnet20(num_classes, in_channels=input_shape[0])
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs) -> nn.Module:
@@ -28,4 +37,4 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwa
     return MODELS.get(name)(tuple(input_shape), num_classes, **kwargs)
 
 
-__all__ = ["MODELS", "CNN1d", "MLP", "build_model"]
+__all__ = ["MODELS", "CNN1d", "MLP", "ChimeraResNet20", "ResNet20", "build_model", "resnet20"]

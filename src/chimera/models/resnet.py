@@ -43,7 +43,7 @@ class BasicBlock(nn.Module):
 class ResNet20(nn.Module):
     """The CIFAR ResNet-20 of He et al. (2016) with projection shortcuts."""
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -53,7 +53,7 @@ class ResNet20(nn.Module):
             for i in range(3):
                 blocks.append(BasicBlock(c_in, width, stride=2 if stage > 0 and i == 0 else 1))
                 c_in = width
-        self.stem = nn.Sequential(*_conv_bn(3, 16, 3, 1), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(*_conv_bn(in_channels, 16, 3, 1), nn.ReLU(inplace=True))
         self.blocks = nn.Sequential(*blocks)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(64, num_classes)
@@ -62,9 +62,9 @@ class ResNet20(nn.Module):
         return self.fc(self.pool(self.blocks(self.stem(x))))
 
 
-def resnet20(num_classes: int = 10) -> ResNet20:
-    """A float ResNet-20 (272,474 parameters for 10 classes)."""
-    return ResNet20(num_classes)
+def resnet20(num_classes: int = 10, in_channels: int = 3) -> ResNet20:
+    """A float ResNet-20 (272,474 parameters for 10 classes and RGB input)."""
+    return ResNet20(num_classes, in_channels)
 
 
 class ChimeraResNet20(ResNet20):

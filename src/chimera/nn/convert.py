@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from chimera.nn.bit_layers import QUANT_MODES, BitConv1d, BitConv2d, BitLayer, BitLinear
+from chimera.nn.int_ternary import IntTernaryModule
 from chimera.registry import Registry
 
 Converter = Callable[..., nn.Module]
@@ -36,6 +37,7 @@ def _bit_converter(quant_mode: str) -> Converter:
 
 for _mode in QUANT_MODES:
     TERNARY_CONVERTERS.register(_mode)(_bit_converter(_mode))
+TERNARY_CONVERTERS.register("int_ternary")(IntTernaryModule.from_float)
 
 
 def _skipped(names: list[str], skip: Iterable[str]) -> set[str]:

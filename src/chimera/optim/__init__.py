@@ -1,8 +1,10 @@
-"""Optimizers: Chimera21, STAC, Lion, torch's baselines, one registry, state accounting."""
+"""Optimizers: Chimera21, STAC, ScaledOptum, Lion, torch's baselines, one registry, state
+accounting."""
 
 from chimera.optim.chimera21 import Chimera21
 from chimera.optim.lion import Lion
 from chimera.optim.memory import optimizer_state_memory_summary
+from chimera.optim.scaled_optum import ScaledOptum, scaled_optum_state_bytes_per_weight
 from chimera.optim.registry import OPTIMIZERS, build_optimizer, optimizer_hparam_names
 from chimera.optim.stac import STAC, LayerGroup, STACPartition, partition_trainable_layers
 
@@ -13,8 +15,10 @@ __all__ = [
     "LayerGroup",
     "Lion",
     "STACPartition",
+    "ScaledOptum",
     "build_optimizer",
     "optimizer_hparam_names",
     "optimizer_state_memory_summary",
     "partition_trainable_layers",
+    "scaled_optum_state_bytes_per_weight",
 ]

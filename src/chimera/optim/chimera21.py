@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
 
+from chimera.optim._common import evaluate_closure
+
 ZERO_GRAD_POLICIES = ("standard", "freeze", "decay", "inertia")
 KAPPA_GATE_MODES = ("none", "noise_ratio")
 PSI_STORAGES = ("fp32", "int8")
@@ -550,10 +552,7 @@ class Chimera21(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One Chimera21 step; returns the closure's loss when a closure is given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         active = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
         if any(p.grad.is_sparse for _, params in active for p in params):
             raise RuntimeError("Chimera21 does not support sparse gradients")

@@ -15,19 +15,17 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
+from chimera.optim._common import evaluate_closure, sign_keep_nan
+
 
 def lion_update(
     p: Tensor, g: Tensor, m: Tensor, *, lr: float, beta1: float, beta2: float, weight_decay: float
 ) -> None:
-    """One in-place Lion update of ``p`` and its momentum ``m``.
-
-    ``torch.sign`` maps NaN to 0, which would hide a non-finite gradient; adding ``0 * c`` makes
-    a non-finite ``c`` give NaN so that it reaches ``p`` like in every other optimizer here.
-    """
+    """One in-place Lion update of ``p`` and its momentum ``m``."""
     if weight_decay:
         p.mul_(1 - lr * weight_decay)
     c = m.mul(beta1).add_(g, alpha=1 - beta1)
-    p.add_(torch.sign(c).add_(c, alpha=0), alpha=-lr)
+    p.add_(sign_keep_nan(c), alpha=-lr)
     m.lerp_(g, 1 - beta2)
 
 
@@ -55,10 +53,7 @@ class Lion(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Apply one Lion step; returns the closure's loss when a closure is given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:

@@ -1,7 +1,8 @@
 """``build_optimizer(name, model_or_params, **hparams)``: every optimizer of the toolkit by name.
 
-STAC needs the model (it partitions it into trunk and cap); the others take parameters. The
-registry hides the difference: pass a model to any of them.
+STAC needs the model (it partitions it into trunk and cap) and ScaledOptum registers the model's
+integer-ternary modules; the others take parameters. The registry hides the difference: pass a
+model to any of them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import nn
 
 from chimera.optim.chimera21 import Chimera21
 from chimera.optim.lion import Lion
+from chimera.optim.scaled_optum import ScaledOptum
 from chimera.optim.stac import STAC
 from chimera.registry import Registry
 
@@ -50,6 +52,16 @@ def _build_stac(model: nn.Module, **hparams) -> STAC:
 
 
 _build_stac.__wrapped__ = STAC  # type: ignore[attr-defined]
+
+
+@OPTIMIZERS.register("scaled_optum")
+def _build_scaled_optum(model_or_params: nn.Module | Iterable, **hparams) -> ScaledOptum:
+    if isinstance(model_or_params, nn.Module):
+        return ScaledOptum.for_model(model_or_params, **hparams)
+    return ScaledOptum(model_or_params, **hparams)
+
+
+_build_scaled_optum.__wrapped__ = ScaledOptum  # type: ignore[attr-defined]
 
 
 def optimizer_hparam_names(name: str) -> list[str]:

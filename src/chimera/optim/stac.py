@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim.adamw import adamw
 
+from chimera.optim._common import evaluate_closure
+
 TRUNK = "trunk"
 CAP = "cap"
 ROOT_LAYER = "<root>"
@@ -313,10 +315,7 @@ class STAC(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One all-or-nothing STAC step; returns the closure's loss when a closure is given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         active = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
         for group, params in active:
             if any(p.grad.is_sparse for p in params):

@@ -1,0 +1,113 @@
+"""``chimera toy-lq``: credit quality of the learning rules on the toy LQ problem (SPEC 3.3).
+
+The forward net (linear residual layers, head C) stays fixed; only the rules' feedback networks
+train (``LearningRule.train_feedback``), one fresh batch of 256 per step. The diagnostics are
+about credit quality, and a fixed forward net keeps the exact costates a stationary target
+(training it would drive the loss, and with it the costates, to zero). The final diagnostics are
+taken on a held-out batch of 512. A run's records: ``step`` every ``steps // 20`` steps
+(bridge residual, costate cosine) and one ``final`` (all diagnostics, the terminal-broadcast
+reference cosine, wall time).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from chimera.bench.records import RecordWriter
+from chimera.bench.summary import format_table, pm, summarize
+from chimera.data.toy_lq import make_toy_lq, toy_lq_loss
+from chimera.registry import Registry
+from chimera.rules import build_rule, costate_cosine, credit_diagnostics, exact_costates
+
+BATCH_SIZE = 256
+EVAL_SIZE = 512
+EVAL_SEED_OFFSET = 10_000  # the eval batch's generator seed is seed + this
+
+# variant -> (rule, hyper-parameters over the "toy" preset)
+TOY_VARIANTS: Registry[tuple[str, dict[str, Any]]] = Registry("toy LQ variant")
+for _name, _entry in {
+    "backprop": ("backprop", {}),
+    "dfa": ("dfa", {}),
+    "state_bridge": ("state_bridge", {}),
+    "credit_bridge": ("credit_bridge", {}),
+    "credit_bridge_tgw0": ("credit_bridge", {"term_grad_weight": 0.0}),
+}.items():
+    TOY_VARIANTS.register(_name)(_entry)
+DEFAULT_VARIANTS = ("dfa", "state_bridge", "credit_bridge", "credit_bridge_tgw0")
+
+
+def run_toy_lq_one(variant: str, seed: int, steps: int, writer: RecordWriter | None = None
+                   ) -> dict[str, Any]:
+    """Train one variant's feedback networks for ``steps`` steps; returns the final record."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    rule_name, hparams = TOY_VARIANTS.get(variant)
+    problem = make_toy_lq(seed)
+    torch.manual_seed(seed)
+    model = problem.model()
+    rule = build_rule(rule_name, model, None, loss_fn=toy_lq_loss, out_dim=problem.out_dim,
+                      total_steps=steps, preset="toy", **hparams)
+    identity = {"run_id": f"toy_lq-{variant}-s{seed}", "config_id": f"toy_lq-{variant}",
+                "task": "toy_lq", "variant": variant, "rule": rule_name, "rule_hparams": hparams,
+                "seed": seed, "steps": steps, "batch_size": BATCH_SIZE}
+    log = writer.with_identity(**identity) if writer is not None else None
+    data_gen = torch.Generator().manual_seed(seed)
+    x_eval, c_eval = problem.sample(EVAL_SIZE, torch.Generator().manual_seed(
+        seed + EVAL_SEED_OFFSET))
+    costates = exact_costates(model, x_eval, c_eval, toy_lq_loss)
+    log_every = max(steps // 20, 1)
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        info = rule.train_feedback(*problem.sample(BATCH_SIZE, data_gen))
+        if log is not None and step % log_every == 0:
+            cosine = costate_cosine(rule.credits(x_eval, c_eval), costates)
+            log.write("step", step=step, loss=info["loss"], costate_cosine=cosine,
+                      bridge_residual=info.get("bridge_residual"))
+    train_time = time.perf_counter() - start
+    diag = credit_diagnostics(rule, x_eval, c_eval,
+                              generator=torch.Generator().manual_seed(seed))
+    final = {**identity, **diag, "train_time_s": train_time,
+             "terminal_broadcast_cosine": costate_cosine([costates[-1]] * len(costates),
+                                                         costates)}
+    if log is not None:
+        log.write("final", **{k: v for k, v in final.items() if k not in identity})
+    return final
+
+
+def run_toy_lq(rules: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1, 2),
+               steps: int = 8000, writer: RecordWriter | None = None, progress: bool = True
+               ) -> list[dict[str, Any]]:
+    """Every variant (default: dfa, state_bridge, credit_bridge, credit_bridge_tgw0) x seed;
+    names are checked before anything runs."""
+    variants = list(rules or DEFAULT_VARIANTS)
+    for v in variants:
+        TOY_VARIANTS.get(v)
+    grid = [(v, s) for v in variants for s in seeds]
+    return [run_toy_lq_one(v, s, steps, writer)
+            for v, s in tqdm(grid, desc="toy-lq", disable=not progress, leave=False)]
+
+
+def toy_lq_table(finals: list[dict[str, Any]]) -> str:
+    """SPEC 3.3 table: mean ± std over seeds of costate cosine, perturbation rho, nudging, plus
+    the bridge residual and wall time per run; a last line gives the reference cosine of
+    broadcasting the exact terminal costate λ_L to every layer."""
+    rows = summarize(finals, ["variant"], ["costate_cosine", "perturbation_rho", "nudging",
+                                           "bridge_residual", "train_time_s",
+                                           "terminal_broadcast_cosine"])
+    table = format_table(rows, [
+        ("rule", lambda r: r["variant"]),
+        ("seeds", lambda r: len(r["seeds"])),
+        ("costate cosine", lambda r: pm(r, "costate_cosine", ".3f")),
+        ("perturbation rho", lambda r: pm(r, "perturbation_rho", ".3f")),
+        ("nudging", lambda r: pm(r, "nudging", ".3f")),
+        ("bridge residual", lambda r: pm(r, "bridge_residual", ".2g")),
+        ("time/run (s)", lambda r: f"{r['train_time_s_mean']:.0f}"),
+    ])
+    ref = [r["terminal_broadcast_cosine_mean"] for r in rows]
+    return table + f"\nreference: a_l = λ_L (exact terminal costate) gives costate cosine " \
+                   f"{sum(ref) / len(ref):.3f}"

@@ -1,0 +1,32 @@
+"""``synthetic_images``: random CIFAR-shaped tensors with random labels, for smoke and speed runs.
+
+There is nothing to learn in them beyond memorising the training set.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from chimera.data.base import TASKS, TaskData
+
+
+@TASKS.register("synthetic_images")
+def load_synthetic_images(
+    n_train: int = 512, n_test: int = 128, image_size: int = 32, num_classes: int = 10,
+    seed: int = 0,
+) -> TaskData:
+    """x ~ N(0, 1) of shape (N, 3, image_size, image_size), uniform labels; seeded."""
+    for name, value, low in [("n_train", n_train, 1), ("n_test", n_test, 1),
+                             ("image_size", image_size, 4), ("num_classes", num_classes, 2)]:
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    g = torch.Generator().manual_seed(seed)
+    shape = (3, image_size, image_size)
+    return TaskData(
+        name="synthetic_images",
+        x_train=torch.randn(n_train, *shape, generator=g),
+        y_train=torch.randint(num_classes, (n_train,), generator=g),
+        x_test=torch.randn(n_test, *shape, generator=g),
+        y_test=torch.randint(num_classes, (n_test,), generator=g),
+        num_classes=num_classes,
+    )

@@ -1,0 +1,357 @@
+"""Integer-ternary layers (SPEC 1.3, 2.6): ternary weights trained with integer state only.
+
+A layer holds no float latent weight. Its weight is the int8 tensor ``T`` in {-1, 0, +1} and,
+per group of ``gs`` consecutive weights along the (flattened) input dimension of each output
+row, an int8 exponent ``E`` and an int64 correlation accumulator ``corr_accum``. With the int64
+counter ``step`` (number of ``update_corr`` calls), the effective weight is ``W = T * S`` with::
+
+    S = 2^E * (1 + corr_accum / (step * gs))        (S = 2^E while step == 0)
+
+Groups: for a weight of shape (out, *fan_in_dims) the fan-in ``in_features`` or
+``(in_channels / groups) * prod(kernel_size)`` is split per output row into
+``ceil(fan_in / gs)`` groups; when ``gs`` does not divide the fan-in, the last group of each row
+is padded with weights that are always 0 (they add nothing to a score; the denominator keeps
+``gs`` exactly as in the equation). Buffers ``E`` and ``corr_accum`` have shape (out, groups).
+
+Training protocol (driven by :class:`chimera.optim.scaled_optum.ScaledOptum`):
+
+1. a training-mode forward with grad enabled builds ``W`` as a fresh leaf tensor that requires
+   grad, so that after ``backward`` its ``.grad`` (``weight_grad``) is ``dL/dW``; only the last
+   forward is remembered (one forward per optimizer step), until ``release_weight_grad()``;
+2. ``update_corr()``: ``descent_sign = -sign(dL/dW)`` (int16), per group
+   ``score = sum(descent_sign * T)``, ``step += 1``, ``corr_accum += score`` (int64, never
+   reset or clipped): the scale grows where descent pushes weights outward;
+3. ``update_ternary(increment, threshold)`` (design choice, see ``docs/int_ternary.md``): a
+   per-weight int8 ``pressure`` counter accumulates signed integer increments (the optimizer
+   derives them from ``dL/dW``); where ``|pressure| >= threshold``, ``T`` moves one step toward
+   ``sign(pressure)`` (clamped to {-1, 0, +1}) and that counter resets to 0. So
+   ``threshold * T + pressure`` is an integer latent weight and ``T`` its quantization with
+   hysteresis;
+4. optionally ``rebalance_exponent()`` (E tracks the corr-derived scale): where the factor
+   ``f = 1 + corr_accum / (step * gs)`` reaches 3/2, ``E += 1`` and ``corr_accum`` is rescaled
+   to ``f / 2``; where it falls to 2/3, ``E -= 1`` and it becomes ``2 f`` (S is kept up to
+   integer rounding; the hysteresis 3/2 vs 2/3 prevents flip-flopping).
+
+Training state bytes per ternary weight (``T`` is the weight itself, not state): ``pressure``
+1 + ``corr_accum`` 8/gs + ``E`` 1/gs + ``step`` 8/numel, i.e. 1.28 bytes with gs = 32.
+Eval mode and ``torch.no_grad()`` forwards mutate nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair, _single
+
+from chimera.quant.functions import (
+    ACT_QUANT_MODES,
+    abs_stat,
+    quantize_activations,
+    quantize_weight_chimera,
+)
+from chimera.quant.stats import stats_from_counts, ternary_counts
+
+INIT_ALPHA = 0.7  # threshold factor of the chimera quantizer used to initialise T
+E_MIN, E_MAX = -126, 126  # exponent range (2^(E+1) stays a finite float32)
+MAX_THRESHOLD = 127  # pressure is int8
+
+
+class IntTernaryModule(nn.Module):
+    """Shared logic of the integer-ternary layers; subclasses only add geometry and the F call.
+
+    ``weight_shape`` is (out, *fan_in_dims). ``act_quant`` in {per_tensor, per_token, none}.
+    """
+
+    _float_type: type[nn.Module]  # the float layer that ``from_float`` converts
+
+    def __init__(
+        self,
+        weight_shape: tuple[int, ...],
+        bias: bool = True,
+        group_size: int = 32,
+        act_quant: str = "per_tensor",
+    ) -> None:
+        super().__init__()
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+        if act_quant not in ACT_QUANT_MODES:
+            raise ValueError(f"act_quant must be one of {ACT_QUANT_MODES}, got {act_quant!r}")
+        if any(d <= 0 for d in weight_shape):
+            raise ValueError(f"weight shape must be positive, got {weight_shape}")
+        self.group_size = group_size
+        self.act_quant = act_quant
+        out, fan_in = weight_shape[0], math.prod(weight_shape[1:])
+        self.fan_in = fan_in
+        num_groups = -(-fan_in // group_size)
+        self.register_buffer("T", torch.zeros(weight_shape, dtype=torch.int8))
+        self.register_buffer("E", torch.zeros(out, num_groups, dtype=torch.int8))
+        self.register_buffer("corr_accum", torch.zeros(out, num_groups, dtype=torch.int64))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("pressure", torch.zeros(weight_shape, dtype=torch.int8))
+        self.bias = nn.Parameter(torch.zeros(out)) if bias else None
+        self._weight_leaf: Tensor | None = None
+        self._last_counts: Tensor | None = None
+        self._last_gamma: Tensor | None = None
+        init = torch.empty(weight_shape)
+        nn.init.kaiming_uniform_(init, a=math.sqrt(5))  # nn.Linear / nn.ConvNd default
+        self.load_float_weight(init)
+        if bias:
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    # ---- weight representation -------------------------------------------------------------
+
+    def _grouped(self, t: Tensor) -> Tensor:
+        """(out, *fan_in_dims) -> (out, groups, gs), zero-padding the last group of each row."""
+        rows = t.reshape(t.shape[0], self.fan_in)
+        pad = self.E.shape[1] * self.group_size - self.fan_in
+        return F.pad(rows, (0, pad)).view(t.shape[0], -1, self.group_size)
+
+    def _ungrouped(self, g: Tensor) -> Tensor:
+        """(out, groups, gs) -> weight shape, dropping the padding."""
+        return g.reshape(g.shape[0], -1)[:, : self.fan_in].reshape(self.T.shape)
+
+    @torch.no_grad()
+    def load_float_weight(self, w: Tensor) -> None:
+        """Set ``T``, ``E`` from a float weight and reset the training state.
+
+        ``T = quantize_weight_chimera(w, gamma, 0.7)`` with ``gamma = mean|w|``; per group
+        ``E = round(log2 s)`` with ``s`` the least-squares ternary scale of the group (mean |w|
+        over its non-zero T; the layer's value for groups whose T is all 0).
+        """
+        if w.shape != self.T.shape:
+            raise ValueError(f"weight must have shape {tuple(self.T.shape)}, got {tuple(w.shape)}")
+        w = w.detach().float()
+        t = quantize_weight_chimera(w, abs_stat(w), INIT_ALPHA)
+        nz = self._grouped(t.abs())
+        mag = self._grouped(w.abs()) * nz
+        layer_scale = mag.sum() / nz.sum().clamp_min(1)
+        scale = torch.where(
+            nz.sum(-1) > 0, mag.sum(-1) / nz.sum(-1).clamp_min(1), layer_scale
+        ).clamp_min(torch.finfo(torch.float32).tiny)
+        self.T.copy_(t.to(torch.int8))
+        self.E.copy_(torch.log2(scale).round().clamp(E_MIN, E_MAX).to(torch.int8))
+        self.corr_accum.zero_()
+        self.step.zero_()
+        self.pressure.zero_()
+
+    def group_scale(self) -> Tensor:
+        """Per-group ``S = 2^E * (1 + corr_accum / (step * gs))`` (float32, shape (out, groups))."""
+        power = torch.exp2(self.E.float())
+        n = (self.step * self.group_size).clamp_min(1).float()  # tensor ops: no device sync
+        return torch.where(self.step > 0, power * (1 + self.corr_accum.float() / n), power)
+
+    def effective_weight(self) -> Tensor:
+        """``W = T * S`` in the weight's shape (float32, no grad)."""
+        with torch.no_grad():
+            s = self.group_scale().unsqueeze(-1)
+            return self._ungrouped(self._grouped(self.T.float()) * s)
+
+    # ---- forward --------------------------------------------------------------------------
+
+    def _apply_weight(self, x: Tensor, w: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.effective_weight().to(x.dtype)
+        if self.training and torch.is_grad_enabled():
+            w.requires_grad_(True)  # a fresh leaf: after backward, w.grad == dL/dW
+            self._weight_leaf = w
+        with torch.no_grad():
+            self._last_counts = ternary_counts(self.T)
+            self._last_gamma = self.group_scale().mean()
+        return self._apply_weight(quantize_activations(x, self.act_quant), w)
+
+    def get_last_stats(self) -> dict[str, float] | None:
+        """``{gamma, zero_ratio, plus_ratio, minus_ratio, effective_bits, num_weights}`` of the
+        last forward (gamma = mean group scale S); ``None`` before the first forward."""
+        if self._last_counts is None:
+            return None
+        stats = stats_from_counts(*self._last_counts.tolist())
+        return {"gamma": float(self._last_gamma), **stats, "num_weights": self.T.numel()}
+
+    # ---- integer updates ------------------------------------------------------------------
+
+    @property
+    def weight_grad(self) -> Tensor | None:
+        """``dL/dW`` of the last training forward, non-finite entries read as 0 (None before a
+        backward)."""
+        grad = None if self._weight_leaf is None else self._weight_leaf.grad
+        return None if grad is None else torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def release_weight_grad(self) -> None:
+        """Forget the remembered ``dL/dW`` (the optimizer calls this once it has used it)."""
+        self._weight_leaf = None
+
+    @torch.no_grad()
+    def update_corr(self) -> bool:
+        """``step += 1``; per group ``corr_accum += sum(descent_sign * T)`` with
+        ``descent_sign = -sign(dL/dW)`` (int16). Returns False (and changes nothing) without a
+        gradient."""
+        grad = self.weight_grad
+        if grad is None:
+            return False
+        descent = -torch.sign(grad).to(torch.int16)
+        self.step += 1
+        self.corr_accum += self._grouped(descent * self.T).sum(-1, dtype=torch.int64)
+        return True
+
+    @torch.no_grad()
+    def update_ternary(self, increment: Tensor, threshold: int) -> None:
+        """``pressure += increment`` (int16, weight shape); where ``|pressure| >= threshold``:
+        ``T = clamp(T + sign(pressure), -1, 1)`` and ``pressure = 0`` (so it stays int8).
+        """
+        if (isinstance(threshold, bool) or not isinstance(threshold, int)
+                or not 1 <= threshold <= MAX_THRESHOLD):
+            raise ValueError(f"threshold must be an integer in [1, {MAX_THRESHOLD}], "
+                             f"got {threshold!r}")
+        p = self.pressure.to(torch.int16) + increment
+        fire = p.abs() >= threshold
+        moved = (self.T.to(torch.int16) + p.sign()).clamp_(-1, 1)
+        self.T.copy_(torch.where(fire, moved, self.T.to(torch.int16)))
+        self.pressure.copy_(p.masked_fill_(fire, 0))
+
+    @torch.no_grad()
+    def rebalance_exponent(self) -> None:
+        """Shift ``E`` where the factor ``f = 1 + corr/(step*gs)`` left [2/3, 3/2), keeping S.
+
+        ``f >= 3/2``: ``E += 1``, ``corr = floor((corr - n) / 2)`` (f -> f/2);
+        ``0 < f <= 2/3``: ``E -= 1``, ``corr = 2 corr + n`` (f -> 2 f); n = step * gs.
+        """
+        n = self.step * self.group_size
+        total = self.corr_accum + n  # = f * n
+        up = (2 * total >= 3 * n) & (self.E < E_MAX) & (n > 0)
+        down = (3 * total <= 2 * n) & (self.E > E_MIN) & (total > 0)  # S = 0 keeps its E
+        self.corr_accum.copy_(
+            torch.where(up, (self.corr_accum - n).div(2, rounding_mode="floor"), self.corr_accum)
+        )
+        self.corr_accum.copy_(torch.where(down, 2 * self.corr_accum + n, self.corr_accum))
+        self.E += up.to(torch.int8) - down.to(torch.int8)
+
+    def state_bytes(self) -> int:
+        """Bytes of integer training state (everything but the weight ``T`` itself)."""
+        return sum(b.numel() * b.element_size() for b in (self.pressure, self.corr_accum,
+                                                           self.E, self.step))
+
+    # ---- conversion -----------------------------------------------------------------------
+
+    @classmethod
+    def _geometry(cls, module: nn.Module) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def from_float(cls, module: nn.Module, **kwargs) -> IntTernaryModule:
+        """The integer-ternary twin of an ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` (weights via
+        :meth:`load_float_weight`, bias copied). On this base class it picks the subclass."""
+        if cls is IntTernaryModule:
+            for sub in (IntTernaryLinear, IntTernaryConv1d, IntTernaryConv2d):
+                if type(module) is sub._float_type:
+                    return sub.from_float(module, **kwargs)
+        if type(module) is not getattr(cls, "_float_type", None):
+            raise TypeError(f"{cls.__name__}.from_float cannot convert {type(module).__name__}")
+        layer = cls(**cls._geometry(module), bias=module.bias is not None, **kwargs)
+        layer.to(module.weight.device)
+        layer.load_float_weight(module.weight)
+        if module.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(module.bias)
+        return layer
+
+
+class IntTernaryLinear(IntTernaryModule):
+    """Integer-ternary ``nn.Linear``: ``y = x_q @ (T * S)^T + bias``."""
+
+    _float_type = nn.Linear
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        group_size: int = 32,
+        act_quant: str = "per_tensor",
+    ) -> None:
+        super().__init__((out_features, in_features), bias, group_size, act_quant)
+        self.in_features, self.out_features = in_features, out_features
+
+    def _apply_weight(self, x: Tensor, w: Tensor) -> Tensor:
+        return F.linear(x, w, self.bias)
+
+    @classmethod
+    def _geometry(cls, module: nn.Linear) -> dict:
+        return {"in_features": module.in_features, "out_features": module.out_features}
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, group_size={self.group_size}")
+
+
+class _IntTernaryConvNd(IntTernaryModule):
+    """Integer-ternary convolution (zeros padding); the subclass sets ``_conv`` and ``_tuple``."""
+
+    _conv: staticmethod  # F.conv1d / F.conv2d
+    _tuple: staticmethod  # int -> tuple of the layer's dimensionality
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        padding: int | tuple[int, ...] | str = 0,
+        dilation: int | tuple[int, ...] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        group_size: int = 32,
+        act_quant: str = "per_tensor",
+    ) -> None:
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"groups must be a positive divisor of in_channels ({in_channels}) and "
+                f"out_channels ({out_channels}), got {groups}"
+            )
+        kernel_size = self._tuple(kernel_size)
+        super().__init__((out_channels, in_channels // groups, *kernel_size), bias, group_size,
+                         act_quant)
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = kernel_size
+        self.stride, self.dilation = self._tuple(stride), self._tuple(dilation)
+        self.padding = padding if isinstance(padding, str) else self._tuple(padding)
+
+    def _apply_weight(self, x: Tensor, w: Tensor) -> Tensor:
+        return self._conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    @classmethod
+    def _geometry(cls, module: nn.Module) -> dict:
+        if module.padding_mode != "zeros":
+            raise ValueError(f"padding_mode must be 'zeros', got {module.padding_mode!r}")
+        return {
+            "in_channels": module.in_channels, "out_channels": module.out_channels,
+            "kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding,
+            "dilation": module.dilation, "groups": module.groups,
+        }
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"groups={self.groups}, bias={self.bias is not None}, "
+                f"group_size={self.group_size}")
+
+
+class IntTernaryConv1d(_IntTernaryConvNd):
+    """Integer-ternary ``nn.Conv1d``; groups run along the flattened (in/groups)*k fan-in."""
+
+    _float_type = nn.Conv1d
+    _conv = staticmethod(F.conv1d)
+    _tuple = staticmethod(_single)
+
+
+class IntTernaryConv2d(_IntTernaryConvNd):
+    """Integer-ternary ``nn.Conv2d``; groups run along the flattened (in/groups)*k*k fan-in."""
+
+    _float_type = nn.Conv2d
+    _conv = staticmethod(F.conv2d)
+    _tuple = staticmethod(_pair)
