@@ -92,9 +92,10 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     from chimera.bench.main import run_bench
 
     start = time.perf_counter()
-    budget = {} if args.epochs is None else {"epochs": args.epochs}
+    budget = {k: v for k, v in [("epochs", args.epochs), ("quant_epochs", args.quant_epochs)]
+              if v is not None}
     summary = run_bench(args.out, seeds=_seeds(args.seeds), stress_steps=args.stress_steps,
-                        progress=not args.quiet, **budget)
+                        workers=args.workers, progress=not args.quiet, **budget)
     print(summary)
     print(f"records and summary.md in {args.out}/ ({time.perf_counter() - start:.0f} s)")
 
@@ -166,7 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench-out")
     b.add_argument("--seeds", type=int, default=3)
     b.add_argument("--stress-steps", type=int, default=300)
-    b.add_argument("--epochs", type=int, default=None, help="MNIST-1D epochs (default: recipe)")
+    b.add_argument("--epochs", type=int, default=None,
+                   help="epochs of the optimizer comparison (default: the recipe's 50)")
+    b.add_argument("--quant-epochs", type=int, default=None,
+                   help="epochs of the quantizer comparison (default: the recipe's 100)")
+    b.add_argument("--workers", type=int, default=None,
+                   help="training processes (default: the cores available)")
     b.set_defaults(func=_cmd_bench)
 
     ls = sub.add_parser("list", help="list registered optimizers, tasks, models, problems")

@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
+from chimera.bench.compare_quant import quant_specs, quant_table
+from chimera.bench.pool import run_specs
 from chimera.bench.records import RecordWriter
 from chimera.bench.spec import RunSpec
 from chimera.bench.stress import run_stress, stress_table
 from chimera.bench.summary import format_table, pm, summarize
-from chimera.bench.trainer import train
-from chimera.data import load_task
 
 # Published MNIST-1D test accuracies (Greydanus 2020) for the models we train.
 PUBLISHED_MNIST1D = {"mlp": 0.68, "cnn": 0.94}
@@ -36,6 +35,11 @@ MNIST1D_GRID: list[tuple[str, str, dict[str, Any]]] = [
     ("cnn", "sgd", {"lr": 0.1, "momentum": 0.9}),
     ("mlp", "adamw", {"lr": 1e-2}),
 ]
+
+
+# The quantizer comparison: every mode on the CNN (see chimera.bench.compare_quant).
+QUANT_MODES = ("fp32", "strict_bitnet", "chimera", "int_ternary")
+QUANT_EPOCHS = 100
 
 
 def mnist1d_specs(seeds: Sequence[int], epochs: int = MNIST1D_EPOCHS) -> list[RunSpec]:
@@ -79,29 +83,31 @@ def run_bench(
     seeds: Sequence[int] = (0, 1, 2),
     stress_steps: int = 300,
     epochs: int = MNIST1D_EPOCHS,
+    quant_epochs: int = QUANT_EPOCHS,
+    workers: int | None = None,
     progress: bool = True,
-    threads: int = 1,
 ) -> str:
     """Run the main job, write records to ``out`` and return the summary (markdown).
 
-    ``threads`` sets torch's intra-op threads: these models are small enough that one thread is
-    fastest and keeps step times stable on a shared machine.
+    Training runs go to a pool of ``workers`` processes (default: the cores available), one
+    torch thread each; the stress suite runs in this process with one thread.
     """
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with _fresh_writer(out / "stress.jsonl") as w:
         stress = run_stress(seeds=seeds, steps=stress_steps, writer=w, progress=progress)
-    data = load_task("mnist1d")
-    finals = []
-    with _fresh_writer(out / "mnist1d.jsonl") as w:
-        for spec in tqdm(mnist1d_specs(seeds, epochs), desc="mnist1d", disable=not progress):
-            finals.append({**spec.to_dict(), **train(spec, w, data=data, progress=progress)})
+    finals = run_specs(mnist1d_specs(seeds, epochs), out / "mnist1d", workers, progress,
+                       desc="mnist1d optimizers")
+    quant = run_specs(quant_specs("mnist1d", "cnn", QUANT_MODES, seeds, quant_epochs),
+                      out / "quant", workers, progress, desc="mnist1d quantizers")
     summary = (
         f"## Stress problems ({stress_steps} steps, seeds {list(seeds)})\n\n"
         f"{stress_table(stress)}\n\n"
-        f"## MNIST-1D (4000/1000 split, {epochs} epochs, batch {MNIST1D_BATCH}, "
-        f"{MNIST1D_SCHEDULE} lr, seeds {list(seeds)})\n\n{classification_table(finals)}\n"
+        f"## MNIST-1D optimizers (4000/1000 split, {epochs} epochs, batch {MNIST1D_BATCH}, "
+        f"{MNIST1D_SCHEDULE} lr, seeds {list(seeds)})\n\n{classification_table(finals)}\n\n"
+        f"## MNIST-1D quantizers (CNN, {quant_epochs} epochs, batch {MNIST1D_BATCH}, "
+        f"{MNIST1D_SCHEDULE} lr, seeds {list(seeds)})\n\n{quant_table(quant)}\n"
     )
     (out / "summary.md").write_text(summary, encoding="utf-8")
     return summary
