@@ -68,3 +68,26 @@ def test_list_names_every_registry(capsys):
 def test_parse_kv():
     assert parse_kv(["lr=0.1", "betas=[0.9,0.99]", "mode=fast"], "x") == {
         "lr": 0.1, "betas": (0.9, 0.99), "mode": "fast"}
+
+
+def test_train_checkpoint_then_export(capsys, tmp_path):
+    ckpt = tmp_path / "{run_id}.pt"
+    code, _, _ = run_cli(capsys, *TRAIN, "--quantizer", "chimera", "--checkpoint", str(ckpt),
+                         "--out", str(tmp_path / "r.jsonl"))
+    assert code == 0
+    (path,) = tmp_path.glob("digits-mlp-adamw-*-s0.pt")
+    code, out, _ = run_cli(capsys, "export", str(path), str(tmp_path / "m.safetensors"))
+    assert code == 0 and "bits_per_weight: 1.6" in out
+    code, _, err = run_cli(capsys, "export", str(tmp_path / "missing.pt"), str(tmp_path / "x"))
+    assert code == 2 and "checkpoint not found" in err
+
+
+def test_compare_quant_command(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "compare-quant", "--task", "digits", "--model", "mlp",
+                           "--modes", "fp32,chimera,int_ternary", "--seeds", "1", "--epochs",
+                           "1", "--out", str(tmp_path / "q.jsonl"), "--quiet")
+    assert code == 0
+    assert "| digits | mlp   | int_ternary | scaled_optum" in out
+    code, _, err = run_cli(capsys, "compare-quant", "--modes", "fp32,fp8", "--out",
+                           str(tmp_path / "q2.jsonl"))
+    assert code == 2 and "unknown quantizer mode 'fp8'" in err

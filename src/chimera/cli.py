@@ -1,4 +1,4 @@
-"""The ``chimera`` command: train, compare-quant, stress, bench, list."""
+"""The ``chimera`` command: train, compare-quant, export, stress, bench, list."""
 
 from __future__ import annotations
 
@@ -74,6 +74,14 @@ def _cmd_compare_quant(args: argparse.Namespace) -> None:
         finals = run_compare_quant(specs, writer, progress=not args.quiet)
     print(quant_table(finals))
     print(f"records: {args.out}")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from chimera.quant.export import export_checkpoint
+
+    report = export_checkpoint(args.checkpoint, args.out, format=args.format)
+    for key, value in report.items():
+        print(f"{key}: {value}")
 
 
 def _cmd_stress(args: argparse.Namespace) -> None:
@@ -153,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--epochs", type=int, default=100)
     q.add_argument("--out", default="compare-quant.jsonl")
     q.set_defaults(func=_cmd_compare_quant)
+
+    e = sub.add_parser("export", help="pack a trained ternary run into one safetensors file")
+    e.add_argument("checkpoint", help="a checkpoint written by `chimera train --checkpoint`")
+    e.add_argument("out", help="the .safetensors file to write")
+    e.add_argument("--format", default="base3", choices=["base3", "2bit"],
+                   help="base3: 5 weights per byte (1.6 bits); 2bit: 4 per byte")
+    e.set_defaults(func=_cmd_export)
 
     s = sub.add_parser("stress", help="stress problems x optimizer configurations x seeds")
     s.add_argument("--problems", default="", help="comma-separated (default: all)")

@@ -15,9 +15,15 @@ def test_task_shapes_are_the_loaded_ones():
 
 
 def test_registry():
-    assert MODELS.names() == ["mlp", "cnn"]
-    with pytest.raises(ValueError, match="unknown model 'resnet'.*mlp, cnn"):
+    assert {"mlp", "cnn", "resnet20"} <= set(MODELS.names())
+    with pytest.raises(ValueError, match="unknown model 'resnet'; known: mlp, cnn"):
         build_model("resnet", (40,), 10)
+
+
+def test_resnet20_needs_images():
+    assert build_model("resnet20", (1, 8, 8), 10)(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(ValueError, match=r"resnet20 needs \(channels, height, width\)"):
+        build_model("resnet20", (40,), 10)
 
 
 @pytest.mark.parametrize("shape", TASK_SHAPES.values())

@@ -1,3 +1,4 @@
+import io
 import math
 
 import pytest
@@ -6,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chimera.nn.bit_layers import BitConv1d, BitConv2d, BitLinear
+from chimera.quant.functions import quantize_activations, quantize_weight_chimera
 from chimera.quant.stats import ternary_stats
 
 # (layer factory, input shape, float op applied to (x, weight, bias))
@@ -211,6 +213,41 @@ def test_parameters_buffers_and_init():
     assert layer.weight_master.abs().max() <= bound and layer.bias.abs().max() <= bound
     assert layer(torch.randn(1, 4, 9, 5)).shape == (1, 8, 4, 5)
     assert BitLinear(3, 2, bias=False).bias is None
+
+
+def test_state_dict_restores_alpha_target_and_override_exactly():
+    layer = BitLinear(4, 3)
+    layer.alpha_target = 0.1 + 0.2  # not representable in float32
+    layer.alpha_override = 1.0 / 3.0
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = BitLinear(4, 3)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    assert fresh.alpha_target == 0.1 + 0.2 and fresh.alpha_override == 1.0 / 3.0
+    layer.alpha_override = None
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.alpha_override is None and fresh.current_alpha() == layer.current_alpha()
+    with pytest.raises(ValueError, match="extra state"):
+        fresh.load_state_dict({**layer.state_dict(), "_extra_state": torch.zeros(2)})
+
+
+@pytest.mark.parametrize("name", GEOMETRIES)
+def test_eval_forward_is_exactly_gamma_times_ternary_weight(name):
+    """The weight STE's forward value is T exactly, so an exported ternary model can match."""
+    torch.manual_seed(6)
+    make, shape, op = GEOMETRIES[name]
+    layer = make(warmup_steps=0, ste_clip=None, rho_s=1.0)  # rho_s = 1: gamma stays fixed
+    with torch.no_grad():  # latent weights spanning many binades
+        layer.weight_master.mul_(torch.logspace(-4, 4, layer.weight_master.numel())
+                                 .view_as(layer.weight_master))
+    layer.reset_scale()
+    x = torch.randn(shape)
+    gamma = layer.scale_ema.clamp(min=layer.eps_gamma)
+    t = quantize_weight_chimera(layer.weight_master.detach(), gamma, layer.alpha_target)
+    expected = op(quantize_activations(x), gamma * t, layer.bias.detach())
+    assert torch.equal(layer.eval()(x), expected)
+    assert torch.equal(layer.train()(x), expected)  # the training forward has the same value
 
 
 @pytest.mark.parametrize(("float_layer", "bit_type", "shape"), [

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -178,6 +178,7 @@ def test_rebalance_keeps_scale_up_to_rounding_and_factor_in_band(step, f, e):
     with torch.no_grad():
         layer.E.fill_(e)
         layer.corr_accum.fill_(round((f - 1) * n))
+    assume(1 / 3 <= 1 + layer.corr_accum.item() / n <= 2)  # integer rounding can leave [1/3, 2]
     before = layer.group_scale()
     layer.rebalance_exponent()
     after = layer.group_scale()

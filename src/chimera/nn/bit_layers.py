@@ -19,6 +19,8 @@ Alpha schedule: ``alpha_override`` if set; else ``alpha_target`` if ``warmup_ste
 training forward (``forward_step == 0``) uses alpha_min and the forward with
 ``forward_step == warmup_steps`` and all later ones use alpha_target. ``strict_bitnet`` ignores
 alpha (it equals ``chimera`` at alpha 0.5); the reported alpha is still ``current_alpha()``.
+``alpha_target`` and ``alpha_override`` (set at run time by a controller) are saved in the
+``state_dict`` as the module's extra state, so a checkpoint restores the exact threshold.
 """
 
 from __future__ import annotations
@@ -139,6 +141,21 @@ class BitLayer(nn.Module):
             return self.alpha_target
         progress = min(int(self.forward_step) / self.warmup_steps, 1.0)
         return self.alpha_min + (self.alpha_target - self.alpha_min) * progress
+
+    def get_extra_state(self) -> Tensor:
+        """``[alpha_target, has_override, alpha_override or 0]`` as float64 (exact floats)."""
+        override = self.alpha_override
+        return torch.tensor([self.alpha_target, override is not None, override or 0.0],
+                            dtype=torch.float64)
+
+    def set_extra_state(self, state: Tensor) -> None:
+        """Restore ``alpha_target`` and ``alpha_override`` from :meth:`get_extra_state`."""
+        if not isinstance(state, Tensor) or state.shape != (3,):
+            raise ValueError("the extra state of a Bit layer must be a tensor of 3 values "
+                             "[alpha_target, has_override, alpha_override]")
+        target, has_override, override = state.tolist()
+        self.alpha_target = target
+        self.alpha_override = override if has_override else None
 
     # -- parameters -------------------------------------------------------------------------
     def reset_parameters(self) -> None:

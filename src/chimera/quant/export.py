@@ -1,0 +1,239 @@
+"""Export of ternary models to one safetensors file, and inference models from it (SPEC 2.7).
+
+File layout (``FILE_FORMAT``). For every ternary layer (Bit or integer-ternary) named ``L``:
+``L.T.data`` / ``L.T.shape`` / ``L.T.format`` (its ternary weight packed by ``pack_ternary``, see
+``packed_to_tensors``), ``L.scale`` (float32: the layer's ``gamma`` or per-group scales ``S``) and
+``L.bias``; every other entry of the model's ``state_dict`` as is (BatchNorm buffers, fp32 layers).
+Metadata (str -> str): ``chimera_format``, ``layers`` (JSON ``{L: {"kind", "config"}}`` of the
+:mod:`chimera.nn.packed` inference layers) and each caller metadata value as JSON; the keys
+``spec`` (RunSpec fields), ``input_shape`` and ``num_classes`` are the recipe that
+:func:`load_ternary` rebuilds the model from. The inference model's outputs equal the eval-mode
+outputs of the exported model exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from chimera.bench.checkpoint import load_checkpoint
+from chimera.bench.spec import RunSpec
+from chimera.bench.trainer import build_run_model
+from chimera.nn.packed import PACKED_LAYERS, TERNARY_LAYER_TYPES, PackedTernaryModule
+from chimera.quant.packing import (
+    pack_ternary,
+    packed_from_tensors,
+    packed_to_tensors,
+    unpack_ternary,
+)
+
+FILE_FORMAT = "chimera-ternary-v1"
+RESERVED_KEYS = ("chimera_format", "layers")
+RECIPE_KEYS = ("spec", "input_shape", "num_classes")
+
+
+def _key(name: str, leaf: str) -> str:
+    return f"{name}.{leaf}" if name else leaf
+
+
+def _ternary_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{name: layer}`` of every Bit / integer-ternary layer; each must have a single name."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, TERNARY_LAYER_TYPES):
+            names.setdefault(id(module), []).append(name)
+    shared = [n for n in names.values() if len(n) > 1]
+    if shared:
+        raise ValueError(f"model shares ternary layers under several names {shared}; "
+                         "export_ternary needs each ternary layer under one name")
+    return {n: m for n, m in model.named_modules() if isinstance(m, TERNARY_LAYER_TYPES)}
+
+
+def _file_metadata(metadata: Mapping[str, Any] | None, layers: dict[str, Any]) -> dict[str, str]:
+    metadata = dict(metadata or {})
+    bad = [k for k in metadata if not isinstance(k, str) or k in RESERVED_KEYS]
+    if bad:
+        raise ValueError(f"metadata keys must be strings other than {RESERVED_KEYS}, got {bad}")
+    try:
+        encoded = {k: json.dumps(v) for k, v in metadata.items()}
+    except TypeError as e:
+        raise ValueError(f"metadata values must be JSON-serializable: {e}") from None
+    return {**encoded, "chimera_format": FILE_FORMAT, "layers": json.dumps(layers)}
+
+
+def _saved_size(obj: Any) -> int:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer().nbytes
+
+
+def export_ternary(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    format: str = "base3",
+) -> dict[str, Any]:
+    """Write ``model`` to the safetensors file ``path`` (layout in the module docstring).
+
+    ``metadata``: JSON-able values by string key (give ``spec``, ``input_shape`` and
+    ``num_classes`` so that ``load_ternary(path)`` can rebuild the model); ``format``: ``base3``
+    (1.6 bits/weight) or ``2bit``. Returns the report ``{format, ternary_layers,
+    ternary_weights, packed_bytes, bits_per_weight = 8 * packed_bytes / ternary_weights,
+    file_bytes, state_dict_bytes (torch.save size of the model's state_dict: the fp32
+    checkpoint of a Bit-layer model), compression = state_dict_bytes / file_bytes}``.
+    """
+    layers = _ternary_layers(model)
+    if not layers:
+        raise ValueError("model has no ternary layers (Bit or integer-ternary); nothing to export")
+    tensors: dict[str, Tensor] = {}
+    layer_info: dict[str, Any] = {}
+    packed_bytes = weights = 0
+    for name, layer in layers.items():
+        inference = PackedTernaryModule.from_module(layer).cpu()
+        packed = pack_ternary(inference.T, format)
+        tensors |= packed_to_tensors(packed, _key(name, "T"))
+        tensors[_key(name, "scale")] = inference.scale
+        if inference.bias is not None:
+            tensors[_key(name, "bias")] = inference.bias
+        layer_info[name] = {"kind": inference.KIND, "config": inference.config()}
+        packed_bytes += packed.data.numel()
+        weights += packed.numel
+    state = model.state_dict()
+    for key, value in state.items():
+        if key.rpartition(".")[0] in layers:
+            continue
+        if not isinstance(value, Tensor):
+            raise ValueError(f"state_dict entry {key!r} is a {type(value).__name__}, not a "
+                             "tensor; a safetensors file holds tensors only")
+        tensors[key] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path, metadata=_file_metadata(metadata, layer_info))
+    file_bytes, state_bytes = path.stat().st_size, _saved_size(state)
+    return {"format": format, "ternary_layers": len(layers), "ternary_weights": weights,
+            "packed_bytes": packed_bytes, "bits_per_weight": 8 * packed_bytes / weights,
+            "file_bytes": file_bytes, "state_dict_bytes": state_bytes,
+            "compression": state_bytes / file_bytes}
+
+
+def read_ternary(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors and the JSON-decoded metadata of a file written by :func:`export_ternary`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"ternary model file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+    if raw.get("chimera_format") != FILE_FORMAT or "layers" not in raw:
+        raise ValueError(f"{path} lacks the Chimera ternary metadata (chimera_format = "
+                         f"{FILE_FORMAT!r} and layers); write it with export_ternary")
+    try:
+        meta = {k: v if k == "chimera_format" else json.loads(v) for k, v in raw.items()}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} has malformed metadata: {e}") from None
+    return tensors, meta
+
+
+def _recipe_model(meta: dict[str, Any], path: Path) -> nn.Module:
+    missing = [k for k in RECIPE_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"{path} lacks the model recipe {missing}; pass model= (an instance of "
+                         "the exported architecture)")
+    try:
+        spec = RunSpec(**meta["spec"])
+    except TypeError as e:
+        raise ValueError(f"{path} has an invalid spec in its metadata: {e}") from None
+    return build_run_model(spec, tuple(meta["input_shape"]), meta["num_classes"])
+
+
+def _inference_layer(name: str, info: Any) -> PackedTernaryModule:
+    try:
+        return PACKED_LAYERS[info["kind"]](**info["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"layer {name!r} has an invalid description {info!r}: {e!r}") from None
+
+
+def _swap(model: nn.Module, name: str, layer: PackedTernaryModule) -> nn.Module:
+    """Put ``layer`` in place of the module ``name`` of ``model`` (which must be a layer of the
+    same kind: float, Bit, integer-ternary or packed); returns the model."""
+    try:
+        old = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"the model has no module {name!r} (a ternary layer in the file)"
+                         ) from None
+    kinds = (*layer.SOURCES, layer.SOURCES[0]._FLOAT_TYPE, type(layer))
+    if not isinstance(old, kinds):
+        raise ValueError(f"module {name!r} is a {type(old).__name__}, but the file holds a "
+                         f"{layer.KIND} ternary layer there")
+    if not name:
+        return layer
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, layer)
+    return model
+
+
+def _check_state(expected: Mapping[str, Any], state: Mapping[str, Tensor], path: Path) -> None:
+    problems = [f"missing tensors {sorted(expected.keys() - state.keys())}",
+                f"unexpected tensors {sorted(state.keys() - expected.keys())}"]
+    problems = [p for p in problems if not p.endswith("[]")]
+    problems += [
+        f"{k} is {state[k].dtype}{list(state[k].shape)}, the model needs {v.dtype}{list(v.shape)}"
+        for k, v in expected.items()
+        if k in state and (v.shape != state[k].shape or v.dtype != state[k].dtype)
+    ]
+    if problems:
+        raise ValueError(f"{path} does not match the model: " + "; ".join(problems))
+
+
+def load_ternary(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """The inference model of a file written by :func:`export_ternary`, in eval mode.
+
+    The architecture is rebuilt with ``build_run_model`` from the recipe in the metadata, or
+    taken from ``model`` (whose values are all overwritten); each ternary layer becomes its
+    :mod:`chimera.nn.packed` layer and every tensor is loaded from the file (strictly).
+    """
+    path = Path(path)
+    tensors, meta = read_ternary(path)
+    model = _recipe_model(meta, path) if model is None else model
+    state = dict(tensors)
+    for name, info in meta["layers"].items():
+        model = _swap(model, name, _inference_layer(name, info))
+        prefix = _key(name, "T")
+        packed = packed_from_tensors(state, prefix)
+        for key in packed_to_tensors(packed, prefix):
+            del state[key]
+        state[prefix] = unpack_ternary(packed)
+    _check_state(model.state_dict(), state, path)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def export_checkpoint(
+    checkpoint_path: str | os.PathLike, out_path: str | os.PathLike, format: str = "base3"
+) -> dict[str, Any]:
+    """Export a run checkpoint (``train(..., checkpoint=...)``): rebuild the run's model, load
+    its weights and ``export_ternary`` it with the recipe; the report adds ``checkpoint_bytes``
+    (the checkpoint file, optimizer state included)."""
+    ckpt = load_checkpoint(checkpoint_path)
+    recipe = {k: ckpt[k] for k in RECIPE_KEYS}
+    model = _recipe_model(recipe, Path(checkpoint_path))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {checkpoint_path} does not fit its run's model: {e}"
+                         ) from None
+    report = export_ternary(model, out_path, metadata=recipe, format=format)
+    return {**report, "checkpoint_bytes": os.path.getsize(checkpoint_path)}
