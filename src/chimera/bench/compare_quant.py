@@ -54,7 +54,7 @@ def quant_table(finals: list[dict[str, Any]]) -> str:
     """Accuracy, effective bits, zero ratio and optimizer bytes per parameter per mode."""
     rows = summarize(finals, ["task", "model", "quantizer", "optimizer"],
                      ["test_accuracy", "quant_global_effective_bits", "quant_global_zero_ratio",
-                      "state_bytes_per_param", "train_time_s"])
+                      "state_bytes_per_param", "ternary_state_bytes_per_weight", "train_time_s"])
     return format_table(rows, [
         ("task", lambda r: r["task"]),
         ("model", lambda r: r["model"]),
@@ -65,6 +65,7 @@ def quant_table(finals: list[dict[str, Any]]) -> str:
         ("effective bits", lambda r: pm(r, "quant_global_effective_bits", ".3f")),
         ("zero ratio", lambda r: pm(r, "quant_global_zero_ratio", ".3f")),
         ("opt state B/param", lambda r: f"{r['state_bytes_per_param_mean']:.2f}"),
+        ("int state B/ternary weight", lambda r: pm(r, "ternary_state_bytes_per_weight", ".2f")),
         ("train time (s)", lambda r: f"{r['train_time_s_mean']:.1f}"),
     ])
 
