@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -42,6 +43,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from chimera.bench.spec import RunSpec
     from chimera.bench.trainer import train
 
+    if args.data_dir is not None:  # where cifar10 looks (the same as setting CHIMERA_DATA)
+        os.environ["CHIMERA_DATA"] = args.data_dir
     hparams = parse_kv(args.opt_arg, "--opt-arg")
     if args.lr is not None:
         hparams["lr"] = args.lr
@@ -50,6 +53,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         for seed in args.seed:
             spec = RunSpec(task=args.task, model=args.model, optimizer=args.optimizer, seed=seed,
                            epochs=args.epochs, batch_size=args.batch_size,
+                           eval_batch_size=args.eval_batch_size,
                            optimizer_hparams=hparams,
                            model_hparams=parse_kv(args.model_arg, "--model-arg"),
                            device=args.device, log_every=args.log_every,
@@ -135,9 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model argument (repeatable)")
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--batch-size", type=int, default=100)
+    t.add_argument("--eval-batch-size", type=int, default=1000)
     t.add_argument("--lr-schedule", default="constant", help="constant | cosine (per step, to 0)")
     t.add_argument("--seed", type=int, nargs="+", default=[0])
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    t.add_argument("--data-dir", default=None,
+                   help="local data folder for cifar10 (default: $CHIMERA_DATA)")
     t.add_argument("--log-every", type=int, default=10, help="steps between step records")
     t.add_argument("--quantizer", default="fp32",
                    help="fp32 | strict_bitnet | chimera | int_ternary (int_ternary trains with "
