@@ -19,8 +19,8 @@ from chimera.bench.spec import RunSpec
 from chimera.bench.stress import run_stress, stress_table
 from chimera.bench.summary import format_table, pm, summarize
 
-# Published MNIST-1D test accuracies (Greydanus 2020) for the models we train.
-PUBLISHED_MNIST1D = {"mlp": 0.68, "cnn": 0.94}
+# Published test accuracies (SPEC 4): MNIST-1D (Greydanus 2020), CIFAR-10 ResNet-20 fp32 (Zhu 2017).
+PUBLISHED = {("mnist1d", "mlp"): 0.68, ("mnist1d", "cnn"): 0.94, ("cifar10", "resnet20"): 0.9177}
 
 # (model, optimizer, hyper-parameters) of the MNIST-1D comparison; one shared budget: 50 epochs,
 # batch 100, cosine decay to 0. Each lr is the best of a 2-3 point sweep on seeds 0-1 (README).
@@ -63,8 +63,8 @@ def classification_table(finals: list[dict[str, Any]]) -> str:
         ("optimizer", lambda r: r["optimizer"]),
         ("seeds", lambda r: ",".join(map(str, r["seeds"]))),
         ("test acc (%)", lambda r: pm(r, "test_accuracy", ".1f", 100)),
-        ("published (%)", lambda r: f"{PUBLISHED_MNIST1D[r['model']] * 100:.0f}"
-            if r["task"] == "mnist1d" and r["model"] in PUBLISHED_MNIST1D else "-"),
+        ("published (%)", lambda r: f"{PUBLISHED[r['task'], r['model']] * 100:.4g}"
+            if (r["task"], r["model"]) in PUBLISHED else "-"),
         ("epochs", lambda r: f"{r['epochs_mean']:.0f}"),
         ("train time (s)", lambda r: f"{r['train_time_s_mean']:.1f}"),
         ("step (ms)", lambda r: f"{r['median_step_time_s_mean'] * 1e3:.2f}"),
