@@ -91,3 +91,12 @@ def test_compare_quant_command(capsys, tmp_path):
     code, _, err = run_cli(capsys, "compare-quant", "--modes", "fp32,fp8", "--out",
                            str(tmp_path / "q2.jsonl"))
     assert code == 2 and "unknown quantizer mode 'fp8'" in err
+
+
+def test_report_command(capsys, tmp_path):
+    run_cli(capsys, *TRAIN, "--seed", "0", "1", "--out", str(tmp_path / "runs" / "r.jsonl"))
+    code, out, _ = run_cli(capsys, "report", str(tmp_path / "runs"), "--out", str(tmp_path))
+    assert code == 0 and "report.md" in out
+    assert "digits/mlp" in (tmp_path / "report.md").read_text()
+    code, _, err = run_cli(capsys, "report", str(tmp_path / "nothing"))
+    assert code == 2 and "nothing" in err

@@ -1,4 +1,4 @@
-"""The ``chimera`` command: train, compare-quant, export, stress, bench, list."""
+"""The ``chimera`` command: train, compare-quant, export, stress, bench, report, list."""
 
 from __future__ import annotations
 
@@ -112,6 +112,13 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     print(f"records and summary.md in {args.out}/ ({time.perf_counter() - start:.0f} s)")
 
 
+def _cmd_report(args: argparse.Namespace) -> None:
+    from chimera.bench.report import write_report
+
+    paths = write_report(args.directory, args.out)
+    print(paths.markdown, paths.csv, *paths.plots, sep="\n")
+
+
 def _cmd_list(args: argparse.Namespace) -> None:
     from chimera.bench.stress import STRESS_CONFIGS
     from chimera.data import TASKS
@@ -196,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=None,
                    help="training processes (default: the cores available)")
     b.set_defaults(func=_cmd_bench)
+
+    r = sub.add_parser("report", help="report.md, report.csv and PNG plots from records only")
+    r.add_argument("directory", help="a folder of *.jsonl records (searched recursively)")
+    r.add_argument("--out", default=None, help="output folder (default: the records folder)")
+    r.set_defaults(func=_cmd_report)
 
     ls = sub.add_parser("list", help="list registered optimizers, tasks, models, problems")
     ls.set_defaults(func=_cmd_list)

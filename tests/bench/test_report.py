@@ -1,0 +1,180 @@
+import csv
+import math
+import shutil
+
+import pytest
+
+from chimera.bench.records import RecordWriter, read_records
+from chimera.bench.report import collect_configurations, record_files, seed_stats, write_report
+
+T_975_2 = 4.302652729749464  # Student t quantile t(0.975, 2 dof), from a table
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _train_run(root, config_id, seed, *, final=None, epochs=2, **spec):
+    identity = {"run_id": f"{config_id}-s{seed}", "config_id": config_id, "task": "mnist1d",
+                "model": "cnn", "optimizer": "adamw", "quantizer": "fp32", "rule": "backprop",
+                "seed": seed, "epochs": epochs, **spec}
+    with RecordWriter(root / "train" / f"{config_id}-s{seed}.jsonl", identity) as w:
+        for epoch in range(1, epochs + 1):
+            w.write("step", epoch=epoch, step=epoch * 10, loss=1.0 / epoch)
+            w.write("epoch", epoch=epoch, step=epoch * 10, train_loss=1.0 / epoch)
+            w.write("eval", epoch=epoch, step=epoch * 10, test_accuracy=0.4 * epoch + 0.01 * seed,
+                    test_loss=1.0 / epoch)
+        if final is not None:
+            w.write("final", epochs=epochs, steps=epochs * 10, **final)
+
+
+def _final(acc, loss, **extra):
+    return {"test_accuracy": acc, "test_loss": loss, "optimizer_state_bytes": 1000,
+            "median_step_time_s": 0.002, "median_optimizer_step_time_s": 0.001, **extra}
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    """a: 3 seeds; b: 3 seeds, ternary; c: like a but 3 epochs and seed 2 missing;
+    d: seed 2 unfinished; one stress final."""
+    root = tmp_path_factory.mktemp("records")
+    for seed, (acc, loss) in enumerate([(0.90, 0.3), (0.92, 0.2), (0.94, 0.1)]):
+        _train_run(root, "cfg-a", seed, final=_final(
+            acc, loss, credit_alignment=0.5 + 0.2 * seed, costate_cosine_per_layer=[0.1, 0.2]))
+        _train_run(root, "cfg-b", seed, quantizer="chimera", final=_final(
+            0.8, 0.5, quant_global_effective_bits=1.4 + 0.1 * seed, quant_global_zero_ratio=0.5))
+    for seed in (0, 1):
+        _train_run(root, "cfg-c", seed, epochs=3, final=_final(0.7, 0.6))
+        _train_run(root, "cfg-d", seed, optimizer="sgd", final=_final(0.6, 0.7))
+    _train_run(root, "cfg-d", 2, optimizer="sgd")  # interrupted: no final record
+    stress_id = {"run_id": "stress-regression-sgd-s0", "config_id": "regression-sgd",
+                 "task": "stress/regression", "problem": "regression", "config": "sgd",
+                 "optimizer": "sgd", "seed": 0}
+    with RecordWriter(root / "stress.jsonl", stress_id) as w:
+        w.write("step", step=10, loss=1.0, step_time_s=0.001)
+        w.write("final", steps=10, final_loss=0.25, median_step_time_s=0.0004,
+                optimizer_state_bytes=64, collision_score=None)
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(records, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    return write_report(records, out)
+
+
+def _md_row(text, label):
+    rows = [line for line in text.splitlines() if line.startswith(f"| {label} ")]
+    assert len(rows) == 1, (label, rows)
+    return [cell.strip() for cell in rows[0].strip("|").split("|")]
+
+
+def test_seed_stats_by_hand():
+    s = seed_stats([0.1, 0.2, None, 0.3])
+    half = T_975_2 * 0.1 / math.sqrt(3)
+    assert s["n"] == 3
+    assert s["mean"] == pytest.approx(0.2) and s["std"] == pytest.approx(0.1)
+    assert s["ci_low"] == pytest.approx(0.2 - half) and s["ci_high"] == pytest.approx(0.2 + half)
+    assert seed_stats([5.0]) == {"mean": 5.0, "std": 0.0, "n": 1, "ci_low": None,
+                                 "ci_high": None}
+    assert seed_stats([None])["n"] == 0
+    # 90% interval is narrower than 95%
+    assert seed_stats([1.0, 2.0, 4.0], 0.9)["ci_high"] < seed_stats([1.0, 2.0, 4.0])["ci_high"]
+    with pytest.raises(ValueError, match="confidence"):
+        seed_stats([1.0, 2.0], confidence=1.0)
+
+
+def test_configurations_group_runs_and_flag_gaps(records):
+    configs = {c.config_id: c for c in collect_configurations(read_records(record_files(records)))}
+    assert set(configs) == {"cfg-a", "cfg-b", "cfg-c", "cfg-d", "regression-sgd"}
+    a, c, d = configs["cfg-a"], configs["cfg-c"], configs["cfg-d"]
+    assert a.seeds == [0, 1, 2] and a.flags() == ""
+    assert c.seeds == [0, 1] and c.missing_seeds == [2] and c.flags() == "⚠ missing seeds [2]"
+    assert d.seeds == [0, 1] and d.unfinished_seeds == [2] and d.missing_seeds == []
+    assert d.flags() == "⚠ 1 run unfinished (seeds [2])"
+    # a and c coincide on task/model/optimizer/quantizer/rule: the differing field tells them apart
+    assert a.label == "mnist1d/cnn adamw fp32 backprop epochs=2"
+    assert c.label == "mnist1d/cnn adamw fp32 backprop epochs=3"
+    assert configs["cfg-b"].label == "mnist1d/cnn adamw chimera backprop"
+    assert configs["regression-sgd"].kind == "stress"
+    assert configs["regression-sgd"].missing_seeds == []  # stress is its own table
+
+
+def test_markdown_tables_hold_hand_computed_statistics_and_flags(report):
+    text, credit_text = report.markdown.read_text(encoding="utf-8").split("## Credit diagnostics")
+    assert "12 record files, 12 runs (11 finished, 1 unfinished), 5 configurations" in text
+    a = _md_row(text, "mnist1d/cnn adamw fp32 backprop epochs=2")
+    half_acc = 100 * T_975_2 * 0.02 / math.sqrt(3)  # 4.968 points
+    assert a[1:4] == ["0,1,2", "3", "92.00 ± 2.00"]
+    assert a[4] == f"[{92 - half_acc:.2f}, {92 + half_acc:.2f}]" == "[87.03, 96.97]"
+    assert a[5] == "0.2000 ± 0.1000" and a[6] == "[-0.0484, 0.4484]"
+    assert a[7:9] == ["-", "-"]  # fp32: no effective bits, no zero ratio
+    assert a[9:12] == ["1000", "2.000", "1.000"] and a[12] == ""
+    b = _md_row(text, "mnist1d/cnn adamw chimera backprop")
+    assert b[7:9] == ["1.500", "0.500"]
+    c = _md_row(text, "mnist1d/cnn adamw fp32 backprop epochs=3")
+    assert c[2] == "2" and c[-1] == "⚠ missing seeds [2]"
+    d = _md_row(text, "mnist1d/cnn sgd fp32 backprop")
+    assert d[1:4] == ["0,1", "2", "60.00 ± 0.00"]
+    assert d[-1] == "⚠ 1 run unfinished (seeds [2])"
+    # credit diagnostics: numeric credit_/costate_ fields only (per-layer lists are skipped)
+    credit_text, stress_text = credit_text.split("## Stress configurations")
+    assert "costate_cosine_per_layer" not in credit_text
+    credit = _md_row(credit_text, "mnist1d/cnn adamw fp32 backprop epochs=2")
+    assert credit == ["mnist1d/cnn adamw fp32 backprop epochs=2", "3", "0.7 ± 0.2"]
+    stress = _md_row(stress_text, "regression")
+    assert stress[:6] == ["regression", "sgd", "0", "1", "0.25 ± 0", "-"]
+    assert stress[6:9] == ["400", "64", "-"]
+
+
+def test_csv_has_one_plain_row_per_configuration(report):
+    with report.csv.open(encoding="utf-8") as f:
+        rows = {r["config_id"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["cfg-a", "cfg-b", "cfg-c", "cfg-d", "regression-sgd"]
+    a = rows["cfg-a"]
+    assert (a["kind"], a["optimizer"], a["seeds"], a["n"]) == ("training", "adamw", "0 1 2", "3")
+    assert float(a["test_accuracy_mean"]) == pytest.approx(0.92)
+    assert float(a["test_accuracy_ci_low"]) == pytest.approx(0.92 - T_975_2 * 0.02 / math.sqrt(3))
+    assert float(a["credit_alignment_mean"]) == pytest.approx(0.7)
+    assert a["quant_global_effective_bits_mean"] == "" and a["flags"] == ""
+    assert rows["cfg-d"]["n"] == "2" and rows["cfg-d"]["unfinished_seeds"] == "2"
+    assert rows["cfg-c"]["missing_seeds"] == "2"
+    s = rows["regression-sgd"]
+    assert (s["kind"], s["problem"], s["final_loss_mean"], s["final_loss_ci_low"]) == (
+        "stress", "regression", "0.25", "")
+
+
+def test_plots_are_png_files_linked_from_the_report(report):
+    names = ["learning_curves.png", "accuracy_vs_bits.png", "step_time_vs_memory.png"]
+    assert [p.name for p in report.plots] == names
+    text = report.markdown.read_text(encoding="utf-8")
+    for path in report.plots:
+        assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 10_000
+        assert f"]({path.name})" in text
+
+
+def test_report_md_is_reproducible_from_the_records(records, report, tmp_path):
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(records, moved)
+    again = write_report(moved)  # out defaults to the records directory
+    assert again.markdown == moved / "report.md"
+    assert again.markdown.read_bytes() == report.markdown.read_bytes()
+    assert again.csv.read_bytes() == report.csv.read_bytes()
+
+
+def test_plots_without_data_are_skipped_and_said_so(tmp_path):
+    with RecordWriter(tmp_path / "s.jsonl", {"run_id": "r", "config_id": "p-c", "seed": 0,
+                                             "task": "stress/p", "problem": "p",
+                                             "config": "c"}) as w:
+        w.write("final", final_loss=1.0, median_step_time_s=0.001, optimizer_state_bytes=8)
+    paths = write_report(tmp_path, tmp_path / "out")
+    assert [p.name for p in paths.plots] == ["step_time_vs_memory.png"]
+    text = paths.markdown.read_text(encoding="utf-8")
+    assert "`learning_curves.png`: skipped (no eval records of a training run)" in text
+    assert "`accuracy_vs_bits.png`: skipped" in text and "## Training configurations" not in text
+
+
+def test_missing_or_empty_directory_is_an_error_naming_it(tmp_path):
+    with pytest.raises(ValueError, match="nope"):
+        write_report(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"empty.*no record files"):
+        write_report(tmp_path / "empty")
