@@ -109,7 +109,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     summary = run_bench(args.out, seeds=_seeds(args.seeds), stress_steps=args.stress_steps,
                         workers=args.workers, progress=not args.quiet, **budget)
     print(summary)
-    print(f"records and summary.md in {args.out}/ ({time.perf_counter() - start:.0f} s)")
+    print(f"records, summary.md, report.md, report.csv and plots in {args.out}/ "
+          f"({time.perf_counter() - start:.0f} s)")
 
 
 def _cmd_report(args: argparse.Namespace) -> None:

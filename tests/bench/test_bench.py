@@ -15,6 +15,7 @@ def test_bench_smoke_writes_records_and_summary(tmp_path):
     quant = read_records(tmp_path / "quant", record_type="final")
     assert sorted(r["quantizer"] for r in quant) == sorted(QUANT_MODES)
     assert (tmp_path / "summary.md").read_text() == summary
+    assert (tmp_path / "report.md").exists() and (tmp_path / "learning_curves.png").exists()
     for name in ("chimera21-zero-inertia", "noisy_quadratic", "| mnist1d | cnn", "stac", "94",
                  "int_ternary", "scaled_optum"):
         assert name in summary

@@ -1,7 +1,9 @@
-"""``chimera bench``: the main job on embedded data (stress suite + MNIST-1D optimizer comparison).
+"""``chimera bench``: the main job on embedded data: the stress suite, the MNIST-1D optimizer
+comparison and the MNIST-1D quantizer comparison.
 
 Record files in the output folder are rewritten on every run; the printed tables are also saved
-as ``summary.md`` there.
+as ``summary.md`` there, and ``chimera report``'s report.md, report.csv and plots are written
+beside them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from chimera.bench.compare_quant import quant_specs, quant_table
 from chimera.bench.pool import run_specs
 from chimera.bench.records import RecordWriter
+from chimera.bench.report import write_report
 from chimera.bench.spec import RunSpec
 from chimera.bench.stress import run_stress, stress_table
 from chimera.bench.summary import format_table, pm, summarize
@@ -110,4 +113,5 @@ def run_bench(
         f"{MNIST1D_SCHEDULE} lr, seeds {list(seeds)})\n\n{quant_table(quant)}\n"
     )
     (out / "summary.md").write_text(summary, encoding="utf-8")
+    write_report(out)
     return summary
