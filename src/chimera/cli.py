@@ -1,4 +1,4 @@
-"""The ``chimera`` command: train, compare-quant, export, stress, bench, report, list."""
+"""The ``chimera`` command: train, compare-quant, export, stress, bench, sweep, report, list."""
 
 from __future__ import annotations
 
@@ -113,6 +113,15 @@ def _cmd_bench(args: argparse.Namespace) -> None:
           f"({time.perf_counter() - start:.0f} s)")
 
 
+def _cmd_sweep(args: argparse.Namespace) -> None:
+    from chimera.bench.sweep import run_sweep
+
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    print(run_sweep(args.suite, args.out, workers=args.workers, progress=not args.quiet))
+    print(f"records, checkpoints/ and summary.md in {args.out}/")
+
+
 def _cmd_report(args: argparse.Namespace) -> None:
     from chimera.bench.report import write_report
 
@@ -205,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training processes (default: the cores available)")
     b.set_defaults(func=_cmd_bench)
 
+    w = sub.add_parser("sweep", help="run (or finish) a TOML suite of runs; resumable")
+    w.add_argument("suite", help="the suite file (docs/suites.md)")
+    w.add_argument("--out", required=True, help="output folder: <run_id>.jsonl, checkpoints/")
+    w.add_argument("--workers", type=int, default=None,
+                   help="training processes (default: the cores available)")
+    w.set_defaults(func=_cmd_sweep)
+
     r = sub.add_parser("report", help="report.md, report.csv and PNG plots from records only")
     r.add_argument("directory", help="a folder of *.jsonl records (searched recursively)")
     r.add_argument("--out", default=None, help="output folder (default: the records folder)")
@@ -213,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list registered optimizers, tasks, models, problems")
     ls.set_defaults(func=_cmd_list)
 
-    for sp in (t, q, s, b):
+    for sp in (t, q, s, b, w):
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 

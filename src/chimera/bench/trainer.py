@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import chimera
-from chimera.bench.checkpoint import save_checkpoint
+from chimera.bench.checkpoint import load_checkpoint, save_checkpoint
 from chimera.bench.quant_control import AlphaControl, quant_record, quantize_model
 from chimera.bench.records import RecordWriter
 from chimera.bench.spec import RunSpec
@@ -84,18 +86,49 @@ def _median_after_warmup(times: list[float]) -> float | None:
     return statistics.median(tail) if tail else None
 
 
+def _resume_state(
+    path: str, spec: RunSpec, writer: RecordWriter | None, parts: dict[str, Any]
+) -> dict[str, Any]:
+    """Restore ``parts`` (model, opt, scheduler, gen, control) from the checkpoint at ``path``,
+    cut the record file back to its size at that checkpoint, and return the saved counters."""
+    ckpt = load_checkpoint(path)
+    if ckpt["spec"] != spec.to_dict():
+        raise ValueError(f"checkpoint {path} belongs to another run spec than {spec.run_id}")
+    if "progress" not in ckpt:
+        raise ValueError(f"checkpoint {path} has no training progress to resume from")
+    parts["model"].load_state_dict(ckpt["model"])
+    parts["opt"].load_state_dict(ckpt["optimizer"])
+    parts["scheduler"].load_state_dict(ckpt["scheduler"])
+    parts["gen"].set_state(ckpt["rng"]["generator"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if parts["control"] is not None:
+        parts["control"].alpha = ckpt["controller"]["alpha"]
+        parts["control"].controller.load_state_dict(ckpt["controller"]["state"])
+    progress = ckpt["progress"]
+    if writer is not None:
+        size = progress["record_bytes"]
+        if size is None or size > os.path.getsize(writer.path):
+            raise ValueError(f"record file {writer.path} is shorter than checkpoint {path} says")
+        os.truncate(writer.path, size)
+    return progress
+
+
 def train(
     spec: RunSpec,
     writer: RecordWriter | None = None,
     *,
     data: TaskData | None = None,
     progress: bool = True,
-    checkpoint: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train ``spec`` with backprop and cross-entropy; write step/epoch/eval/final records.
 
-    Returns the final record's metrics. ``data`` may be passed to reuse an already loaded task;
-    ``checkpoint`` is a path where the trained model and optimizer are saved at the end.
+    Returns the final record's metrics. ``data`` may be passed to reuse an already loaded task.
+    ``checkpoint`` is a path rewritten atomically at the end of every epoch with the whole
+    training state (the last one is the trained run). With ``resume`` and an existing
+    checkpoint, training continues after its epoch with identical results, and the writer's
+    file is cut back to its size at that checkpoint (the records since are written again).
     """
     device = resolve_device(spec.device)
     data = data if data is not None else load_task(spec.task)
@@ -111,13 +144,36 @@ def train(
     n, bs = len(x_train), spec.batch_size
     steps_per_epoch = math.ceil(n / bs)
     scheduler = lr_scheduler(opt, spec.lr_schedule, spec.epochs * steps_per_epoch)
-    step_times: list[float] = []
-    opt_times: list[float] = []
-    step, best_acc, start = 0, 0.0, time.perf_counter()
-    ev: dict[str, float] = {}
-    quant: dict[str, Any] = {}
+    run: dict[str, Any] = {"epoch": 0, "step": 0, "best_acc": 0.0, "elapsed_s": 0.0,
+                             "step_times": [], "opt_times": [], "eval": {}, "quant": {}}
+    if resume and checkpoint is not None and Path(checkpoint).exists():
+        run = _resume_state(str(checkpoint), spec, writer, {
+            "model": model, "opt": opt, "scheduler": scheduler, "gen": gen, "control": control})
+    step, best_acc, start = run["step"], run["best_acc"], time.perf_counter()
+    step_times: list[float] = run["step_times"]
+    opt_times: list[float] = run["opt_times"]
+    ev: dict[str, float] = run["eval"]
+    quant: dict[str, Any] = run["quant"]
 
-    bar = tqdm(range(1, spec.epochs + 1), desc=spec.run_id, disable=not progress, leave=False)
+    def save(epoch: int) -> None:
+        save_checkpoint(checkpoint, {
+            "spec": spec.to_dict(), "input_shape": list(data.input_shape),
+            "num_classes": data.num_classes, "epoch": epoch,
+            "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "controller": None if control is None else {
+                "alpha": control.alpha, "state": control.controller.state_dict()},
+            "rng": {"torch": torch.get_rng_state(), "generator": gen.get_state()},
+            "progress": {
+                "epoch": epoch, "step": step, "best_acc": best_acc, "eval": ev, "quant": quant,
+                "elapsed_s": run["elapsed_s"] + time.perf_counter() - start,
+                "step_times": step_times, "opt_times": opt_times,
+                "record_bytes": os.path.getsize(writer.path) if writer is not None else None,
+            },
+        })
+
+    epochs = range(run["epoch"] + 1, spec.epochs + 1)
+    bar = tqdm(epochs, desc=spec.run_id, disable=not progress, leave=False)
     for epoch in bar:
         model.train()
         perm = torch.randperm(n, generator=gen).to(device)
@@ -167,6 +223,8 @@ def train(
             log.write("eval", epoch=epoch, step=step, test_loss=ev["loss"],
                       test_accuracy=ev["accuracy"])
         bar.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{ev['accuracy']:.3f}")
+        if checkpoint is not None:
+            save(epoch)
 
     n_params = sum(p.numel() for p in model.parameters())
     state = optimizer_state_memory_summary(opt)
@@ -176,7 +234,7 @@ def train(
         "test_loss": ev.get("loss"),
         "test_accuracy": ev.get("accuracy"),
         "best_test_accuracy": best_acc,
-        "train_time_s": time.perf_counter() - start,
+        "train_time_s": run["elapsed_s"] + time.perf_counter() - start,
         "median_step_time_s": _median_after_warmup(step_times),
         "median_optimizer_step_time_s": _median_after_warmup(opt_times),
         "num_params": n_params,
@@ -187,12 +245,6 @@ def train(
     }
     if isinstance(opt, ScaledOptum):
         final["ternary_state_bytes_per_weight"] = scaled_optum_state_bytes_per_weight(opt)
-    if checkpoint is not None:
-        save_checkpoint(checkpoint, {
-            "spec": spec.to_dict(), "input_shape": list(data.input_shape),
-            "num_classes": data.num_classes, "epoch": spec.epochs,
-            "model": model.state_dict(), "optimizer": opt.state_dict(),
-        })
     if log is not None:
         log.write("final", **final)
     return final

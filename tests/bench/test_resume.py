@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from chimera.bench import trainer
+from chimera.bench.checkpoint import load_checkpoint
+from chimera.bench.records import RecordWriter, read_records
+from chimera.bench.spec import RunSpec
+from chimera.bench.trainer import build_run_model, train
+from chimera.data import load_task
+
+SPECS = {
+    "fp32": RunSpec("digits", "mlp", "adamw", seed=3, epochs=4, batch_size=128, log_every=3,
+                    optimizer_hparams={"lr": 1e-2}, lr_schedule="cosine"),
+    "chimera+controller": RunSpec(
+        "digits", "mlp", "adamw", seed=1, epochs=4, batch_size=128, log_every=3,
+        optimizer_hparams={"lr": 1e-2}, quantizer="chimera",
+        quant_hparams={"warmup_steps": 10},
+        controller={"target_bits": 1.32, "branch": "sparse", "frequency": "batch"}),
+    "int_ternary": RunSpec("digits", "mlp", "scaled_optum", seed=2, epochs=4, batch_size=128,
+                           log_every=3, optimizer_hparams={"lr": 1e-2}, quantizer="int_ternary"),
+}
+METRICS = ("test_accuracy", "test_loss", "best_test_accuracy", "steps")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_task("digits")
+
+
+class Crash(Exception):
+    pass
+
+
+def run(spec, path, ckpt, data, resume=False):
+    with RecordWriter(path) as w:
+        return train(spec, w, data=data, progress=False, checkpoint=ckpt, resume=resume)
+
+
+def crash_in_epoch(monkeypatch, epoch):
+    """Make the evaluation of ``epoch`` raise: the run dies after its step records."""
+    calls = {"n": 0}
+    real = trainer.evaluate
+
+    def evaluate(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == epoch:
+            raise Crash
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+
+
+def params(spec, ckpt, data):
+    model = build_run_model(spec, data.input_shape, data.num_classes)
+    model.load_state_dict(load_checkpoint(ckpt)["model"])
+    return model.state_dict()
+
+
+def record_keys(path):
+    return [(r["record_type"], r.get("epoch"), r.get("step")) for r in read_records(path)]
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_interrupted_then_resumed_equals_uninterrupted(name, tmp_path, monkeypatch, digits):
+    spec = SPECS[name]
+    ref = run(spec, tmp_path / "ref.jsonl", tmp_path / "ref.pt", digits)
+
+    crash_in_epoch(monkeypatch, 3)
+    with pytest.raises(Crash):
+        run(spec, tmp_path / "r.jsonl", tmp_path / "r.pt", digits, resume=True)
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "r.pt")["epoch"] == 2
+    assert ("step", 3, 30) in record_keys(tmp_path / "r.jsonl")  # written after the checkpoint
+    torch.manual_seed(123)  # the resumed run must not depend on the caller's RNG state
+    final = run(spec, tmp_path / "r.jsonl", tmp_path / "r.pt", digits, resume=True)
+
+    assert {k: final[k] for k in METRICS} == {k: ref[k] for k in METRICS}
+    quant = [k for k in final if k.startswith(("quant_", "controller"))]
+    assert {k: final[k] for k in quant} == {k: ref[k] for k in quant}
+    a, b = params(spec, tmp_path / "ref.pt", digits), params(spec, tmp_path / "r.pt", digits)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    keys = record_keys(tmp_path / "r.jsonl")
+    assert keys == record_keys(tmp_path / "ref.jsonl")  # same records, none duplicated
+    assert len(keys) == len(set(keys))
+    ref_recs, recs = read_records(tmp_path / "ref.jsonl"), read_records(tmp_path / "r.jsonl")
+    for r0, r1 in zip(ref_recs, recs, strict=True):
+        if r0["record_type"] == "eval":
+            assert r0["test_loss"] == r1["test_loss"]
+        if r0["record_type"] == "step":
+            assert r0["loss"] == r1["loss"] and r0["lr"] == r1["lr"]
+
+
+def test_finished_checkpoint_resumes_to_the_same_final(tmp_path, digits):
+    spec = SPECS["fp32"]
+    ref = run(spec, tmp_path / "r.jsonl", tmp_path / "r.pt", digits)
+    again = run(spec, tmp_path / "r.jsonl", tmp_path / "r.pt", digits, resume=True)
+    assert again["test_loss"] == ref["test_loss"]
+    assert [r["record_type"] for r in read_records(tmp_path / "r.jsonl")].count("final") == 1
+
+
+def test_resume_without_checkpoint_starts_fresh_and_foreign_checkpoint_is_rejected(
+    tmp_path, digits
+):
+    spec = SPECS["fp32"]
+    first = run(spec, tmp_path / "a.jsonl", tmp_path / "a.pt", digits, resume=True)
+    assert first["steps"] == 4 * 12
+    other = RunSpec("digits", "mlp", "adamw", seed=4, epochs=4, batch_size=128)
+    with pytest.raises(ValueError, match="another run spec"):
+        run(other, tmp_path / "b.jsonl", tmp_path / "a.pt", digits, resume=True)

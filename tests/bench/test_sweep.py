@@ -1,0 +1,185 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from chimera.bench import pool
+from chimera.bench.records import read_records
+from chimera.bench.sweep import expand_suite, load_suite, run_sweep
+from chimera.models import MODELS
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SUITE = """
+name = "tiny"
+task = "digits"
+model = "mlp"
+seeds = [0]
+epochs = 8
+batch_size = 32
+log_every = 10
+lr_schedule = "cosine"
+
+[[optimizers]]
+name = "adamw"
+lr = 1e-2
+
+[[quantizers]]
+mode = "fp32"
+
+[[quantizers]]
+mode = "chimera"
+quant_hparams = { warmup_steps = 20 }
+controller = { target_bits = 1.32, branch = "sparse", frequency = "batch" }
+"""
+
+BASE = {"task": "digits", "model": "mlp", "optimizer": "adamw", "seeds": [0]}
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def write(tmp_path, text, name="suite.toml"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_grid_expansion(tmp_path):
+    specs = load_suite(write(tmp_path, SUITE))
+    assert [(s.quantizer, s.seed, s.epochs, s.batch_size) for s in specs] == [
+        ("fp32", 0, 8, 32), ("chimera", 0, 8, 32)]
+    assert specs[1].controller["target_bits"] == 1.32 and specs[0].controller is None
+    assert specs[0].optimizer_hparams == {"lr": 1e-2} and specs[0].lr_schedule == "cosine"
+    grid = expand_suite({"tasks": ["digits", "mnist1d"], "models": ["mlp", "cnn"],
+                         "optimizers": ["adamw", {"name": "sgd", "lr": 0.1, "momentum": 0.9}],
+                         "quantizers": ["fp32", "strict_bitnet"], "seeds": [0, 1, 2]})
+    assert len(grid) == 2 * 2 * 2 * 2 * 3 == len({s.run_id for s in grid})
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_parse(path):
+    model = tomllib.loads(path.read_text(encoding="utf-8"))["model"]
+    if model not in MODELS.names():
+        pytest.skip(f"model {model!r} is not registered yet")
+    specs = load_suite(path)
+    assert {s.quantizer for s in specs} == {"fp32", "chimera"} and len(specs) == 6
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"optimiser": "adamw"}, r"unknown key\(s\) \['optimiser'\].*allowed: name, task"),
+    ({"quantizers": [{"mode": "chimera", "alpha": 1}]}, r"unknown key\(s\) \['alpha'\]"),
+    ({"task": "imagenet"}, "unknown task 'imagenet'; known:"),
+    ({"model": "vit"}, "unknown model 'vit'"),
+    ({"optimizer": "adamx"}, "unknown optimizer 'adamx'"),
+    ({"quantizer": "binary"}, "unknown ternary mode 'binary'"),
+    ({"rule": "dfa"}, "rule must be one of"),
+    ({"epochs": 0}, "epochs must be a positive integer"),
+    ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ({"seeds": [0, 0]}, "seeds must be"),
+    ({"seeds": [-1]}, "seeds must be"),
+    ({"seeds": "0"}, "seeds must be"),
+    ({"lr_schedule": "step"}, "lr_schedule must be one of"),
+    ({"optimizer_hparams": {"lr": 1e-3, "gamma": 2}}, "gamma"),
+    ({"optimizer_hparams": {"lr": -1.0}}, "(?i)invalid learning rate"),
+    ({"model_hparams": {"width": 3}}, r"unknown key\(s\) \['width'\] in model_hparams"),
+    ({"quantizer": "fp32", "controller": {"target_bits": 1.32}}, "BitLinear"),
+    ({"quantizer": "int_ternary"}, "scaled_optum"),
+    ({"task": None, "tasks": []}, "tasks must be a non-empty list"),
+    ({"task": None}, "exactly one of 'task' and 'tasks'"),
+])
+def test_rejections_raise_before_any_run(change, message, tmp_path, monkeypatch):
+    def no_run(*args, **kwargs):
+        raise AssertionError("a run started")
+
+    monkeypatch.setattr(pool, "_run_one", no_run)
+    suite = {**BASE, **change}
+    lines = [f"{k} = {_toml(v)}" for k, v in suite.items() if v is not None]
+    path = write(tmp_path, "\n".join(lines))
+    with pytest.raises(ValueError, match=message):
+        run_sweep(path, tmp_path / "out", workers=1, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def _toml(value):
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_suite(write(tmp_path, "task = "))
+    with pytest.raises(ValueError, match="suite file not found"):
+        load_suite(tmp_path / "nope.toml")
+
+
+def _sweep_cmd(suite, out):
+    return [sys.executable, "-m", "chimera", "sweep", str(suite), "--out", str(out),
+            "--workers", "1", "--quiet"]
+
+
+def _kill_mid_run(suite, out, timeout=60.0):
+    """Start the sweep, SIGKILL it once some epoch records exist but not every final."""
+    proc = subprocess.Popen(_sweep_cmd(suite, out), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            files = list(out.glob("*.jsonl"))
+            epochs = sum(f.read_bytes().count(b'"record_type": "epoch"') for f in files)
+            if epochs >= 3:
+                break
+            time.sleep(0.01)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_killed_sweep_resumes_to_the_uninterrupted_result(tmp_path, one_thread):
+    suite = write(tmp_path, SUITE)
+    out = tmp_path / "killed"
+    _kill_mid_run(suite, out)
+    finals = read_records(out, record_type="final")
+    assert len(finals) < 2, "the sweep finished before it was killed"
+    assert any(read_records(f, record_type="epoch") for f in out.glob("*.jsonl"))
+
+    done = subprocess.run(_sweep_cmd(suite, out), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "chimera" in done.stdout and (out / "summary.md").exists()
+
+    run_sweep(suite, tmp_path / "ref", workers=1, progress=False)
+    recs = read_records(out)
+    keys = [(r["run_id"], r["record_type"], r.get("epoch"), r.get("step")) for r in recs]
+    assert len(keys) == len(set(keys))  # no duplicated record
+    assert all(path.read_bytes().endswith(b"\n") for path in out.glob("*.jsonl"))
+    ref = read_records(tmp_path / "ref")
+    assert sorted(keys) == sorted((r["run_id"], r["record_type"], r.get("epoch"), r.get("step"))
+                                  for r in ref)
+    metrics = ("test_accuracy", "test_loss", "best_test_accuracy", "steps",
+               "quant_global_zero_ratio", "controller_alpha")
+
+    def by_run(records):
+        return {r["run_id"]: tuple(r.get(k) for k in metrics)
+                for r in records if r["record_type"] == "final"}
+
+    assert len(by_run(recs)) == 2 and by_run(recs) == by_run(ref)
+
+    # a third run skips everything: the record files are left as they are
+    before = {p.name: p.read_bytes() for p in out.glob("*.jsonl")}
+    run_sweep(suite, out, workers=1, progress=False)
+    assert {p.name: p.read_bytes() for p in out.glob("*.jsonl")} == before
