@@ -58,6 +58,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
                            model_hparams=parse_kv(args.model_arg, "--model-arg"),
                            device=args.device, log_every=args.log_every,
                            lr_schedule=args.lr_schedule, quantizer=args.quantizer,
+                           rule=args.rule, rule_hparams=parse_kv(args.rule_arg, "--rule-arg"),
                            quant_hparams=parse_kv(args.quant_arg, "--quant-arg"),
                            controller=parse_kv(args.controller_arg, "--controller-arg")
                            if args.controller_arg else None)
@@ -129,6 +130,18 @@ def _cmd_report(args: argparse.Namespace) -> None:
     print(paths.markdown, paths.csv, *paths.plots, sep="\n")
 
 
+def _cmd_toy_lq(args: argparse.Namespace) -> None:
+    from chimera.bench.records import RecordWriter
+    from chimera.bench.toy_lq import run_toy_lq, toy_lq_table
+
+    start = time.perf_counter()
+    with RecordWriter(args.out) as writer:
+        finals = run_toy_lq(_csv(args.rules) or None, seeds=_seeds(args.seeds), steps=args.steps,
+                            writer=writer, progress=not args.quiet)
+    print(toy_lq_table(finals))
+    print(f"records: {args.out} ({time.perf_counter() - start:.0f} s)")
+
+
 def _cmd_list(args: argparse.Namespace) -> None:
     from chimera.bench.stress import STRESS_CONFIGS
     from chimera.data import TASKS
@@ -172,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--controller-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="enables the target-bits controller: target_bits=1.32, branch=sparse, "
                         "frequency=epoch|batch, affects=alpha_target|alpha_override, ...")
+    t.add_argument("--rule", default="backprop",
+                   help="backprop | dfa | state_bridge | credit_bridge (non-backprop rules need "
+                        "a residual model, e.g. --model resmlp)")
+    t.add_argument("--rule-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="learning-rule hyper-parameter, e.g. K=4, warmup_frac=0.2 (repeatable)")
     t.add_argument("--checkpoint", default=None,
                    help="save the trained run here (may contain {run_id} and {seed})")
     t.add_argument("--out", default="runs.jsonl", help="JSONL record file (appended)")
@@ -221,6 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training processes (default: the cores available)")
     w.set_defaults(func=_cmd_sweep)
 
+    lq = sub.add_parser("toy-lq", help="credit quality of each learning rule on the toy LQ "
+                        "problem (SPEC 3.3)")
+    lq.add_argument("--rules", default="", help="comma-separated variants (default: dfa, "
+                    "state_bridge, credit_bridge, credit_bridge_tgw0)")
+    lq.add_argument("--seeds", type=int, default=3)
+    lq.add_argument("--steps", type=int, default=8000)
+    lq.add_argument("--out", default="toy-lq.jsonl")
+    lq.set_defaults(func=_cmd_toy_lq)
+
     r = sub.add_parser("report", help="report.md, report.csv and PNG plots from records only")
     r.add_argument("directory", help="a folder of *.jsonl records (searched recursively)")
     r.add_argument("--out", default=None, help="output folder (default: the records folder)")
@@ -229,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list registered optimizers, tasks, models, problems")
     ls.set_defaults(func=_cmd_list)
 
-    for sp in (t, q, s, b, w):
+    for sp in (t, q, s, b, w, lq):
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 

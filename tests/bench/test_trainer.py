@@ -68,3 +68,28 @@ def test_cuda_without_cuda_is_a_clear_error(digits):
         pytest.skip("machine has CUDA")
     with pytest.raises(ValueError, match="CUDA is not available"):
         train(spec(device="cuda"), data=digits, progress=False)
+
+
+@pytest.mark.parametrize("rule", ["dfa", "state_bridge", "credit_bridge"])
+def test_rules_train_a_resmlp_and_log_credit_diagnostics(rule, digits, tmp_path):
+    s = RunSpec("digits", "resmlp", "adamw", epochs=2, batch_size=64, rule=rule,
+                optimizer_hparams={"lr": 1e-3}, model_hparams={"d_hidden": 32, "num_blocks": 2})
+    with RecordWriter(tmp_path / "r.jsonl") as w:
+        final = train(s, w, data=digits, progress=False)
+    evals = read_records(tmp_path / "r.jsonl", record_type="eval")
+    assert len(evals) == 2 and all(-1 <= r["credit_costate_cosine"] <= 1 for r in evals)
+    assert "credit_perturbation_rho" in final and "credit_nudging" in final
+    assert math.isfinite(final["test_loss"])
+
+
+def test_rule_errors(digits, tmp_path):
+    with pytest.raises(ValueError, match="unknown learning rule 'hebb'"):
+        train(spec(rule="hebb"), data=digits, progress=False)
+    with pytest.raises(ValueError, match="stem"):  # the mlp has no stem / blocks / head
+        train(spec(rule="dfa"), data=digits, progress=False)
+    s = RunSpec("digits", "resmlp", "adamw", epochs=1, batch_size=64, rule="dfa",
+                model_hparams={"d_hidden": 16, "num_blocks": 1})
+    ckpt = tmp_path / "c.pt"
+    train(s, data=digits, progress=False, checkpoint=ckpt)
+    with pytest.raises(ValueError, match="resuming a 'dfa' run is not supported"):
+        train(s, data=digits, progress=False, checkpoint=ckpt, resume=True)

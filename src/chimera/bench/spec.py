@@ -28,6 +28,7 @@ class RunSpec:
     quant_hparams: dict[str, Any] = field(default_factory=dict)
     controller: dict[str, Any] | None = None
     rule: str = "backprop"
+    rule_hparams: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
     log_every: int = 10
     lr_schedule: str = "constant"

@@ -27,6 +27,7 @@ from chimera.optim import (
     optimizer_state_memory_summary,
     scaled_optum_state_bytes_per_weight,
 )
+from chimera.rules import LearningRule, build_rule, credit_diagnostics
 
 WARMUP_STEPS = 5  # steps excluded from the median step times
 
@@ -81,6 +82,45 @@ def build_run_model(spec: RunSpec, input_shape: tuple[int, ...], num_classes: in
     return quantize_model(model, spec.quantizer, spec.quant_hparams)
 
 
+DIAG_EXAMPLES = 256  # test examples on which credit diagnostics are measured each epoch
+
+
+def step_function(
+    spec: RunSpec, model: nn.Module, opt: torch.optim.Optimizer, num_classes: int,
+    total_steps: int,
+) -> tuple[Any, LearningRule | None]:
+    """``(step(x, y) -> (loss, logits, optimizer_seconds | None), rule)`` for the run's learning
+    rule: plain backprop inline (any model), or a rule of :mod:`chimera.rules` (residual models:
+    stem / blocks / head), which does its own local backward passes and optimizer step."""
+    if spec.rule == "backprop":
+        def bp_step(x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor, float]:
+            opt.zero_grad(set_to_none=True)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            t = time.perf_counter()
+            opt.step()
+            return loss.item(), logits.detach(), time.perf_counter() - t
+
+        return bp_step, None
+    rule = build_rule(spec.rule, model, opt, loss_fn=F.cross_entropy, out_dim=num_classes,
+                      total_steps=total_steps, **spec.rule_hparams)
+
+    def rule_step(x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor, None]:
+        out = rule.train_step(x, y)
+        return out["loss"], out["logits"], None
+
+    return rule_step, rule
+
+
+def _credit_record(rule: LearningRule, x: torch.Tensor, y: torch.Tensor, seed: int) -> dict:
+    """Credit diagnostics against exact costates (SPEC 3.2), prefixed ``credit_``; a private
+    generator keeps the training RNG stream untouched."""
+    diag = credit_diagnostics(rule, x[:DIAG_EXAMPLES], y[:DIAG_EXAMPLES],
+                              generator=torch.Generator().manual_seed(seed))
+    return {f"credit_{k}": v for k, v in diag.items()}
+
+
 def _median_after_warmup(times: list[float]) -> float | None:
     tail = times[WARMUP_STEPS:] or times
     return statistics.median(tail) if tail else None
@@ -122,7 +162,8 @@ def train(
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
 ) -> dict[str, Any]:
-    """Train ``spec`` with backprop and cross-entropy; write step/epoch/eval/final records.
+    """Train ``spec`` (cross-entropy, the spec's learning rule); write step/epoch/eval/final
+    records (non-backprop rules add credit diagnostics to eval and final records).
 
     Returns the final record's metrics. ``data`` may be passed to reuse an already loaded task.
     ``checkpoint`` is a path rewritten atomically at the end of every epoch with the whole
@@ -144,9 +185,15 @@ def train(
     n, bs = len(x_train), spec.batch_size
     steps_per_epoch = math.ceil(n / bs)
     scheduler = lr_scheduler(opt, spec.lr_schedule, spec.epochs * steps_per_epoch)
+    train_step, rule = step_function(spec, model, opt, data.num_classes,
+                                     spec.epochs * steps_per_epoch)
+    credit: dict[str, Any] = {}
     run: dict[str, Any] = {"epoch": 0, "step": 0, "best_acc": 0.0, "elapsed_s": 0.0,
                              "step_times": [], "opt_times": [], "eval": {}, "quant": {}}
     if resume and checkpoint is not None and Path(checkpoint).exists():
+        if rule is not None:
+            raise ValueError(f"resuming a '{spec.rule}' run is not supported: its feedback "
+                             "networks are not checkpointed; rerun it from the start")
         run = _resume_state(str(checkpoint), spec, writer, {
             "model": model, "opt": opt, "scheduler": scheduler, "gen": gen, "control": control})
     step, best_acc, start = run["step"], run["best_acc"], time.perf_counter()
@@ -183,27 +230,22 @@ def train(
             idx = perm[i * bs : (i + 1) * bs]
             xb, yb = x_train[idx], y_train[idx]
             t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
-            loss.backward()
-            t1 = time.perf_counter()
-            opt.step()
+            loss_value, logits, opt_time = train_step(xb, yb)
             t2 = time.perf_counter()
             scheduler.step()
             step += 1
             if control is not None and control.frequency == "batch":
                 control.update(model)
             step_times.append(t2 - t0)
-            opt_times.append(t2 - t1)
-            loss_value = loss.item()
+            if opt_time is not None:
+                opt_times.append(opt_time)
             loss_sum += loss_value * len(idx)
             correct += (logits.argmax(1) == yb).sum().item()
             if log is not None and step % spec.log_every == 0:
                 diag = getattr(opt, "last_diagnostics", None) or {}
                 log.write(
                     "step", epoch=epoch, step=step, loss=loss_value, step_time_s=t2 - t0,
-                    lr=opt.param_groups[0]["lr"], optimizer_step_time_s=t2 - t1,
+                    lr=opt.param_groups[0]["lr"], optimizer_step_time_s=opt_time,
                     **{f"opt_{k}": v for k, v in diag.items()}, **quant_record(model),
                     **(control.record() if control is not None else {}),
                 )
@@ -214,6 +256,8 @@ def train(
             control.update(model)
         ev = evaluate(model, x_test, y_test, spec.eval_batch_size)
         best_acc = max(best_acc, ev["accuracy"])
+        if rule is not None:
+            credit = _credit_record(rule, x_test, y_test, spec.seed)
         if log is not None:
             log.write(
                 "epoch", epoch=epoch, step=step, train_loss=train_loss, train_accuracy=train_acc,
@@ -221,7 +265,7 @@ def train(
                 **(control.record() if control is not None else {}),
             )
             log.write("eval", epoch=epoch, step=step, test_loss=ev["loss"],
-                      test_accuracy=ev["accuracy"])
+                      test_accuracy=ev["accuracy"], **credit)
         bar.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{ev['accuracy']:.3f}")
         if checkpoint is not None:
             save(epoch)
@@ -242,6 +286,7 @@ def train(
         "optimizer_state": state,
         "state_bytes_per_param": state["total"] / max(n_params, 1),
         **quant,
+        **credit,
     }
     if isinstance(opt, ScaledOptum):
         final["ternary_state_bytes_per_weight"] = scaled_optum_state_bytes_per_weight(opt)

@@ -12,12 +12,14 @@ from torch import nn
 
 from chimera.models.cnn import CNN1d
 from chimera.models.mlp import MLP
+from chimera.models.resmlp import ResMLP
 from chimera.models.resnet import ChimeraResNet20, ResNet20, resnet20
 from chimera.registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 MODELS.register("mlp")(MLP)
 MODELS.register("cnn")(CNN1d)
+MODELS.register("resmlp")(ResMLP)
 
 
 @MODELS.register("resnet20")
@@ -37,4 +39,5 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwa
     return MODELS.get(name)(tuple(input_shape), num_classes, **kwargs)
 
 
-__all__ = ["MODELS", "CNN1d", "MLP", "ChimeraResNet20", "ResNet20", "build_model", "resnet20"]
+__all__ = ["MODELS", "CNN1d", "MLP", "ChimeraResNet20", "ResMLP", "ResNet20", "build_model",
+           "resnet20"]

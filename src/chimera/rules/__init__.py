@@ -1,0 +1,32 @@
+"""Learning rules (SPEC 3): ``build_rule(name, model, optimizer, ...)`` and credit diagnostics."""
+
+from chimera.rules import backprop, credit_bridge, dfa, state_bridge  # noqa: F401  (registers)
+from chimera.rules.base import (
+    PRESETS,
+    RULES,
+    LearningRule,
+    build_rule,
+    check_residual_model,
+    exact_costates,
+    normalize_credit,
+)
+from chimera.rules.diagnostics import (
+    costate_cosine,
+    credit_diagnostics,
+    nudging,
+    perturbation_rho,
+)
+
+__all__ = [
+    "PRESETS",
+    "RULES",
+    "LearningRule",
+    "build_rule",
+    "check_residual_model",
+    "costate_cosine",
+    "credit_diagnostics",
+    "exact_costates",
+    "normalize_credit",
+    "nudging",
+    "perturbation_rho",
+]
