@@ -12,7 +12,7 @@ from chimera.nn.bit_layers import BitLinear
 from chimera.nn.convert import ternarize
 from chimera.optim import build_optimizer
 from chimera.rules import RULES, build_rule, normalize_credit
-from chimera.rules.base import residual_states
+from chimera.rules.base import normalised_sq_error, residual_states
 from chimera.rules.credit_bridge import soft_min
 
 NON_BP = ("dfa", "state_bridge", "credit_bridge")
@@ -228,6 +228,16 @@ def test_credit_bridge_credit_is_value_gradient():
         h = h.clone().requires_grad_(True)
         v = rule.value_net(h, torch.full((len(h),), l), F.one_hot(c, 5).float())
         torch.testing.assert_close(credits[l], torch.autograd.grad(v.sum(), h)[0])
+
+
+def test_normalised_sq_error_is_spec_formula():
+    pred = torch.tensor([[3.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    target = torch.tensor([[0.0, 0.0], [0.0, 2.0], [0.5, 1.0]])
+    # ||G − t||² / max(||t||, 1)²: 9 / 1, 4 / 4, 0.25 / 1.25
+    expected = (9.0 + 1.0 + 0.25 / 1.25) / 3
+    assert normalised_sq_error(pred, target).item() == pytest.approx(expected)
+    assert normalised_sq_error(torch.tensor([2.0]), torch.tensor([4.0])).item() == \
+        pytest.approx(4.0 / 16.0)
 
 
 def test_soft_min():

@@ -125,6 +125,13 @@ def normalize_credit(a: Tensor) -> Tensor:
     return a / (rms.view(-1, *[1] * (a.dim() - 1)) + RMS_EPS)
 
 
+def normalised_sq_error(pred: Tensor, target: Tensor) -> Tensor:
+    """``mean_i ||pred_i − target_i||² / max(||target_i||, 1)²`` (rows flattened; scalars ok)."""
+    pred, target = pred.reshape(len(pred), -1), target.reshape(len(target), -1)
+    err = (pred - target).pow(2).sum(1)
+    return (err / target.norm(dim=1).clamp(min=1.0).pow(2)).mean()
+
+
 def exact_costates(model: nn.Module, x: Tensor, c: Tensor, loss_fn: LossFn) -> list[Tensor]:
     """``[λ_0, ..., λ_L]``, ``λ_l = ∂ℓ/∂h_l`` of the batch-mean loss, by one backprop pass.
 
@@ -206,14 +213,16 @@ class LearningRule:
     """Base of every rule: credits -> local updates (SPEC 3.1). Subclasses define
     :meth:`_own_credits` and, when they own feedback networks, :meth:`_build_feedback` and
     :meth:`_train_feedback`. ``optimizer`` (any registered one, over the model) may be ``None``
-    for feedback-only training (:meth:`train_feedback`)."""
+    for feedback-only training (:meth:`train_feedback`). Hyper-parameters not given come from
+    ``PRESETS[preset]``."""
 
     name: ClassVar[str] = ""
     hparam_names: ClassVar[tuple[str, ...]] = ()
     uses_direct_feedback: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
-                 loss_fn: LossFn, out_dim: int, total_steps: int, **hparams: Any) -> None:
+                 loss_fn: LossFn, out_dim: int, total_steps: int,
+                 preset: str = "classification", **hparams: Any) -> None:
         check_residual_model(model)
         for name, value in (("out_dim", out_dim), ("total_steps", total_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -224,7 +233,10 @@ class LearningRule:
         if unknown:
             raise ValueError(f"rule '{self.name}' has no hyper-parameter {', '.join(unknown)}; "
                              f"allowed: {', '.join(self.hparam_names) or 'none'}")
-        self.hparams = {k: _check_hparam(k, v) for k, v in hparams.items()}
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        values = {**{k: PRESETS[preset][k] for k in self.hparam_names}, **hparams}
+        self.hparams = {k: _check_hparam(k, v) for k, v in values.items()}
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.out_dim, self.total_steps = out_dim, total_steps
         self.num_blocks = len(list(model.blocks))
@@ -365,9 +377,5 @@ def build_rule(name: str, model: nn.Module, optimizer: torch.optim.Optimizer | N
                **hparams: Any) -> LearningRule:
     """The rule registered as ``name``: ``preset`` (``"toy"`` or ``"classification"``, SPEC 3.1)
     supplies its hyper-parameters, ``hparams`` override them."""
-    cls = RULES.get(name)
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-    values = {k: PRESETS[preset][k] for k in cls.hparam_names}
-    return cls(model, optimizer, loss_fn=loss_fn, out_dim=out_dim, total_steps=total_steps,
-               **{**values, **hparams})
+    return RULES.get(name)(model, optimizer, loss_fn=loss_fn, out_dim=out_dim,
+                           total_steps=total_steps, preset=preset, **hparams)

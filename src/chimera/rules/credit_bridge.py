@@ -38,15 +38,9 @@ from chimera.rules.base import (
     LearningRule,
     Terminal,
     frozen,
+    normalised_sq_error,
     per_example_loss,
 )
-
-
-def _normalised_sq_error(pred: Tensor, target: Tensor) -> Tensor:
-    """``mean_i ||pred_i − target_i||² / max(||target_i||, 1)²`` (rows flattened; scalars ok)."""
-    pred, target = pred.reshape(len(pred), -1), target.reshape(len(target), -1)
-    err = (pred - target).pow(2).sum(1)
-    return (err / target.norm(dim=1).clamp(min=1.0).pow(2)).mean()
 
 
 def soft_min(values: Tensor, lam: float) -> Tensor:
@@ -88,14 +82,14 @@ class CreditBridge(LearningRule):
             h_last = hs[-1].detach().requires_grad_(True)
             layer_last = torch.full((batch,), last, device=ctx.device)
             v_last = self._value(self.value_net, h_last, layer_last, ctx)
-            loss = _normalised_sq_error(v_last, per_example_loss(self.loss_fn, term.y, c))
+            loss = normalised_sq_error(v_last, per_example_loss(self.loss_fn, term.y, c))
             if hp["term_grad_weight"] > 0:
                 (grad,) = torch.autograd.grad(v_last.sum(), h_last, create_graph=True)
-                loss = loss + hp["term_grad_weight"] * _normalised_sq_error(
+                loss = loss + hp["term_grad_weight"] * normalised_sq_error(
                     grad, term.grad_h * batch)
             if last > 0:
                 layer, h_l, ctx_l, target = self._consistency_target(hs, ctx)
-                loss = loss + _normalised_sq_error(
+                loss = loss + normalised_sq_error(
                     self._value(self.value_net, h_l, layer, ctx_l), target)
         self.value_opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -25,7 +25,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from chimera.rules.base import RULES, BridgeNet, LearningRule, Terminal, frozen
+from chimera.rules.base import (
+    RULES,
+    BridgeNet,
+    LearningRule,
+    Terminal,
+    frozen,
+    normalised_sq_error,
+)
 
 
 @RULES.register("state_bridge")
@@ -60,9 +67,7 @@ class StateBridge(LearningRule):
         example = torch.arange(batch, device=states.device).repeat(k)[order]
         noisy = states[start, example] + sigma * torch.randn_like(states[start, example])
         target = self._rollout(noisy, start)
-        pred = self.bridge(noisy, start)
-        err = (pred - target.flatten(1)).pow(2).sum(1)
-        loss = (err / target.flatten(1).norm(dim=1).clamp(min=1.0).pow(2)).mean()
+        loss = normalised_sq_error(self.bridge(noisy, start), target)
         self.bridge_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.bridge_opt.step()
