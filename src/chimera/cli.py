@@ -105,8 +105,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     from chimera.bench.main import run_bench
 
     start = time.perf_counter()
-    budget = {k: v for k, v in [("epochs", args.epochs), ("quant_epochs", args.quant_epochs)]
-              if v is not None}
+    budget = {k: v for k, v in [("epochs", args.epochs), ("quant_epochs", args.quant_epochs),
+                                ("rule_epochs", args.rule_epochs)] if v is not None}
     summary = run_bench(args.out, seeds=_seeds(args.seeds), stress_steps=args.stress_steps,
                         workers=args.workers, progress=not args.quiet, **budget)
     print(summary)
@@ -228,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs of the optimizer comparison (default: the recipe's 50)")
     b.add_argument("--quant-epochs", type=int, default=None,
                    help="epochs of the quantizer comparison (default: the recipe's 100)")
+    b.add_argument("--rule-epochs", type=int, default=None,
+                   help="epochs of the learning-rule comparison (default: the recipe's 10)")
     b.add_argument("--workers", type=int, default=None,
                    help="training processes (default: the cores available)")
     b.set_defaults(func=_cmd_bench)

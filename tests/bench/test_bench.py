@@ -8,20 +8,23 @@ from chimera.data.stress import STRESS
 
 def test_bench_smoke_writes_records_and_summary(tmp_path):
     summary = run_bench(tmp_path, seeds=(0,), stress_steps=12, epochs=1, quant_epochs=1,
-                        workers=1, progress=False)
+                        rule_epochs=1, workers=1, progress=False)
     stress = read_records(tmp_path / "stress.jsonl", record_type="final")
     assert len(stress) == len(STRESS.names()) * len(STRESS_CONFIGS.names())
     assert len(read_records(tmp_path / "mnist1d", record_type="final")) == len(MNIST1D_GRID)
     quant = read_records(tmp_path / "quant", record_type="final")
     assert sorted(r["quantizer"] for r in quant) == sorted(QUANT_MODES)
+    rules = read_records(tmp_path / "rules", record_type="final")
+    assert sorted(r["rule"] for r in rules) == ["backprop", "credit_bridge", "dfa", "state_bridge"]
+    assert all("credit_costate_cosine" in r for r in rules if r["rule"] != "backprop")
     assert (tmp_path / "summary.md").read_text() == summary
     assert (tmp_path / "report.md").exists() and (tmp_path / "learning_curves.png").exists()
     for name in ("chimera21-zero-inertia", "noisy_quadratic", "| mnist1d | cnn", "stac", "94",
-                 "int_ternary", "scaled_optum"):
+                 "int_ternary", "scaled_optum", "state_bridge", "1 (exact)"):
         assert name in summary
     # a second run rewrites its record files instead of appending duplicates
-    run_bench(tmp_path, seeds=(0,), stress_steps=12, epochs=1, quant_epochs=1, workers=1,
-              progress=False)
+    run_bench(tmp_path, seeds=(0,), stress_steps=12, epochs=1, quant_epochs=1, rule_epochs=1,
+              workers=1, progress=False)
     assert len(read_records(tmp_path / "mnist1d", record_type="final")) == len(MNIST1D_GRID)
     assert len(read_records(tmp_path / "stress.jsonl", record_type="final")) == len(stress)
 

@@ -1,5 +1,5 @@
-"""``chimera bench``: the main job on embedded data: the stress suite, the MNIST-1D optimizer
-comparison and the MNIST-1D quantizer comparison.
+"""``chimera bench``: the main job on embedded data: the stress suite, and on MNIST-1D the
+optimizer, quantizer and learning-rule comparisons.
 
 Record files in the output folder are rewritten on every run; the printed tables are also saved
 as ``summary.md`` there, and ``chimera report``'s report.md, report.csv and plots are written
@@ -45,6 +45,43 @@ QUANT_MODES = ("fp32", "strict_bitnet", "chimera", "int_ternary")
 QUANT_EPOCHS = 100
 
 
+# The learning-rule comparison: ResMLP (d 256, 4 blocks), AdamW (wd 1e-2) with each rule's lr
+# (best of a seed-0 sweep, docs/rules.md); a short budget so that the bench stays ~10 minutes.
+RULE_EPOCHS = 10
+RULE_MODEL = {"d_hidden": 256, "num_blocks": 4}
+RULE_LRS = {"backprop": 1e-3, "dfa": 3e-4, "state_bridge": 1e-4, "credit_bridge": 1e-5}
+
+
+def rule_specs(seeds: Sequence[int], epochs: int = RULE_EPOCHS) -> list[RunSpec]:
+    """The run specs of the learning-rule comparison on MNIST-1D."""
+    return [
+        RunSpec(task="mnist1d", model="resmlp", optimizer="adamw", rule=rule, seed=seed,
+                epochs=epochs, batch_size=MNIST1D_BATCH, lr_schedule=MNIST1D_SCHEDULE,
+                model_hparams=RULE_MODEL, optimizer_hparams={"lr": lr, "weight_decay": 1e-2})
+        for rule, lr in RULE_LRS.items()
+        for seed in seeds
+    ]
+
+
+def rule_table(finals: list[dict[str, Any]]) -> str:
+    """Accuracy and credit diagnostics (vs exact costates; backprop's are exact) per rule."""
+    rows = summarize(finals, ["task", "model", "rule"],
+                     ["test_accuracy", "credit_costate_cosine", "credit_perturbation_rho",
+                      "credit_nudging", "train_time_s"])
+    return format_table(rows, [
+        ("task", lambda r: r["task"]),
+        ("model", lambda r: r["model"]),
+        ("rule", lambda r: r["rule"]),
+        ("seeds", lambda r: ",".join(map(str, r["seeds"]))),
+        ("test acc (%)", lambda r: pm(r, "test_accuracy", ".1f", 100)),
+        ("costate cosine", lambda r: pm(r, "credit_costate_cosine", ".3f")
+            if r["rule"] != "backprop" else "1 (exact)"),
+        ("perturbation rho", lambda r: pm(r, "credit_perturbation_rho", ".3f")),
+        ("nudging", lambda r: pm(r, "credit_nudging", ".3f")),
+        ("train time (s)", lambda r: f"{r['train_time_s_mean']:.1f}"),
+    ])
+
+
 def mnist1d_specs(seeds: Sequence[int], epochs: int = MNIST1D_EPOCHS) -> list[RunSpec]:
     """The run specs of the MNIST-1D comparison."""
     return [
@@ -87,6 +124,7 @@ def run_bench(
     stress_steps: int = 300,
     epochs: int = MNIST1D_EPOCHS,
     quant_epochs: int = QUANT_EPOCHS,
+    rule_epochs: int = RULE_EPOCHS,
     workers: int | None = None,
     progress: bool = True,
 ) -> str:
@@ -102,6 +140,8 @@ def run_bench(
         stress = run_stress(seeds=seeds, steps=stress_steps, writer=w, progress=progress)
     finals = run_specs(mnist1d_specs(seeds, epochs), out / "mnist1d", workers, progress,
                        desc="mnist1d optimizers")
+    rules = run_specs(rule_specs(seeds, rule_epochs), out / "rules", workers, progress,
+                      desc="mnist1d learning rules")
     quant = run_specs(quant_specs("mnist1d", "cnn", QUANT_MODES, seeds, quant_epochs),
                       out / "quant", workers, progress, desc="mnist1d quantizers")
     summary = (
@@ -110,7 +150,10 @@ def run_bench(
         f"## MNIST-1D optimizers (4000/1000 split, {epochs} epochs, batch {MNIST1D_BATCH}, "
         f"{MNIST1D_SCHEDULE} lr, seeds {list(seeds)})\n\n{classification_table(finals)}\n\n"
         f"## MNIST-1D quantizers (CNN, {quant_epochs} epochs, batch {MNIST1D_BATCH}, "
-        f"{MNIST1D_SCHEDULE} lr, seeds {list(seeds)})\n\n{quant_table(quant)}\n"
+        f"{MNIST1D_SCHEDULE} lr, seeds {list(seeds)})\n\n{quant_table(quant)}\n\n"
+        f"## MNIST-1D learning rules (ResMLP d {RULE_MODEL['d_hidden']}, "
+        f"{RULE_MODEL['num_blocks']} blocks, {rule_epochs} epochs, batch {MNIST1D_BATCH}, "
+        f"{MNIST1D_SCHEDULE} lr, seeds {list(seeds)})\n\n{rule_table(rules)}\n"
     )
     (out / "summary.md").write_text(summary, encoding="utf-8")
     write_report(out)
