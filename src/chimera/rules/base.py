@@ -273,12 +273,8 @@ class LearningRule:
 
     def train_feedback(self, x: Tensor, c: Tensor) -> dict[str, Any]:
         """Train only the feedback networks on (x, c); the forward net is left untouched."""
-        self._check_batch(x, c)
         with frozen(self.model):
-            with torch.no_grad():
-                hs = residual_states(self.model, x)
-            term = self._terminal(hs[-1], c, train_head=False)
-            self._ensure_built(hs)
+            hs, term = self._frozen_states(x, c)
             info = self._train_feedback(hs, c, term)
         self.bridge_residual = info.get("bridge_residual", self.bridge_residual)
         return {"loss": term.loss, "logits": term.y, **info}
@@ -286,13 +282,18 @@ class LearningRule:
     def credits(self, x: Tensor, c: Tensor) -> list[Tensor]:
         """The credits ``[a_0, ..., a_L]`` the next update would use (eval mode, no side
         effects)."""
-        self._check_batch(x, c)
         with frozen(self.model):
-            with torch.no_grad():
-                hs = residual_states(self.model, x)
-            term = self._terminal(hs[-1], c, train_head=False)
-            self._ensure_built(hs)
+            hs, term = self._frozen_states(x, c)
             return [a.detach() for a in self._credits(hs, c, term)]
+
+    def _frozen_states(self, x: Tensor, c: Tensor) -> tuple[list[Tensor], Terminal]:
+        """States and terminal information without training anything (call under frozen)."""
+        self._check_batch(x, c)
+        with torch.no_grad():
+            hs = residual_states(self.model, x)
+        term = self._terminal(hs[-1], c, train_head=False)
+        self._ensure_built(hs)
+        return hs, term
 
     @property
     def warmup_weight(self) -> float:
