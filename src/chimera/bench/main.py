@@ -20,7 +20,7 @@ from chimera.bench.records import RecordWriter
 from chimera.bench.report import write_report
 from chimera.bench.spec import RunSpec
 from chimera.bench.stress import run_stress, stress_table
-from chimera.bench.summary import format_table, pm, summarize
+from chimera.bench.summary import format_table, key_columns, pm, summarize
 
 # Published test accuracies (SPEC 4): MNIST-1D (Greydanus 2020), CIFAR-10 ResNet-20 fp32 (Zhu 2017).
 PUBLISHED = {("mnist1d", "mlp"): 0.68, ("mnist1d", "cnn"): 0.94, ("cifar10", "resnet20"): 0.9177}
@@ -69,10 +69,7 @@ def rule_table(finals: list[dict[str, Any]]) -> str:
                      ["test_accuracy", "credit_costate_cosine", "credit_perturbation_rho",
                       "credit_nudging", "train_time_s"])
     return format_table(rows, [
-        ("task", lambda r: r["task"]),
-        ("model", lambda r: r["model"]),
-        ("rule", lambda r: r["rule"]),
-        ("seeds", lambda r: ",".join(map(str, r["seeds"]))),
+        *key_columns("task", "model", "rule"),
         ("test acc (%)", lambda r: pm(r, "test_accuracy", ".1f", 100)),
         ("costate cosine", lambda r: pm(r, "credit_costate_cosine", ".3f")
             if r["rule"] != "backprop" else "1 (exact)"),
@@ -98,10 +95,7 @@ def classification_table(finals: list[dict[str, Any]]) -> str:
                      ["test_accuracy", "train_time_s", "median_step_time_s",
                       "median_optimizer_step_time_s", "state_bytes_per_param", "epochs"])
     return format_table(rows, [
-        ("task", lambda r: r["task"]),
-        ("model", lambda r: r["model"]),
-        ("optimizer", lambda r: r["optimizer"]),
-        ("seeds", lambda r: ",".join(map(str, r["seeds"]))),
+        *key_columns("task", "model", "optimizer"),
         ("test acc (%)", lambda r: pm(r, "test_accuracy", ".1f", 100)),
         ("published (%)", lambda r: f"{PUBLISHED[r['task'], r['model']] * 100:.4g}"
             if (r["task"], r["model"]) in PUBLISHED else "-"),

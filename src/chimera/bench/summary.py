@@ -48,6 +48,12 @@ def pm(row: dict[str, Any], metric: str, fmt: str = ".4f", scale: float = 1.0) -
     return f"{mean * scale:{fmt}} ± {std * scale:{fmt}}"
 
 
+def key_columns(*keys: str) -> list[tuple[str, Callable[[dict], Any]]]:
+    """Leading table columns: the grouping ``keys`` as they are, then the seeds of the group."""
+    return [*((k, lambda r, k=k: r[k]) for k in keys),
+            ("seeds", lambda r: ",".join(map(str, r["seeds"])))]
+
+
 def format_table(
     rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, Callable[[dict], Any]]]
 ) -> str:
