@@ -295,6 +295,38 @@ class LearningRule:
         self._ensure_built(hs)
         return hs, term
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs: step count, last bridge residual and, once built,
+        the state shape and every feedback module's and optimizer's state dict."""
+        state: dict[str, Any] = {"rule": self.name, "step_count": self.step_count,
+                                 "bridge_residual": self.bridge_residual, "built": self._built}
+        if self._built:
+            state["states"] = (self._num_states, self._state_shape)
+            state["feedback"] = {k: v.state_dict() for k, v in self._feedback_parts().items()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; a state of another rule or of feedback networks
+        of other shapes is a ``ValueError``."""
+        if not isinstance(state, dict) or state.get("rule") != self.name:
+            got = state.get("rule") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"rule state of {got!r} cannot be loaded into rule '{self.name}'")
+        if state["built"]:
+            num_states, shape = state["states"]
+            device = next(self.model.parameters()).device
+            self.step_count, self._built = 0, False  # build as at the first step, then load
+            self._ensure_built([torch.zeros(1, *shape, device=device)] * num_states)
+            parts = self._feedback_parts()
+            if set(parts) != set(state["feedback"]):
+                raise ValueError(f"rule state holds feedback parts {sorted(state['feedback'])}, "
+                                 f"rule '{self.name}' has {sorted(parts)}")
+            for key, part in parts.items():
+                try:
+                    part.load_state_dict(state["feedback"][key])
+                except (RuntimeError, ValueError, KeyError) as err:
+                    raise ValueError(f"rule state '{key}' does not fit: {err}") from None
+        self.step_count, self.bridge_residual = state["step_count"], state["bridge_residual"]
+
     @property
     def warmup_weight(self) -> float:
         """Weight t of the rule's own credit in the DFA warm-up blend: ``min(step / (warmup_frac
@@ -312,6 +344,10 @@ class LearningRule:
     def _train_feedback(self, hs: list[Tensor], c: Tensor, term: Terminal) -> dict[str, Any]:
         return {}
 
+    def _feedback_parts(self) -> dict[str, Any]:
+        """Modules and optimizers whose state :meth:`state_dict` saves (after the build)."""
+        return {} if self.direct_feedback is None else {"direct_feedback": self.direct_feedback}
+
     def _context(self, c: Tensor) -> Tensor:
         """Context as a float (B, out_dim) tensor: one-hot labels or the target itself."""
         if c.dtype.is_floating_point:
@@ -326,6 +362,7 @@ class LearningRule:
             self.direct_feedback = DirectFeedback(len(hs), hs[0].shape[1:], self.out_dim)
             self.direct_feedback.to(hs[0].device)
         self._build_feedback(hs)
+        self._num_states, self._state_shape = len(hs), tuple(hs[0].shape[1:])
         self._built = True
 
     def _credits(self, hs: list[Tensor], c: Tensor, term: Terminal) -> list[Tensor]:

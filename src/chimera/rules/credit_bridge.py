@@ -63,6 +63,10 @@ class CreditBridge(LearningRule):
         self.value_ema = copy.deepcopy(self.value_net).requires_grad_(False)
         self.value_opt = torch.optim.Adam(self.value_net.parameters(), lr=hp["lr_fb"])
 
+    def _feedback_parts(self) -> dict[str, Any]:
+        return {**super()._feedback_parts(), "value_net": self.value_net,
+                "value_ema": self.value_ema, "value_opt": self.value_opt}
+
     def _value(self, net: BridgeNet, h: Tensor, layers: Tensor, ctx: Tensor) -> Tensor:
         return net(h, layers, ctx).squeeze(1)
 

@@ -49,6 +49,9 @@ class StateBridge(LearningRule):
                                 residual_state=True).to(hs[0].device)
         self.bridge_opt = torch.optim.Adam(self.bridge.parameters(), lr=hp["lr_fb"])
 
+    def _feedback_parts(self) -> dict[str, Any]:
+        return {**super()._feedback_parts(), "bridge": self.bridge, "bridge_opt": self.bridge_opt}
+
     def _own_credits(self, hs: list[Tensor], c: Tensor, term: Terminal) -> list[Tensor]:
         batch = len(hs[0])
         h = torch.cat(hs).detach().requires_grad_(True)
