@@ -248,21 +248,27 @@ def test_soft_min():
     torch.testing.assert_close(soft_min(v, 0.5)[0], expected)
 
 
-def test_consistency_target_without_noise_is_the_ema_value_one_block_on():
+@pytest.mark.parametrize("slope_weight", [0.0, 1.0])
+def test_consistency_target_without_noise_is_the_ema_value_one_block_on(slope_weight):
     model = tiny_model()
     x, c = batch()
-    rule = make_rule("credit_bridge", model, sigma_bridge=0.0, K=3)
+    rule = make_rule("credit_bridge", model, sigma_bridge=0.0, K=3, slope_weight=slope_weight)
     rule.credits(x, c)  # builds the networks
     with torch.no_grad():
         hs = residual_states(model, x)
-        ctx = F.one_hot(c, 5).float()
-        layer, h_l, ctx_l, target = rule._consistency_target(hs, ctx)
-        for i in range(len(x)):
-            l = int(layer[i])
-            nxt = h_l[i:i + 1] + model.blocks[l](h_l[i:i + 1])
-            v = rule.value_ema(nxt, torch.tensor([l + 1]), ctx_l[i:i + 1]).squeeze()
-            torch.testing.assert_close(target[i], v)
+    ctx = F.one_hot(c, 5).float()
+    layer, h_l, ctx_l, target, slope = rule._consistency_target(hs, ctx)
+    assert (slope is None) == (slope_weight == 0)
+    for i in range(len(x)):
+        l = int(layer[i])
+        h = h_l[i:i + 1].clone().requires_grad_(True)
+        v = rule.value_ema(h + model.blocks[l](h), torch.tensor([l + 1]), ctx_l[i:i + 1])
+        torch.testing.assert_close(target[i], v.squeeze().detach())
+        if slope is not None:  # (I + J_f)^T ∇V_ema: K equal copies, soft-min weights 1/K
+            (g,) = torch.autograd.grad(v.sum(), h)
+            torch.testing.assert_close(slope[i], g[0])
     assert layer.max() < len(model.blocks)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_warmup_blends_from_dfa_linearly():

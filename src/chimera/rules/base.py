@@ -34,10 +34,11 @@ RESIDUAL_PARTS = ("stem", "blocks", "head")
 # forward net, so it has no DFA warm-up.
 PRESETS: dict[str, dict[str, Any]] = {
     "toy": dict(sigma_bridge=0.1, lam=0.1, K=8, term_grad_weight=1.0, ema_momentum=0.995,
-                lr_fb=1e-3, warmup_frac=0.0, bridge_hidden=256, emb_dim=16),
+                lr_fb=1e-3, warmup_frac=0.0, bridge_hidden=256, emb_dim=16,
+                slope_weight=1.0),
     "classification": dict(sigma_bridge=0.05, lam=0.1, K=4, term_grad_weight=1.0,
                            ema_momentum=0.995, lr_fb=1e-3, warmup_frac=0.2, bridge_hidden=512,
-                           emb_dim=16),
+                           emb_dim=16, slope_weight=0.0),
 }
 
 # name -> (type, low, high, low is open); every hyper-parameter a rule may take
@@ -46,6 +47,7 @@ _HPARAM_RANGES: dict[str, tuple[type, float, float, bool]] = {
     "lam": (float, 0.0, math.inf, True),
     "K": (int, 1, math.inf, False),
     "term_grad_weight": (float, 0.0, math.inf, False),
+    "slope_weight": (float, 0.0, math.inf, False),
     "ema_momentum": (float, 0.0, 1.0, False),
     "lr_fb": (float, 0.0, math.inf, False),
     "warmup_frac": (float, 0.0, 1.0, False),

@@ -53,8 +53,8 @@ class CreditBridge(LearningRule):
     """Credit ``∇_h V`` from a learned terminal-loss estimator ``V``."""
 
     name = "credit_bridge"
-    hparam_names = ("sigma_bridge", "lam", "K", "term_grad_weight", "ema_momentum", "lr_fb",
-                    "warmup_frac", "bridge_hidden", "emb_dim")
+    hparam_names = ("sigma_bridge", "lam", "K", "term_grad_weight", "slope_weight",
+                    "ema_momentum", "lr_fb", "warmup_frac", "bridge_hidden", "emb_dim")
 
     def _build_feedback(self, hs: list[Tensor]) -> None:
         hp = self.hparams
@@ -92,9 +92,13 @@ class CreditBridge(LearningRule):
                 loss = loss + hp["term_grad_weight"] * normalised_sq_error(
                     grad, term.grad_h * batch)
             if last > 0:
-                layer, h_l, ctx_l, target = self._consistency_target(hs, ctx)
-                loss = loss + normalised_sq_error(
-                    self._value(self.value_net, h_l, layer, ctx_l), target)
+                layer, h_l, ctx_l, target, slope = self._consistency_target(hs, ctx)
+                h_l.requires_grad_(hp["slope_weight"] > 0)
+                v_l = self._value(self.value_net, h_l, layer, ctx_l)
+                loss = loss + normalised_sq_error(v_l, target)
+                if hp["slope_weight"] > 0:
+                    (grad,) = torch.autograd.grad(v_l.sum(), h_l, create_graph=True)
+                    loss = loss + hp["slope_weight"] * normalised_sq_error(grad, slope)
         self.value_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.value_opt.step()
@@ -105,21 +109,27 @@ class CreditBridge(LearningRule):
                 p_ema.lerp_(p, 1.0 - m)
         return {"bridge_residual": loss.item()}
 
-    @torch.no_grad()
     def _consistency_target(self, hs: list[Tensor], ctx: Tensor
-                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """One layer l < L per example (sorted): ``(l, h_l, c, soft-min target)``."""
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """One layer l < L per example (sorted): ``(l, h_l, c, soft-min target, slope)``;
+        ``slope`` is the target's gradient w.r.t. h_l (one block's VJP; None when unused)."""
         k, sigma = self.hparams["K"], self.hparams["sigma_bridge"]
         batch, device = len(hs[0]), hs[0].device
         layer, example = torch.randint(0, len(hs) - 1, (batch,), device=device).sort()
-        h_l, ctx_l = torch.stack(hs)[layer, example], ctx[example]
-        noisy = h_l.repeat_interleave(k, 0)
-        noisy = noisy + sigma * torch.randn_like(noisy)
+        h_l, ctx_l = torch.stack(hs)[layer, example].detach(), ctx[example]
+        start = h_l.repeat_interleave(k, 0)
+        start = (start + sigma * torch.randn_like(start)).requires_grad_(
+            self.hparams["slope_weight"] > 0)
         ends = torch.searchsorted(layer, torch.arange(1, len(hs), device=device)) * k
-        with frozen(self.model):
+        with frozen(self.model), torch.set_grad_enabled(start.requires_grad):
             starts = [0, *ends.tolist()[:-1]]
-            for block, lo, hi in zip(self.model.blocks, starts, ends.tolist(), strict=True):
-                noisy[lo:hi] = noisy[lo:hi] + block(noisy[lo:hi])
-        v_next = self._value(self.value_ema, noisy, layer.repeat_interleave(k) + 1,
-                             ctx_l.repeat_interleave(k, 0)).view(batch, k)
-        return layer, h_l, ctx_l, soft_min(v_next, self.hparams["lam"])
+            noisy = torch.cat([start[lo:hi] + block(start[lo:hi]) for block, lo, hi
+                               in zip(self.model.blocks, starts, ends.tolist(), strict=True)])
+            v_next = self._value(self.value_ema, noisy, layer.repeat_interleave(k) + 1,
+                                 ctx_l.repeat_interleave(k, 0)).view(batch, k)
+            target = soft_min(v_next, self.hparams["lam"])
+            slope = None
+            if start.requires_grad:
+                (g,) = torch.autograd.grad(target.sum(), start)
+                slope = g.view(batch, k, *g.shape[1:]).sum(1)
+        return layer, h_l, ctx_l, target.detach(), slope
