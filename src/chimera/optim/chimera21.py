@@ -4,7 +4,8 @@ Adam whose step is scaled, per element, by ``kappa = clamp(exp(lambda_gate * psi
 ``psi`` is an exponential average of the agreement ``sign(m) * sign(g)`` between momentum and
 gradient. The math lives in two module-level functions, torch.optim style:
 ``_single_tensor_chimera21`` (a for-loop, the ground truth) and ``_multi_tensor_chimera21``
-(``torch._foreach_*`` kernels, the same operations in the same order).
+(``torch._foreach_*`` kernels, the same operations in the same order), which
+``_compiled_chimera21`` also runs under ``torch.compile`` (``fused=True``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import Tensor
 from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
 
 from chimera.optim._common import evaluate_closure
+from chimera.optim._compiled import check_fused, run_compiled, use_fused
 
 ZERO_GRAD_POLICIES = ("standard", "freeze", "decay", "inertia")
 KAPPA_GATE_MODES = ("none", "noise_ratio")
@@ -95,6 +97,7 @@ def _validate(hp: dict[str, Any]) -> None:
     _require("psi_storage", storage, storage in PSI_STORAGES, ", ".join(PSI_STORAGES))
     foreach = hp["foreach"]
     _require("foreach", foreach, foreach in (None, True, False), "None, True or False")
+    check_fused(hp["fused"], foreach)
 
 
 def _resolve_aliases(hp: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -324,8 +327,76 @@ def _multi_tensor_chimera21(
     lr: float,
     beta1: float,
     beta2: float,
-    eps_opt: float,
     weight_decay: float,
+    **hp: Any,
+) -> None:
+    """Chimera21 update with ``torch._foreach_*`` kernels: the operations of the for-loop path
+    in the same order (see ``_foreach_chimera21``); bias corrections from Python floats."""
+    if not params:
+        return
+    torch._foreach_add_(steps, 1)
+    ts = [t.item() for t in steps]
+    _foreach_chimera21(
+        params,
+        grads,
+        ms,
+        vs,
+        psis,
+        bias1=[1 - beta1**t for t in ts],
+        bias2=[1 - beta2**t for t in ts],
+        decay=1 - lr * weight_decay if weight_decay != 0 else None,
+        neg_lr=-lr,
+        beta1=beta1,
+        beta2=beta2,
+        **hp,
+    )
+
+
+def _compiled_chimera21(
+    groups: list[list[list[Tensor]]], *scalars: Tensor, hps: tuple[tuple[tuple[str, Any], ...], ...]
+) -> None:
+    """The function ``fused=True`` compiles: ``_foreach_chimera21`` for every group of one device
+    in one graph. Group i is ``[params, grads, ms, vs, psis, steps]`` with the hyper-parameter
+    items ``hps[i]``; its ``lr`` and ``decay = 1 - lr * weight_decay`` are ``scalars[2i]`` and
+    ``scalars[2i+1]`` (0-dim float64, rounded to the parameters' dtype as the eager paths round
+    their Python floats). The bias corrections ``1 - beta^t = -expm1(t * ln(beta))`` come from
+    the float32 step tensors (within a few float32 ulps of the eager value); inductor inlines
+    them into every element's computation, where one float32 ``expm1`` costs little."""
+    for i, (lists, items) in enumerate(zip(groups, hps, strict=True)):
+        params, grads, ms, vs, psis, steps = lists
+        hp = dict(items)
+        beta1, beta2, dtype = hp.pop("beta1"), hp.pop("beta2"), params[0].dtype
+        torch._foreach_add_(steps, 1)
+        _foreach_chimera21(
+            params,
+            grads,
+            ms,
+            vs,
+            psis,
+            bias1=[_bias_correction(t, beta1) for t in steps],
+            bias2=[_bias_correction(t, beta2) for t in steps],
+            decay=scalars[2 * i + 1].to(dtype),
+            neg_lr=scalars[2 * i].neg().to(dtype),
+            beta1=beta1,
+            beta2=beta2,
+            **hp,
+        )
+
+
+def _foreach_chimera21(
+    params: list[Tensor],
+    grads: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor],
+    psis: list[Tensor],
+    *,
+    bias1: list[float] | list[Tensor],
+    bias2: list[float] | list[Tensor],
+    decay: float | Tensor | None,
+    neg_lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps_opt: float,
     rho_psi: float,
     lambda_gate: float,
     kappa_min: float,
@@ -337,21 +408,19 @@ def _multi_tensor_chimera21(
     gate_sharpness: float,
     psi_storage: str,
 ) -> None:
-    """Chimera21 update with ``torch._foreach_*`` kernels: the operations of the for-loop path
-    in the same order. Exceptions, per tensor: the int8 decode's dtype cast and the zero-grad
-    policy's ``torch.where`` (there is no foreach comparison or select)."""
-    if not params:
-        return
-    torch._foreach_add_(steps, 1)
-    ts = [t.item() for t in steps]
-    if weight_decay != 0:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    """The multi-tensor update after the step increment, shared by the foreach and the compiled
+    paths; ``bias1``/``bias2`` are ``1 - beta^t`` per tensor, ``decay`` is ``1 - lr * wd``
+    (None: no decay) and ``neg_lr`` is ``-lr``, as Python floats or 0-dim tensors. Exceptions
+    to foreach, per tensor: the int8 decode's dtype cast and the zero-grad policy's
+    ``torch.where`` (there is no foreach comparison or select)."""
+    if decay is not None:
+        torch._foreach_mul_(params, decay)
     torch._foreach_mul_(ms, beta1)
     torch._foreach_add_(ms, grads, alpha=1 - beta1)
     torch._foreach_mul_(vs, beta2)
     torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
-    m_hat = torch._foreach_div(ms, [1 - beta1**t for t in ts])
-    s = torch._foreach_div(vs, [1 - beta2**t for t in ts])
+    m_hat = torch._foreach_div(ms, bias1)
+    s = torch._foreach_div(vs, bias2)
     torch._foreach_sqrt_(s)
     d = torch._foreach_div(m_hat, torch._foreach_add(s, eps_opt))
     agreement = torch._foreach_sign(ms)
@@ -391,7 +460,27 @@ def _multi_tensor_chimera21(
         torch._foreach_clamp_min_(psi_new, -127)
         torch._foreach_clamp_max_(psi_new, 127)
     torch._foreach_copy_(psis, psi_new)
-    torch._foreach_addcmul_(params, kappa, d, value=-lr)
+    if isinstance(neg_lr, Tensor):  # (-lr * kappa) * d, the rounding order of addcmul
+        torch._foreach_add_(params, torch._foreach_mul(torch._foreach_mul(kappa, neg_lr), d))
+    else:
+        torch._foreach_addcmul_(params, kappa, d, value=neg_lr)
+
+
+def _bias_correction(step: Tensor, beta: float) -> Tensor:
+    """``1 - beta^step`` as ``-expm1(step * ln(beta))``, accurate for small ``step * ln(beta)``
+    where ``1 - pow`` in float32 would cancel (``beta = 0`` gives 1)."""
+    log_beta = math.log(beta) if beta > 0 else -math.inf
+    return torch.expm1(step * log_beta).neg()
+
+
+def _lr_and_decay(hp: dict[str, Any]) -> tuple[float, float]:
+    """The per-step scalars of a compiled group: ``lr`` and ``1 - lr * weight_decay``."""
+    return hp["lr"], 1 - hp["lr"] * hp["weight_decay"]
+
+
+def _static_items(hp: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The hyper-parameters a compiled graph bakes in (all but lr and weight decay)."""
+    return [(k, v) for k, v in hp.items() if k not in ("lr", "weight_decay")]
 
 
 def _use_foreach(foreach: bool | None, params: list[Tensor]) -> bool:
@@ -442,6 +531,20 @@ class Chimera21(torch.optim.Optimizer):
     foreach where torch would (all tensors of a group on one CUDA/XPU device with one dtype).
     On CPU both paths run the same kernels in the same order and agree bit for bit.
 
+    ``fused``: True runs the same foreach equations compiled by ``torch.compile`` (inductor:
+    triton on CUDA, C++ on CPU), so the elementwise chain fuses into few kernels; False never
+    compiles; None (default) compiles only when ``foreach`` is None too and the group sits on
+    one CUDA device where torch.compile and triton are usable (see ``chimera.optim._compiled``).
+    ``fused=True`` with ``foreach=True`` is a ``ValueError``. All compiled groups of a device
+    run in one graph. lr, weight decay and the step counts enter it as tensors (a schedule
+    recompiles nothing); the compiled step keeps ``step`` on the parameter's device, as
+    ``torch.optim.Adam(fused=True)`` does. Results match the for-loop path up to float rounding
+    (the bias corrections are ``-expm1(t * ln(beta))`` in float32, a few ulps from the eager
+    value); an int8 ``psi`` can differ by one unit only where ``psi' * 127`` lies within
+    rounding error of a half-integer (psi' depends on signs only, so this needs a rounding
+    difference in ``rho_psi * psi``). As for ``foreach``, ``load_state_dict`` restores the saved
+    groups' ``fused``; a state saved by any path continues on any other.
+
     ``log_diagnostics`` (per group): after each step ``last_diagnostics`` maps
     ``DIAGNOSTIC_KEYS`` to floats aggregated over every element of the logging groups that had
     a gradient: kappa statistics (``kappa_std`` is the population std), ``mean_noise_ratio``,
@@ -477,6 +580,7 @@ class Chimera21(torch.optim.Optimizer):
         betas: tuple[float, float] | None = None,
         eps: float | None = None,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -496,6 +600,7 @@ class Chimera21(torch.optim.Optimizer):
             gate_sharpness=gate_sharpness,
             psi_storage=psi_storage,
             foreach=foreach,
+            fused=fused,
         )
         defaults = _resolve_aliases({**defaults, "betas": betas, "eps": eps}, _CONSTRUCTOR_DEFAULTS)
         _validate(defaults)
@@ -510,6 +615,11 @@ class Chimera21(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "last_diagnostics": self.last_diagnostics}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # states saved before ``fused`` existed
+            group.setdefault("fused", None)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's loading, except that an int8 ``psi`` stays int8 (torch casts floating state
@@ -526,9 +636,12 @@ class Chimera21(torch.optim.Optimizer):
             if pid in int8_ids:
                 self.state[p]["psi"] = self.state[p]["psi"].to(torch.int8)
 
-    def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> list[list[Tensor]]:
+    def _init_group(
+        self, group: dict[str, Any], params: list[Tensor], fused: bool
+    ) -> list[list[Tensor]]:
         """Lists ``[grads, ms, vs, psis, steps]`` of ``params``, creating missing state and
-        converting ``psi`` if the group's ``psi_storage`` changed since the last step."""
+        converting ``psi`` if the group's ``psi_storage`` changed since the last step; the
+        compiled path (``fused``) keeps ``step`` on the parameter's device."""
         int8 = group["psi_storage"] == "int8"
         lists: list[list[Tensor]] = [[], [], [], [], []]
         for p in params:
@@ -544,6 +657,8 @@ class Chimera21(torch.optim.Optimizer):
                 state["psi"] = _encode_psi_int8(state["psi"]).to(torch.int8)
             elif not int8 and state["psi"].dtype == torch.int8:
                 state["psi"] = _decode_psi(state["psi"], p.dtype, "int8")
+            if fused and state["step"].device != p.device:
+                state["step"] = state["step"].to(p.device)
             values = (p.grad, state["m"], state["v"], state["psi"], state["step"])
             for out, value in zip(lists, values, strict=True):
                 out.append(value)
@@ -557,16 +672,33 @@ class Chimera21(torch.optim.Optimizer):
         if any(p.grad.is_sparse for _, params in active for p in params):
             raise RuntimeError("Chimera21 does not support sparse gradients")
         rows: list[Tensor] | None = None
+        compiled: dict[torch.device, list[tuple]] = {}  # device -> (params, lists, hp) of groups
         for group, params in active:
-            lists = self._init_group(group, params)
+            fused = (
+                bool(params)
+                and not group["log_diagnostics"]
+                and use_fused(group["fused"], params, group["foreach"])
+            )
+            lists = self._init_group(group, params, fused)
             hp = {k: group[k] for k in _MATH_KEYS}
             if group["log_diagnostics"]:
                 rows = [] if rows is None else rows
                 _single_tensor_chimera21(params, *lists, **hp, diagnostics=rows)
+            elif fused:
+                compiled.setdefault(params[0].device, []).append((params, lists, hp))
             elif _use_foreach(group["foreach"], params):
                 _multi_tensor_chimera21(params, *lists, **hp)
             else:
                 _single_tensor_chimera21(params, *lists, **hp)
+        for device, groups in compiled.items():
+            run_compiled(
+                _compiled_chimera21,
+                [[params, *lists] for params, lists, _ in groups],
+                key=[p for params, _, _ in groups for p in params],
+                device=device,
+                scalars=[x for _, _, hp in groups for x in _lr_and_decay(hp)],
+                hps=tuple(tuple(_static_items(hp)) for _, _, hp in groups),
+            )
         self.last_diagnostics = {} if rows is None else _summarize_diagnostics(rows)
         return loss
 

@@ -17,6 +17,17 @@ step, for every registered module that has ``dL/dW`` (g) from its last forward:
    ``"fixed"`` keeps ``E`` as initialised, so ``corr_accum`` follows SPEC to the letter.
 
 All integer state lives in module buffers, so it checkpoints with the model.
+
+``fused``: True runs the step compiled by ``torch.compile`` (one graph per device for the
+registered modules and the float groups: the same module methods and ``pressure_increment``,
+and the sign-SGD as foreach ops, fused by inductor; triton on CUDA, C++ on CPU); False never
+does; None (default) does only for groups on one CUDA device where torch.compile and triton are
+usable (see ``chimera.optim._compiled``). The float ``lr`` and ``ternary_lr`` enter the graph as
+tensors, so a schedule recompiles nothing; the compiled step needs its tensors on one device per
+group. Float parameters match the eager step bit for bit, and so does the integer state, with
+one exception: ``mean|g|`` is a reduction whose summation order inductor may change, so where
+``ternary_lr * |g| / mean|g|`` lies within float rounding of a half-integer, that pressure
+increment can differ by one (the CPU tests pin exact equality on small layers).
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from torch import Tensor, nn
 
 from chimera.nn.int_ternary import MAX_THRESHOLD, IntTernaryModule
 from chimera.optim._common import evaluate_closure, sign_keep_nan
+from chimera.optim._compiled import check_fused, foreach_add_, run_compiled, use_fused
 
 E_POLICIES = ("fixed", "track")
 
@@ -38,11 +50,51 @@ def _check_int(name: str, value: Any, low: int, high: int) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (allowed: an integer in [{low}, {high}])")
 
 
-def pressure_increment(grad: Tensor, rate: float, threshold: int) -> Tensor:
-    """``-sign(g) * min(round(rate * |g| / mean|g|), threshold)`` as int16 (0 where g == 0)."""
+def pressure_increment(grad: Tensor, rate: float | Tensor, threshold: int) -> Tensor:
+    """``-sign(g) * min(round(rate * |g| / mean|g|), threshold)`` as int16 (0 where g == 0).
+
+    ``rate`` is a Python float or a 0-dim tensor (compiled step), cast to the gradient's dtype;
+    ``rate / mean`` is computed as ``(1 / mean) * rate`` either way (torch's ``float / Tensor``).
+    """
     mag = grad.abs()
-    units = torch.round(mag * (rate / mag.mean().clamp_min(torch.finfo(mag.dtype).tiny)))
+    if isinstance(rate, Tensor):
+        rate = rate.to(mag.dtype)
+    scale = mag.mean().clamp_min(torch.finfo(mag.dtype).tiny).reciprocal() * rate
+    units = torch.round(mag * scale)
     return (-torch.sign(grad) * units.clamp_(max=threshold)).to(torch.int16)
+
+
+def _update_ternary_modules(
+    modules: list[IntTernaryModule], rate: float | Tensor, threshold: int, track: bool
+) -> None:
+    """Steps 1-3 of the module docstring for every module with ``dL/dW``, then release it."""
+    for module in modules:
+        grad = module.weight_grad
+        if grad is None:
+            continue
+        module.update_corr()
+        module.update_ternary(pressure_increment(grad, rate, threshold), threshold)
+        if track:
+            module.rebalance_exponent()
+        module.release_weight_grad()
+
+
+def _compiled_scaled_optum(
+    float_groups: list[tuple[list[Tensor], list[Tensor]]],
+    modules: list[IntTernaryModule],
+    *scalars: Tensor,
+    threshold: int,
+    track: bool,
+) -> None:
+    """The step ``fused=True`` compiles for one device: sign-SGD ``p -= lr * sign(g)`` on every
+    ``(params, grads)`` of ``float_groups`` with ``lr = scalars[i]``, then the integer update of
+    ``modules`` with ``ternary_lr = scalars[-1]`` (0-dim float64 tensors, rounded to the
+    tensors' dtype as the eager step rounds its Python floats)."""
+    for (params, grads), lr in zip(float_groups, scalars[: len(float_groups)], strict=True):
+        signs = [sign_keep_nan(g) for g in grads]
+        foreach_add_(params, signs, lr.neg().to(params[0].dtype))
+    if modules:
+        _update_ternary_modules(modules, scalars[-1], threshold, track)
 
 
 class ScaledOptum(torch.optim.Optimizer):
@@ -56,6 +108,8 @@ class ScaledOptum(torch.optim.Optimizer):
         ternary_lr: scale of the pressure increments (>= 0); a mean-sized gradient adds
             ``round(ternary_lr)``, so ``threshold / ternary_lr`` steps move such a weight.
         e_policy: ``"fixed"`` (E as initialised) or ``"track"`` (E follows the corr scale).
+        fused: the compiled step (see the module docstring): True, False or None (automatic,
+            CUDA only). Stored in every param group, the ternary group included.
     """
 
     def __init__(
@@ -66,6 +120,8 @@ class ScaledOptum(torch.optim.Optimizer):
         threshold: int = 64,
         ternary_lr: float = 8.0,
         e_policy: str = "fixed",
+        *,
+        fused: bool | None = None,
     ) -> None:
         if not lr >= 0:
             raise ValueError(f"Invalid lr: {lr} (allowed: >= 0)")
@@ -75,17 +131,23 @@ class ScaledOptum(torch.optim.Optimizer):
             raise ValueError(f"Invalid ternary_lr: {ternary_lr} (allowed: >= 0)")
         if e_policy not in E_POLICIES:
             raise ValueError(f"Invalid e_policy: {e_policy!r} (allowed: {E_POLICIES})")
+        check_fused(fused)
         params = list(params)
-        super().__init__(params or [{"params": []}], dict(lr=lr))
+        super().__init__(params or [{"params": []}], dict(lr=lr, fused=fused))
         self.default_group_size = default_group_size
         self._ternary_defaults = dict(
-            lr=ternary_lr, threshold=threshold, e_policy=e_policy, ternary=True
+            lr=ternary_lr, threshold=threshold, e_policy=e_policy, ternary=True, fused=fused
         )
         self.ternary_modules: list[IntTernaryModule] = []
 
     def __getstate__(self) -> dict[str, Any]:  # torch keeps only defaults/state/param_groups
         extra = ("default_group_size", "_ternary_defaults", "ternary_modules")
         return {**super().__getstate__(), **{k: self.__dict__[k] for k in extra}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # states saved before ``fused`` existed
+            group.setdefault("fused", None)
 
     @property
     def ternary_group(self) -> dict[str, Any] | None:
@@ -124,23 +186,34 @@ class ScaledOptum(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One integer update of every registered module and a sign-SGD step of the floats."""
         loss = evaluate_closure(closure)
-        floats = [(p, g["lr"]) for g in self.param_groups for p in g["params"]
-                  if p.grad is not None]
-        if any(p.grad.is_sparse for p, _ in floats):
+        active = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        if any(p.grad.is_sparse for _, params in active for p in params):
             raise RuntimeError("ScaledOptum does not support sparse gradients")
-        group = self.ternary_group
-        for module in self.ternary_modules:
-            grad = module.weight_grad
-            if grad is None:
-                continue
-            module.update_corr()
-            inc = pressure_increment(grad, group["lr"], group["threshold"])
-            module.update_ternary(inc, group["threshold"])
-            if group["e_policy"] == "track":
-                module.rebalance_exponent()
-            module.release_weight_grad()
-        for p, lr in floats:
-            p.add_(sign_keep_nan(p.grad), alpha=-lr)
+        batches: dict[torch.device, tuple[list, list]] = {}  # device -> (float groups, modules)
+        group, modules = self.ternary_group, self.ternary_modules
+        if modules and use_fused(group["fused"], [m.T for m in modules]):
+            batches[modules[0].T.device] = ([], modules)
+        elif modules:
+            track = group["e_policy"] == "track"
+            _update_ternary_modules(modules, group["lr"], group["threshold"], track)
+        for g, params in active:
+            if params and use_fused(g["fused"], params):
+                batches.setdefault(params[0].device, ([], []))[0].append((params, g["lr"]))
+            else:
+                for p in params:
+                    p.add_(sign_keep_nan(p.grad), alpha=-g["lr"])
+        for device, (float_groups, batch_modules) in batches.items():
+            rates = [group["lr"]] if batch_modules else []
+            run_compiled(
+                _compiled_scaled_optum,
+                [(params, [p.grad for p in params]) for params, _ in float_groups],
+                batch_modules,
+                key=[p for params, _ in float_groups for p in params] + batch_modules,
+                device=device,
+                scalars=[lr for _, lr in float_groups] + rates,
+                threshold=group["threshold"] if batch_modules else 0,
+                track=bool(batch_modules) and group["e_policy"] == "track",
+            )
         return loss
 
 

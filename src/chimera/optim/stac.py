@@ -8,6 +8,7 @@ form the *cap*, updated by AdamW, the others the *trunk*, updated by the sign of
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import chain
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from torch.optim.adamw import adamw
 
 from chimera.optim._common import evaluate_closure
+from chimera.optim._compiled import check_fused, foreach_add_, run_compiled, use_fused
 
 TRUNK = "trunk"
 CAP = "cap"
@@ -124,14 +126,49 @@ def _multi_tensor_stac_trunk(
     """Trunk update with ``torch._foreach_*`` kernels; same math as the for-loop version."""
     if not params:
         return
+    decay = 1 - lr * weight_decay if weight_decay != 0 else None
+    _foreach_stac_trunk(params, grads, momentum_buffers, decay, -lr, momentum, maximize)
+
+
+def _compiled_stac_trunk(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    lr: Tensor,
+    decay: Tensor,
+    *,
+    momentum: float,
+    maximize: bool,
+) -> None:
+    """The trunk update ``fused=True`` compiles: ``_foreach_stac_trunk`` with ``lr`` and
+    ``decay = 1 - lr * wd`` as 0-dim float64 tensors, rounded to the parameters' dtype as the
+    eager paths round their Python floats."""
+    dtype = params[0].dtype
+    neg_lr = lr.neg().to(dtype)
+    _foreach_stac_trunk(
+        params, grads, momentum_buffers, decay.to(dtype), neg_lr, momentum, maximize
+    )
+
+
+def _foreach_stac_trunk(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    decay: float | Tensor | None,
+    neg_lr: float | Tensor,
+    momentum: float,
+    maximize: bool,
+) -> None:
+    """The multi-tensor trunk update shared by the foreach and compiled paths: ``decay`` is
+    ``1 - lr * wd`` (None: no decay), ``neg_lr`` is ``-lr`` (Python floats or 0-dim tensors)."""
     directions = torch._foreach_neg(grads) if maximize else grads
-    if weight_decay != 0:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    if decay is not None:
+        torch._foreach_mul_(params, decay)
     if momentum != 0:
         torch._foreach_mul_(momentum_buffers, momentum)
         torch._foreach_add_(momentum_buffers, directions, alpha=1 - momentum)
         directions = momentum_buffers
-    torch._foreach_add_(params, torch._foreach_sign(directions), alpha=-lr)
+    foreach_add_(params, torch._foreach_sign(directions), neg_lr)
 
 
 def _use_foreach(foreach: bool | None, params: list[Tensor]) -> bool:
@@ -142,11 +179,14 @@ def _use_foreach(foreach: bool | None, params: list[Tensor]) -> bool:
 
 
 def _all_finite(grads: list[Tensor]) -> bool:
-    """Whether no gradient holds NaN or +-Inf (a single host sync for all of them)."""
+    """Whether no gradient holds NaN or +-Inf: one foreach max-norm ``max|g|`` per tensor (NaN
+    and Inf propagate; a single multi-tensor kernel on CUDA) and a single host sync."""
+    grads = [g for g in grads if g.numel() > 0]  # the max-norm of nothing is undefined
     if not grads:
         return True
     device = grads[0].device
-    return bool(torch.stack([torch.isfinite(g).all().to(device) for g in grads]).all())
+    norms = torch._foreach_norm(grads, math.inf)
+    return bool(torch.stack([n.to(device) for n in norms]).isfinite().all())
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -182,6 +222,17 @@ class STAC(torch.optim.Optimizer):
     raises with ``error_if_nonfinite=True``, otherwise the whole step is skipped (no parameter
     or state moves) and ``nonfinite_skipped_steps`` (saved in ``state_dict``) is incremented.
     ``foreach=None`` uses the foreach kernels when all tensors of a group are on CUDA/XPU.
+
+    ``fused``: True runs the trunk update compiled by ``torch.compile`` (the foreach equations
+    above, fused by inductor into few kernels; triton on CUDA, C++ on CPU) and the cap with
+    torch's fused AdamW kernel (``step`` then lives on the parameter's device, as in
+    ``torch.optim.AdamW(fused=True)``); False never does; None (default) does only when
+    ``foreach`` is None too and the group sits on one CUDA device where torch.compile and triton
+    are usable (see ``chimera.optim._compiled``). ``fused=True`` with ``foreach=True`` is a
+    ``ValueError``. lr and weight decay enter the trunk graph as tensors, so a schedule
+    recompiles nothing. Results match the for-loop path up to float rounding. As for
+    ``foreach``, ``load_state_dict`` restores the saved groups' ``fused``; a state saved by any
+    path continues on any other.
     """
 
     def __init__(
@@ -202,6 +253,7 @@ class STAC(torch.optim.Optimizer):
         maximize: bool = False,
         error_if_nonfinite: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"STAC needs the model (an nn.Module), got {type(model).__name__}")
@@ -213,6 +265,7 @@ class STAC(torch.optim.Optimizer):
         _require("eps", eps, eps > 0, "> 0")
         _require("weight_decay", weight_decay, weight_decay >= 0, ">= 0")
         _require("foreach", foreach, foreach in (None, True, False), "None, True or False")
+        check_fused(fused, foreach)
         partition = partition_trainable_layers(model, last_n_layers=last_n_layers)
 
         if trunk_lr is None:
@@ -247,6 +300,7 @@ class STAC(torch.optim.Optimizer):
             maximize=maximize,
             error_if_nonfinite=error_if_nonfinite,
             foreach=foreach,
+            fused=fused,
         )
         super().__init__(groups, defaults)
         self.partition = partition  # from here on add_param_group refuses
@@ -266,6 +320,11 @@ class STAC(torch.optim.Optimizer):
             "partition": self.partition,
             "nonfinite_skipped_steps": self.nonfinite_skipped_steps,
         }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # states saved before ``fused`` existed
+            group.setdefault("fused", None)
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict plus ``nonfinite_skipped_steps``."""
@@ -331,12 +390,17 @@ class STAC(torch.optim.Optimizer):
             self.nonfinite_skipped_steps += 1
             return loss
         for group, params in active:
-            foreach = _use_foreach(group["foreach"], params)
+            if not params:
+                continue
+            if use_fused(group["fused"], params, group["foreach"]):
+                path = "fused"
+            else:
+                path = "foreach" if _use_foreach(group["foreach"], params) else "loop"
             update = self._trunk_update if group["stac_role"] == TRUNK else self._cap_update
-            update(group, params, foreach)
+            update(group, params, path)
         return loss
 
-    def _trunk_update(self, group: dict[str, Any], params: list[Tensor], foreach: bool) -> None:
+    def _trunk_update(self, group: dict[str, Any], params: list[Tensor], path: str) -> None:
         momentum = group["trunk_momentum"]
         buffers = []
         if momentum != 0:
@@ -347,19 +411,26 @@ class STAC(torch.optim.Optimizer):
                         p, memory_format=torch.preserve_format
                     )
                 buffers.append(state["trunk_momentum_buffer"])
-        update = _multi_tensor_stac_trunk if foreach else _single_tensor_stac_trunk
-        update(
-            params,
-            [p.grad for p in params],
-            buffers,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            momentum=momentum,
-            maximize=group["maximize"],
-        )
+        grads = [p.grad for p in params]
+        lr, wd, maximize = group["lr"], group["weight_decay"], group["maximize"]
+        if path == "fused":
+            run_compiled(
+                _compiled_stac_trunk,
+                params,
+                grads,
+                buffers,
+                key=params,
+                device=params[0].device,
+                scalars=(lr, 1 - lr * wd),
+                momentum=momentum,
+                maximize=maximize,
+            )
+            return
+        update = _multi_tensor_stac_trunk if path == "foreach" else _single_tensor_stac_trunk
+        update(params, grads, buffers, lr=lr, weight_decay=wd, momentum=momentum, maximize=maximize)
 
-    def _cap_update(self, group: dict[str, Any], params: list[Tensor], foreach: bool) -> None:
-        amsgrad = group["amsgrad"]
+    def _cap_update(self, group: dict[str, Any], params: list[Tensor], path: str) -> None:
+        amsgrad, fused = group["amsgrad"], path == "fused"
         states = []
         for p in params:
             state = self.state[p]
@@ -369,6 +440,8 @@ class STAC(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if amsgrad and "max_exp_avg_sq" not in state:
                 state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if fused and (state["step"].device, state["step"].dtype) != (p.device, torch.float32):
+                state["step"] = state["step"].to(p.device, torch.float32)  # as torch's fused
             states.append(state)
         beta1, beta2 = group["betas"]
         adamw(
@@ -378,7 +451,8 @@ class STAC(torch.optim.Optimizer):
             [s["exp_avg_sq"] for s in states],
             [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
             [s["step"] for s in states],
-            foreach=foreach,
+            foreach=path == "foreach",
+            fused=fused,
             has_complex=any(torch.is_complex(p) for p in params),
             amsgrad=amsgrad,
             beta1=beta1,

@@ -1,0 +1,158 @@
+"""Compiled (``torch.compile``) fast paths of the optimizers: the plumbing they share.
+
+``Chimera21``, ``STAC`` and ``ScaledOptum`` take ``fused: bool | None``. ``check_fused``
+validates it, ``use_fused`` decides per group and step whether the compiled step runs, and
+``run_compiled`` runs it.
+
+``run_compiled(fn, *args, key=..., device=..., scalars=..., **static)`` calls
+``torch.compile(fn, fullgraph=True, dynamic=False)`` compiled on a *private copy* of ``fn``'s
+code object. Dynamo keeps its graphs, and its recompile limit, per code object, so each cache
+entry holds the graph of one parameter list and cannot push another entry's graphs out. The
+entry key is ``(fn, device, static keyword arguments, ids of the key objects)`` (the
+parameters or modules updated); dynamo's guards on every tensor's shape, stride and dtype
+still protect an entry whose ids were reused.
+``MAX_ENTRIES`` entries at most are kept (least recently used dropped): this bounds compile
+work and memory.
+
+Per-step hyper-parameters (``lr`` under a schedule, decay factors) reach the graph as 0-dim
+float64 tensors owned by the entry and refilled in place (``fill_``) when a value changes. A
+Python float would be baked into the graph and recompile it at every change; a tensor built
+anew each step would need a host-to-device copy. Step counters are state tensors on the
+parameters' device, so they never recompile the graph either.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+MAX_ENTRIES = 32
+# The generated wrapper would otherwise check size, stride and alignment of every input on
+# every call (microseconds per tensor, milliseconds per step for GPT-2's ~900 state tensors);
+# dynamo's guards already check sizes and strides before the graph runs.
+_INDUCTOR_OPTIONS = {"size_asserts": False, "alignment_asserts": False}
+
+
+def check_fused(fused: Any, foreach: Any = None) -> None:
+    """``ValueError`` unless ``fused`` is None/True/False and not True together with
+    ``foreach=True`` (the two name different implementations; ``fused=True`` with
+    ``foreach=False`` is allowed and runs the compiled step, as in ``torch.optim.Adam``)."""
+    if fused is not None and not isinstance(fused, bool):
+        raise ValueError(f"Invalid fused: {fused!r} (allowed: None, True or False)")
+    if fused is True and foreach is True:
+        raise ValueError(
+            "Invalid fused: True together with foreach=True (allowed: at most one of them True)"
+        )
+
+
+@functools.cache
+def compile_usable(device_type: str) -> bool:
+    """Whether ``fused=None`` may pick the compiled step on ``device_type``: CUDA only, when a
+    GPU is present, dynamo supports this Python and triton can build kernels for it."""
+    if device_type != "cuda" or not torch.cuda.is_available():
+        return False
+    if not torch._dynamo.is_dynamo_supported():
+        return False
+    from torch.utils._triton import has_triton
+
+    return has_triton()
+
+
+def use_fused(fused: bool | None, tensors: Sequence[Tensor], foreach: bool | None = None) -> bool:
+    """Whether a group runs its compiled step: ``fused`` when given; for ``None``, only without
+    an explicit ``foreach`` choice and when every tensor sits on one CUDA device where
+    ``compile_usable`` holds (so CPU behaviour never changes by default)."""
+    if fused is not None:
+        return fused
+    if foreach is not None or not tensors:
+        return False
+    device = tensors[0].device
+    return compile_usable(device.type) and all(t.device == device for t in tensors)
+
+
+def foreach_add_(params: list[Tensor], tensors: list[Tensor], alpha: float | Tensor) -> None:
+    """``p += alpha * t`` pairwise; ``alpha`` is a Python float (eager paths) or a 0-dim tensor
+    (compiled paths). Both round like ``torch.add(p, t, alpha=alpha)``."""
+    if isinstance(alpha, Tensor):
+        torch._foreach_add_(params, torch._foreach_mul(tensors, alpha))
+    else:
+        torch._foreach_add_(params, tensors, alpha=alpha)
+
+
+def _private_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with its own code object, hence its own dynamo cache."""
+    code = fn.__code__.replace()
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def _bind(fn: Callable[..., Any], static: dict[str, Any]) -> Callable[..., Any]:
+    """``fn`` with ``static`` bound from a closure, where dynamo treats its floats as constants
+    (floats passed as arguments are first traced symbolically, which costs a second trace)."""
+
+    def bound(*args: Any) -> Any:
+        return fn(*args, **static)
+
+    return bound
+
+
+class _Entry:
+    """One compiled function and the 0-dim float64 tensors that carry its per-step scalars."""
+
+    def __init__(
+        self, fn: Callable[..., Any], device: torch.device, static: dict[str, Any]
+    ) -> None:
+        self.fn = torch.compile(
+            _private_copy(_bind(fn, static)),
+            fullgraph=True,
+            dynamic=False,
+            options=_INDUCTOR_OPTIONS,
+        )
+        self.device = device
+        self.values: tuple[float, ...] = ()
+        self.scalars: list[Tensor] = []
+
+    def scalar_tensors(self, values: tuple[float, ...]) -> list[Tensor]:
+        if len(values) != len(self.scalars):
+            self.scalars = [
+                torch.tensor(v, dtype=torch.float64, device=self.device) for v in values
+            ]
+        else:
+            for t, old, new in zip(self.scalars, self.values, values, strict=True):
+                if old != new:
+                    t.fill_(new)
+        self.values = values
+        return self.scalars
+
+
+_ENTRIES: OrderedDict[tuple, _Entry] = OrderedDict()
+
+
+def run_compiled(
+    fn: Callable[..., None],
+    *args: Any,
+    key: Sequence[object],
+    device: torch.device,
+    scalars: Sequence[float] = (),
+    **static: Any,
+) -> None:
+    """``torch.compile(fn)(*args, *scalar_tensors, **static)`` from the bounded cache.
+
+    ``key`` (the parameters, or modules, the call updates) keys the entry by identity together
+    with ``fn``, ``device`` and ``static`` (hashable constants baked into the graph);
+    ``scalars`` become 0-dim float64 tensors on ``device``, where every tensor must live.
+    """
+    cache_key = (fn, device, tuple(static.items()), tuple(map(id, key)))
+    entry = _ENTRIES.get(cache_key)
+    if entry is None:
+        entry = _ENTRIES[cache_key] = _Entry(fn, device, static)
+        if len(_ENTRIES) > MAX_ENTRIES:
+            _ENTRIES.popitem(last=False)
+    else:
+        _ENTRIES.move_to_end(cache_key)
+    entry.fn(*args, *entry.scalar_tensors(tuple(map(float, scalars))))
