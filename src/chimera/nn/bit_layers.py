@@ -21,11 +21,24 @@ training forward (``forward_step == 0``) uses alpha_min and the forward with
 alpha (it equals ``chimera`` at alpha 0.5); the reported alpha is still ``current_alpha()``.
 ``alpha_target`` and ``alpha_override`` (set at run time by a controller) are saved in the
 ``state_dict`` as the module's extra state, so a checkpoint restores the exact threshold.
+
+Fast path (``compiled``): steps 1-4 live in one function, :func:`quantized_operands`, the ground
+truth. ``compiled=True`` runs it under ``torch.compile`` (inductor fuses the activation
+quantizer into two passes over x and the weight path, scale EMA and ternary counts into two
+passes over W, forward and backward); ``False`` runs it eagerly; ``None`` (default) compiles
+only on CUDA when triton is usable, so CPU behaviour never changes by default (on CPU the
+compile costs tens of seconds per graph; see docs/performance.md). One change is made for the
+compiled run only: with ``ste_clip >= 1`` the clamp is dropped, since ``w_ste`` already lies in
+[-1, 1] (``W + (T - W)`` rounds to a value of magnitude <= 1 for every finite W) and the clamp
+passes every such gradient, so values and gradients are unchanged while inductor need not save a
+mask. A parity test pins compiled against eager (outputs, all gradients, scale EMA, state).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +61,67 @@ WEIGHT_QUANTIZERS: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
     "chimera": quantize_weight_chimera,
 }
 QUANT_MODES = tuple(WEIGHT_QUANTIZERS)
+# torch.compile backend of the fast path; "aot_eager" traces and partitions like inductor but
+# runs eager kernels (the CPU tests use it: inductor's C++ builds take tens of seconds)
+COMPILE_BACKEND = "inductor"
+
+
+def quantized_operands(
+    x: Tensor,
+    w: Tensor,
+    scale_ema: Tensor,
+    *,
+    update_ema: bool,
+    rho_s: float,
+    stat_mode: str,
+    eps_gamma: float,
+    alpha: float,
+    quant_mode: str,
+    ste_clip: float | None,
+    act_quant: str,
+    eps_beta: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Steps 1-4 of the forward: ``(x_ste, gamma * w_ste, gamma, [#0, #(+1), #(-1)] of T)``.
+
+    ``update_ema`` (training) first sets ``scale_ema = rho_s * scale_ema + (1 - rho_s) *
+    abs_stat(W)`` in place. The eager ground truth of both paths (see the module docstring).
+    """
+    x_ste = quantize_activations(x, act_quant, eps_beta)
+    if update_ema:
+        with torch.no_grad():
+            stat = abs_stat(w.detach(), stat_mode)
+            scale_ema.mul_(rho_s).add_(stat, alpha=1 - rho_s)
+    gamma = scale_ema.clamp(min=eps_gamma)
+    t = WEIGHT_QUANTIZERS[quant_mode](w.detach(), gamma, alpha)
+    w_ste = w + (t - w).detach()
+    if ste_clip is not None:
+        w_ste = w_ste.clamp(-ste_clip, ste_clip)
+    return x_ste, gamma * w_ste, gamma, ternary_counts(t)
+
+
+@functools.cache
+def compiled_operands(config: tuple[Any, ...], backend: str) -> Callable[..., tuple[Tensor, ...]]:
+    """``torch.compile(quantized_operands, dynamic=True, backend=backend)`` for one static
+    ``config`` (the non-tensor keyword arguments but alpha, and the ranks of x and W, as sorted
+    items). Each config compiles a private copy of the function's code object: dynamo keeps graphs
+    and its recompile limit per code object, so many layer configurations in one process never
+    push each other back to eager. Shapes are dynamic (one graph serves every layer size of a
+    config; the caller passes W as a view, since dynamo keeps a Parameter's shape static)."""
+    code = quantized_operands.__code__.replace()
+    fn = types.FunctionType(code, quantized_operands.__globals__, quantized_operands.__name__,
+                            quantized_operands.__defaults__, quantized_operands.__closure__)
+    fn.__kwdefaults__ = quantized_operands.__kwdefaults__
+    return torch.compile(fn, dynamic=True, backend=backend)
+
+
+@functools.cache
+def compile_usable(device_type: str) -> bool:
+    """Whether ``compiled=None`` compiles on ``device_type``: CUDA only, with dynamo and triton."""
+    if device_type != "cuda" or not torch._dynamo.is_dynamo_supported():
+        return False
+    from torch.utils._triton import has_triton
+
+    return has_triton()
 
 
 def _number(name: str, value: Any, low: float, high: float = math.inf, *, open_low=False) -> float:
@@ -73,7 +147,11 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
 
 class BitLayer(nn.Module):
     """Shared ternary quantization logic; subclasses define ``_FLOAT_TYPE``, ``_float_args`` and
-    ``_project(x, weight, bias)`` (the float op applied to the scaled ternary weight)."""
+    ``_project(x, weight, bias)`` (the float op applied to the scaled ternary weight).
+
+    ``compiled`` (attribute and keyword): True runs steps 1-4 under ``torch.compile``, False
+    eagerly, None (default) compiled on CUDA when triton is usable, eager elsewhere.
+    """
 
     _FLOAT_TYPE: type[nn.Module]
 
@@ -92,8 +170,12 @@ class BitLayer(nn.Module):
         eps_beta: float = 1e-6,
         ste_clip: float | None = 1.0,
         act_quant: str = "per_tensor",
+        compiled: bool | None = None,
     ) -> None:
         super().__init__()
+        if compiled is not None and not isinstance(compiled, bool):
+            raise ValueError(f"compiled must be None, True or False, got {compiled!r}")
+        self.compiled = compiled
         self.stat_mode = _choice("stat_mode", stat_mode, STAT_MODES)
         self.quant_mode = _choice("quant_mode", quant_mode, QUANT_MODES)
         self.act_quant = _choice("act_quant", act_quant, ACT_QUANT_MODES)
@@ -196,21 +278,30 @@ class BitLayer(nn.Module):
         raise NotImplementedError
 
     # -- forward ----------------------------------------------------------------------------
+    def use_compiled(self, x: Tensor) -> bool:
+        """Whether this forward runs the compiled steps 1-4 (never inside an outer compile,
+        which traces the eager function itself)."""
+        if torch.compiler.is_compiling():
+            return False
+        if self.compiled is not None:
+            return self.compiled
+        return compile_usable(x.device.type)
+
     def forward(self, x: Tensor) -> Tensor:
-        x_ste = quantize_activations(x, self.act_quant, self.eps_beta)
-        w = self.weight_master
-        if self.training:
-            with torch.no_grad():
-                stat = abs_stat(w.detach(), self.stat_mode)
-                self.scale_ema.mul_(self.rho_s).add_(stat, alpha=1 - self.rho_s)
-        gamma = self.scale_ema.clamp(min=self.eps_gamma)
+        static = dict(update_ema=self.training, rho_s=self.rho_s, stat_mode=self.stat_mode,
+                      eps_gamma=self.eps_gamma, quant_mode=self.quant_mode,
+                      ste_clip=self.ste_clip, act_quant=self.act_quant, eps_beta=self.eps_beta)
+        operands, w = quantized_operands, self.weight_master
+        if self.use_compiled(x):
+            if self.ste_clip is not None and self.ste_clip >= 1:
+                static["ste_clip"] = None  # the identity on w_ste (module docstring)
+            key = (*sorted(static.items()), ("x_dim", x.dim()), ("w_dim", w.dim()))
+            operands = compiled_operands(key, COMPILE_BACKEND)
+            w = w.view(w.shape)  # a plain tensor: dynamo keeps Parameter shapes static
         alpha = self.current_alpha()
-        t = WEIGHT_QUANTIZERS[self.quant_mode](w.detach(), gamma, alpha)
-        w_ste = w + (t - w).detach()
-        if self.ste_clip is not None:
-            w_ste = w_ste.clamp(-self.ste_clip, self.ste_clip)
-        y = self._project(x_ste, gamma * w_ste, self.bias)
-        self._last_stats = (gamma.detach(), alpha, ternary_counts(t))
+        x_ste, weight, gamma, counts = operands(x, w, self.scale_ema, alpha=alpha, **static)
+        y = self._project(x_ste, weight, self.bias)
+        self._last_stats = (gamma.detach(), alpha, counts)
         if self.training:
             self.forward_step.add_(1)
         return y
