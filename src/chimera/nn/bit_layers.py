@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from chimera.compile_support import compile_usable
 from chimera.quant.functions import (
     ACT_QUANT_MODES,
     STAT_MODES,
@@ -112,16 +113,6 @@ def compiled_operands(config: tuple[Any, ...], backend: str) -> Callable[..., tu
                             quantized_operands.__defaults__, quantized_operands.__closure__)
     fn.__kwdefaults__ = quantized_operands.__kwdefaults__
     return torch.compile(fn, dynamic=True, backend=backend)
-
-
-@functools.cache
-def compile_usable(device_type: str) -> bool:
-    """Whether ``compiled=None`` compiles on ``device_type``: CUDA only, with dynamo and triton."""
-    if device_type != "cuda" or not torch._dynamo.is_dynamo_supported():
-        return False
-    from torch.utils._triton import has_triton
-
-    return has_triton()
 
 
 def _number(name: str, value: Any, low: float, high: float = math.inf, *, open_low=False) -> float:

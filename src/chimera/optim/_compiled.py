@@ -23,7 +23,6 @@ parameters' device, so they never recompile the graph either.
 
 from __future__ import annotations
 
-import functools
 import types
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -31,6 +30,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from chimera.compile_support import compile_usable
 
 MAX_ENTRIES = 32
 # The generated wrapper would otherwise check size, stride and alignment of every input on
@@ -49,19 +50,6 @@ def check_fused(fused: Any, foreach: Any = None) -> None:
         raise ValueError(
             "Invalid fused: True together with foreach=True (allowed: at most one of them True)"
         )
-
-
-@functools.cache
-def compile_usable(device_type: str) -> bool:
-    """Whether ``fused=None`` may pick the compiled step on ``device_type``: CUDA only, when a
-    GPU is present, dynamo supports this Python and triton can build kernels for it."""
-    if device_type != "cuda" or not torch.cuda.is_available():
-        return False
-    if not torch._dynamo.is_dynamo_supported():
-        return False
-    from torch.utils._triton import has_triton
-
-    return has_triton()
 
 
 def use_fused(fused: bool | None, tensors: Sequence[Tensor], foreach: bool | None = None) -> bool:
