@@ -1,4 +1,5 @@
-"""The ``chimera`` command: train, compare-quant, export, stress, bench, sweep, report, list."""
+"""The ``chimera`` command: train, compare-quant, export, stress, toy-lq, bench, sweep, report,
+perf, list."""
 
 from __future__ import annotations
 
@@ -38,9 +39,9 @@ def _seeds(n: int) -> range:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from chimera.bench.main import classification_table
     from chimera.bench.records import RecordWriter
     from chimera.bench.spec import RunSpec
+    from chimera.bench.tables import classification_table
     from chimera.bench.trainer import train
 
     if args.data_dir is not None:  # where cifar10 looks (the same as setting CHIMERA_DATA)
@@ -57,7 +58,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
                            optimizer_hparams=hparams,
                            model_hparams=parse_kv(args.model_arg, "--model-arg"),
                            device=args.device, log_every=args.log_every,
-                           lr_schedule=args.lr_schedule, quantizer=args.quantizer,
+                           lr_schedule=args.lr_schedule, precision=args.precision,
+                           quantizer=args.quantizer,
                            rule=args.rule, rule_hparams=parse_kv(args.rule_arg, "--rule-arg"),
                            quant_hparams=parse_kv(args.quant_arg, "--quant-arg"),
                            controller=parse_kv(args.controller_arg, "--controller-arg")
@@ -105,13 +107,15 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     from chimera.bench.main import run_bench
 
     start = time.perf_counter()
-    budget = {k: v for k, v in [("epochs", args.epochs), ("quant_epochs", args.quant_epochs),
-                                ("rule_epochs", args.rule_epochs)] if v is not None}
-    summary = run_bench(args.out, seeds=_seeds(args.seeds), stress_steps=args.stress_steps,
-                        workers=args.workers, progress=not args.quiet, **budget)
+    summary = run_bench(args.out, seeds=None if args.seeds is None else _seeds(args.seeds),
+                        stress_steps=args.stress_steps, epochs=args.epochs,
+                        quant_epochs=args.quant_epochs, rule_epochs=args.rule_epochs,
+                        toy_lq_steps=args.toy_lq_steps, workers=args.workers,
+                        progress=not args.quiet, suite=args.suite)
     print(summary)
-    print(f"records, summary.md, report.md, report.csv and plots in {args.out}/ "
+    print(f"records, summary.md, report.csv and plots in {args.out}/ "
           f"({time.perf_counter() - start:.0f} s)")
+    print(f"report: {os.path.join(args.out, 'report.md')}")
 
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
@@ -132,14 +136,35 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 def _cmd_toy_lq(args: argparse.Namespace) -> None:
     from chimera.bench.records import RecordWriter
-    from chimera.bench.toy_lq import run_toy_lq, toy_lq_table
+    from chimera.bench.toy_lq import DEFAULT_W_STD, run_toy_lq, toy_lq_table
 
     start = time.perf_counter()
     with RecordWriter(args.out) as writer:
         finals = run_toy_lq(_csv(args.rules) or None, seeds=_seeds(args.seeds), steps=args.steps,
-                            writer=writer, progress=not args.quiet)
+                            writer=writer, progress=not args.quiet,
+                            w_std=DEFAULT_W_STD if args.w_std is None else args.w_std,
+                            workers=args.workers)
     print(toy_lq_table(finals))
     print(f"records: {args.out} ({time.perf_counter() - start:.0f} s)")
+
+
+def _cmd_perf(args: argparse.Namespace) -> None:
+    from chimera.bench.perf import PERF_TARGETS
+
+    PERF_TARGETS.get(args.target).run(args)
+
+
+def _add_perf_parser(sub: Any) -> argparse.ArgumentParser:
+    from chimera.bench.perf import PERF_TARGETS
+
+    perf = sub.add_parser("perf", help="ours vs the PyTorch baseline: optim | layers | rules")
+    targets = perf.add_subparsers(dest="target", required=True)
+    for name in PERF_TARGETS.names():
+        target = PERF_TARGETS.get(name)
+        tp = targets.add_parser(name, help=target.help)
+        target.add_arguments(tp)
+        tp.set_defaults(func=_cmd_perf)
+    return perf
 
 
 def _cmd_list(args: argparse.Namespace) -> None:
@@ -171,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=100)
     t.add_argument("--eval-batch-size", type=int, default=1000)
     t.add_argument("--lr-schedule", default="constant", help="constant | cosine (per step, to 0)")
+    t.add_argument("--precision", default="fp32",
+                   help="fp32 | bf16 (torch.autocast to bfloat16 around forward and loss)")
     t.add_argument("--seed", type=int, nargs="+", default=[0])
     t.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     t.add_argument("--data-dir", default=None,
@@ -222,14 +249,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="the main job on embedded data")
     b.add_argument("--out", default="bench-out")
-    b.add_argument("--seeds", type=int, default=3)
-    b.add_argument("--stress-steps", type=int, default=300)
+    b.add_argument("--suite", default=None,
+                   help="run this suite file instead of the packaged bench suite (docs/suites.md)")
+    b.add_argument("--seeds", type=int, default=None,
+                   help="number of seeds (0..N-1) of every section (default: the suite's, 3)")
+    b.add_argument("--stress-steps", type=int, default=None,
+                   help="steps of the stress section (default: the suite's, 300)")
+    b.add_argument("--toy-lq-steps", type=int, default=None,
+                   help="steps of the toy LQ section (default: the suite's, 300)")
     b.add_argument("--epochs", type=int, default=None,
-                   help="epochs of the optimizer comparison (default: the recipe's 50)")
+                   help="epochs of every grid but 'quant' and 'rules' (default: the suite's: "
+                        "digits 20, MNIST-1D optimizers 50)")
     b.add_argument("--quant-epochs", type=int, default=None,
-                   help="epochs of the quantizer comparison (default: the recipe's 100)")
+                   help="epochs of the grids named 'quant' (default: the suite's 100)")
     b.add_argument("--rule-epochs", type=int, default=None,
-                   help="epochs of the learning-rule comparison (default: the recipe's 10)")
+                   help="epochs of the grids named 'rules' (default: the suite's 10)")
     b.add_argument("--workers", type=int, default=None,
                    help="training processes (default: the cores available)")
     b.set_defaults(func=_cmd_bench)
@@ -247,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "state_bridge, credit_bridge, credit_bridge_tgw0)")
     lq.add_argument("--seeds", type=int, default=3)
     lq.add_argument("--steps", type=int, default=8000)
+    lq.add_argument("--w-std", type=float, default=None,
+                    help="scale of the residual weights W_l (entries N(0, w_std^2/d)); default "
+                         "0.3 (SPEC 3.3 names 0.03, where the costates barely change with depth)")
+    lq.add_argument("--workers", type=int, default=None,
+                    help="processes, one run each (default: the cores available)")
     lq.add_argument("--out", default="toy-lq.jsonl")
     lq.set_defaults(func=_cmd_toy_lq)
 
@@ -254,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("directory", help="a folder of *.jsonl records (searched recursively)")
     r.add_argument("--out", default=None, help="output folder (default: the records folder)")
     r.set_defaults(func=_cmd_report)
+
+    _add_perf_parser(sub)
 
     ls = sub.add_parser("list", help="list registered optimizers, tasks, models, problems")
     ls.set_defaults(func=_cmd_list)

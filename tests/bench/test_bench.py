@@ -1,32 +1,56 @@
-from chimera.bench.main import MNIST1D_GRID, QUANT_MODES, run_bench
+from chimera.bench.main import bench_suite, run_bench
 from chimera.bench.pool import run_specs
 from chimera.bench.records import read_records
 from chimera.bench.spec import RunSpec
 from chimera.bench.stress import STRESS_CONFIGS
+from chimera.bench.sweep import build_suite
+from chimera.cli import main
 from chimera.data.stress import STRESS
 
 
-def test_bench_smoke_writes_records_and_summary(tmp_path):
+def test_bench_smoke_writes_records_summary_and_report(tmp_path):
     summary = run_bench(tmp_path, seeds=(0,), stress_steps=12, epochs=1, quant_epochs=1,
-                        rule_epochs=1, workers=1, progress=False)
+                        rule_epochs=1, toy_lq_steps=2, workers=1, progress=False)
     stress = read_records(tmp_path / "stress.jsonl", record_type="final")
     assert len(stress) == len(STRESS.names()) * len(STRESS_CONFIGS.names())
-    assert len(read_records(tmp_path / "mnist1d", record_type="final")) == len(MNIST1D_GRID)
+    assert {r["steps"] for r in stress} == {12}
+    suite = build_suite(bench_suite())
+    for grid in suite.grids:  # one record file per run of one seed, in the grid's folder
+        finals = read_records(tmp_path / grid.name, record_type="final")
+        assert len(finals) == len({s.config_id for s in grid.specs})
+        assert {r["epochs"] for r in finals} == {1} and {r["seed"] for r in finals} == {0}
     quant = read_records(tmp_path / "quant", record_type="final")
-    assert sorted(r["quantizer"] for r in quant) == sorted(QUANT_MODES)
+    assert sorted(r["quantizer"] for r in quant) == [
+        "chimera", "fp32", "int_ternary", "strict_bitnet"]
     rules = read_records(tmp_path / "rules", record_type="final")
     assert sorted(r["rule"] for r in rules) == ["backprop", "credit_bridge", "dfa", "state_bridge"]
     assert all("credit_costate_cosine" in r for r in rules if r["rule"] != "backprop")
+    toy = read_records(tmp_path / "toy_lq.jsonl", record_type="final")
+    assert sorted(r["variant"] for r in toy) == sorted(suite.toy_lq.rules)
     assert (tmp_path / "summary.md").read_text() == summary
     assert (tmp_path / "report.md").exists() and (tmp_path / "learning_curves.png").exists()
-    for name in ("chimera21-zero-inertia", "noisy_quadratic", "| mnist1d | cnn", "stac", "94",
-                 "int_ternary", "scaled_optum", "state_bridge", "1 (exact)"):
+    for name in ("## Stress problems (12 steps, seeds [0])", "chimera21-zero-inertia",
+                 "## Digits", "| digits | mlp", "## MNIST-1D optimizers", "| mnist1d | cnn",
+                 "stac", "94", "## MNIST-1D quantizers", "int_ternary", "scaled_optum",
+                 "## MNIST-1D learning rules", "state_bridge", "1 (exact)",
+                 "## Toy LQ credit quality, SPEC 3.3 (2 steps, seeds [0])",
+                 "credit_bridge_tgw0"):
         assert name in summary
-    # a second run rewrites its record files instead of appending duplicates
-    run_bench(tmp_path, seeds=(0,), stress_steps=12, epochs=1, quant_epochs=1, rule_epochs=1,
-              workers=1, progress=False)
-    assert len(read_records(tmp_path / "mnist1d", record_type="final")) == len(MNIST1D_GRID)
-    assert len(read_records(tmp_path / "stress.jsonl", record_type="final")) == len(stress)
+
+
+def test_bench_command_runs_another_suite(tmp_path, capsys):
+    suite = tmp_path / "s.toml"
+    suite.write_text('task = "digits"\nmodel = "mlp"\noptimizer = "adamw"\nepochs = 3\n'
+                     "seeds = [0, 1]\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["bench", "--suite", str(suite), "--out", str(out), "--seeds", "1",
+                 "--epochs", "1", "--workers", "1", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    finals = read_records(out, record_type="final")
+    assert [(r["seed"], r["epochs"]) for r in finals] == [(0, 1)]  # the overrides applied
+    assert "| digits | mlp" in printed
+    assert printed.rstrip().splitlines()[-1] == f"report: {out / 'report.md'}"
+    assert (out / "report.md").exists()
 
 
 def test_worker_pool_gives_the_same_results_as_one_process(tmp_path):

@@ -67,6 +67,19 @@ def test_grid_expansion(tmp_path):
     assert len(grid) == 2 * 2 * 2 * 2 * 3 == len({s.run_id for s in grid})
 
 
+def test_rule_axis_expands_with_its_hyper_parameters():
+    tiny = {"d_hidden": 8, "num_blocks": 1}
+    specs = expand_suite({**BASE, "model": "resmlp", "model_hparams": tiny, "seeds": [0, 1],
+                          "rules": ["backprop", {"name": "state_bridge", "K": 2}, "dfa"]})
+    assert [(s.rule, s.rule_hparams, s.seed) for s in specs] == [
+        ("backprop", {}, 0), ("backprop", {}, 1), ("state_bridge", {"K": 2}, 0),
+        ("state_bridge", {"K": 2}, 1), ("dfa", {}, 0), ("dfa", {}, 1)]
+    shared = expand_suite({**BASE, "model": "resmlp", "model_hparams": tiny,
+                           "rules": ["state_bridge", "credit_bridge"], "rule_hparams": {"K": 2}})
+    assert [s.rule_hparams for s in shared] == [{"K": 2}, {"K": 2}]
+    assert expand_suite(BASE)[0].rule == "backprop"  # no rule: backprop
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_parse(path):
     model = tomllib.loads(path.read_text(encoding="utf-8"))["model"]
@@ -83,7 +96,13 @@ def test_shipped_configs_parse(path):
     ({"model": "vit"}, "unknown model 'vit'"),
     ({"optimizer": "adamx"}, "unknown optimizer 'adamx'"),
     ({"quantizer": "binary"}, "unknown ternary mode 'binary'"),
-    ({"rule": "dfa"}, "rule must be one of"),
+    ({"rule": "dfa"}, "needs a residual model .*MLP has no stem"),
+    ({"rule": "hebb"}, "rule: unknown learning rule 'hebb'; known:"),
+    ({"rules": ["backprop", "hebb"]}, "rules: unknown learning rule 'hebb'"),
+    ({"rule": "backprop", "rule_hparams": {"K": 2}}, "'backprop' takes no rule_hparams"),
+    ({"model": "resmlp", "rule": "dfa", "rule_hparams": {"K": 2}}, "no hyper-parameter K"),
+    ({"model": "resmlp", "rules": [{"name": "state_bridge", "K": 0}]}, "K must be an integer"),
+    ({"precision": "fp16"}, "precision must be one of"),
     ({"epochs": 0}, "epochs must be a positive integer"),
     ({"batch_size": 0}, "batch_size must be a positive integer"),
     ({"seeds": [0, 0]}, "seeds must be"),

@@ -2,9 +2,11 @@ import math
 
 import pytest
 
+from chimera.bench.checkpoint import load_checkpoint, save_checkpoint
 from chimera.bench.records import RecordWriter, read_records
 from chimera.bench.spec import RunSpec
 from chimera.bench.trainer import train
+from chimera.cli import main
 from chimera.data import load_task
 from chimera.optim import OPTIMIZERS
 
@@ -93,3 +95,52 @@ def test_rule_errors(digits, tmp_path):
     train(s, data=digits, progress=False, checkpoint=ckpt)
     with pytest.raises(ValueError, match="resuming a 'dfa' run is not supported"):
         train(s, data=digits, progress=False, checkpoint=ckpt, resume=True)
+
+
+def test_bf16_run_trains_and_records_its_precision(tmp_path, digits):
+    s = spec(epochs=3, precision="bf16")
+    with RecordWriter(tmp_path / "r.jsonl") as w:
+        final = train(s, w, data=digits, progress=False)
+    epochs = read_records(tmp_path / "r.jsonl", record_type="epoch")
+    assert epochs[-1]["train_loss"] < 0.5 * epochs[0]["train_loss"]
+    assert final["test_accuracy"] > 0.8
+    assert {r["precision"] for r in read_records(tmp_path / "r.jsonl")} == {"bf16"}
+    assert s.run_id != spec(epochs=3).run_id  # bf16 is part of the run's identity
+
+
+def test_precision_default_keeps_existing_run_ids_and_bad_values_are_rejected():
+    assert RunSpec("digits", "mlp", "adamw").run_id == "digits-mlp-adamw-000ac75b-s0"
+    assert RunSpec("digits", "mlp", "adamw", precision="fp32").run_id.endswith("000ac75b-s0")
+    with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16'\)"):
+        spec(precision="fp16")
+
+
+def test_bf16_learning_rule_run_trains(digits):
+    s = RunSpec("digits", "resmlp", "adamw", epochs=1, batch_size=64, rule="dfa",
+                precision="bf16", optimizer_hparams={"lr": 1e-3},
+                model_hparams={"d_hidden": 16, "num_blocks": 1})
+    final = train(s, data=digits, progress=False)
+    assert math.isfinite(final["test_loss"]) and -1 <= final["credit_costate_cosine"] <= 1
+
+
+def test_checkpoint_written_before_the_precision_field_still_resumes(tmp_path, digits):
+    s, ckpt = spec(epochs=1), tmp_path / "c.pt"
+    first = train(s, data=digits, progress=False, checkpoint=ckpt)
+    old = load_checkpoint(ckpt)
+    del old["spec"]["precision"]
+    save_checkpoint(ckpt, old)
+    assert train(s, data=digits, progress=False, checkpoint=ckpt, resume=True)[
+        "test_loss"] == first["test_loss"]
+    with pytest.raises(ValueError, match="belongs to another run spec"):
+        train(spec(epochs=1, precision="bf16"), data=digits, progress=False, checkpoint=ckpt,
+              resume=True)
+
+
+def test_train_command_precision_option(tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    args = ["train", "--task", "digits", "--model", "mlp", "--epochs", "1", "--quiet",
+            "--out", str(out)]
+    assert main([*args, "--precision", "fp16"]) == 2
+    assert "chimera: error: precision must be one of ('fp32', 'bf16')" in capsys.readouterr().err
+    assert main([*args, "--precision", "bf16"]) == 0
+    assert {r["precision"] for r in read_records(out)} == {"bf16"}

@@ -40,12 +40,16 @@ TRAINING_METRICS = (
     "median_optimizer_step_time_s",
 )
 STRESS_METRICS = ("final_loss", "median_step_time_s", "optimizer_state_bytes", "collision_score")
+TOY_LQ_METRICS = ("costate_cosine", "perturbation_rho", "nudging", "bridge_residual",
+                  "train_time_s")
+KINDS = ("training", "toy_lq", "stress")  # configuration kinds, in report order
 CREDIT_PREFIXES = ("credit_", "costate_")
 # Spec fields that tell apart configurations whose task/model/optimizer/quantizer/rule coincide.
 LABEL_KEYS = ("epochs", "batch_size", "lr_schedule", "optimizer_hparams", "model_hparams",
               "quant_hparams", "controller", "eval_batch_size", "log_every", "device")
 STAT_KEYS = ("mean", "std", "n", "ci_low", "ci_high")
-SPEC_COLUMNS = ("task", "model", "optimizer", "quantizer", "rule", "problem", "config")
+SPEC_COLUMNS = ("task", "model", "optimizer", "quantizer", "rule", "problem", "config",
+                "variant")
 FP32_BITS = 32.0
 
 
@@ -75,13 +79,13 @@ class Configuration:
     """The runs sharing one ``config_id``: finished runs' final records and unfinished seeds."""
 
     config_id: str
-    kind: str  # "training" or "stress"
+    kind: str  # one of KINDS
     identity: dict[str, Any]
     finals: list[dict[str, Any]]
     unfinished_seeds: list[int]
     evals: list[dict[str, Any]]
-    scope: str = ""  # task/model, or the stress problem
-    variant: str = ""  # optimizer quantizer rule, or the stress config
+    scope: str = ""  # task/model, the stress problem, or "toy_lq"
+    variant: str = ""  # optimizer quantizer rule, the stress config, or the toy LQ variant
     missing_seeds: list[int] = field(default_factory=list)
 
     @property
@@ -133,6 +137,8 @@ def _assign_labels(configs: Sequence[Configuration]) -> None:
         ident = c.identity
         if c.kind == "stress":
             c.scope, c.variant = str(ident.get("problem")), str(ident.get("config"))
+        elif c.kind == "toy_lq":
+            c.scope, c.variant = "toy_lq", str(ident.get("variant"))
         else:
             c.scope = f"{ident.get('task')}/{ident.get('model')}"
             c.variant = " ".join(str(ident.get(k)) for k in ("optimizer", "quantizer", "rule"))
@@ -149,9 +155,9 @@ def _assign_labels(configs: Sequence[Configuration]) -> None:
 
 
 def collect_configurations(records: Iterable[dict[str, Any]]) -> list[Configuration]:
-    """Configurations of the records carrying a ``config_id`` (training first, then stress,
-    each in first-seen order); a configuration misses the seeds that others of its kind have
-    and it has not."""
+    """Configurations of the records carrying a ``config_id`` (training first, then toy LQ,
+    then stress, each in first-seen order); a configuration misses the seeds that others of its
+    kind have and it has not."""
     configs = []
     for (config_id,), recs in group_by((r for r in records if "config_id" in r),
                                        ["config_id"]).items():
@@ -162,13 +168,15 @@ def collect_configurations(records: Iterable[dict[str, Any]]) -> list[Configurat
                 finals.append(run_finals[-1])
             else:
                 unfinished.append(run[0].get("seed"))
-        kind = "stress" if str(recs[0].get("task", "")).startswith("stress/") else "training"
+        task = str(recs[0].get("task", ""))
+        kind = "stress" if task.startswith("stress/") else "toy_lq" if task == "toy_lq" else \
+            "training"
         evals = [r for r in recs if r.get("record_type") == "eval"]
         finals.sort(key=itemgetter("seed"))
         configs.append(Configuration(config_id, kind, recs[0], finals, sorted(unfinished), evals))
-    configs.sort(key=lambda c: c.kind == "stress")
+    configs.sort(key=lambda c: KINDS.index(c.kind))
     _assign_labels(configs)
-    for kind in ("training", "stress"):
+    for kind in KINDS:
         group = [c for c in configs if c.kind == kind]
         expected = {s for c in group for s in c.seeds + c.unfinished_seeds}
         for c in group:
@@ -214,6 +222,18 @@ TRAINING_COLUMNS: list[Column] = [
     ("opt. step (ms)", lambda r: _mean(r, "median_optimizer_step_time_s", ".3f", 1e3)),
     ("flags", lambda r: r["flags"]),
 ]
+TOY_LQ_COLUMNS: list[Column] = [
+    ("rule variant", lambda r: r["variant"]),
+    ("seeds", _seeds),
+    ("n", lambda r: r["n"]),
+    ("costate cosine", lambda r: pm(r, "costate_cosine", ".3f")),
+    ("95% CI", lambda r: _ci(r, "costate_cosine", ".3f")),
+    ("perturbation rho", lambda r: pm(r, "perturbation_rho", ".3f")),
+    ("nudging", lambda r: pm(r, "nudging", ".3f")),
+    ("bridge residual", lambda r: pm(r, "bridge_residual", ".3g")),
+    ("time/run (s)", lambda r: _mean(r, "train_time_s", ".1f")),
+    ("flags", lambda r: r["flags"]),
+]
 STRESS_COLUMNS: list[Column] = [
     ("problem", lambda r: r["problem"]),
     ("config", lambda r: r["config"]),
@@ -236,8 +256,10 @@ def _credit_columns(fields: Sequence[str]) -> list[Column]:
 def render_markdown(
     configs: Sequence[Configuration], n_files: int, n_ignored: int, plot_notes: Sequence[str]
 ) -> str:
-    """report.md: a header, the training, credit and stress tables, and the plot list."""
+    """report.md: a header, the training, credit, toy LQ and stress tables, and the plot
+    list."""
     training = [c for c in configs if c.kind == "training"]
+    toy_lq = [c for c in configs if c.kind == "toy_lq"]
     stress = [c for c in configs if c.kind == "stress"]
     credit = _credit_fields(training)
     runs = sum(len(c.finals) + len(c.unfinished_seeds) for c in configs)
@@ -247,7 +269,8 @@ def render_markdown(
         "",
         f"Computed from records alone: {n_files} record files, {runs} runs "
         f"({runs - unfinished} finished, {unfinished} unfinished), {len(configs)} configurations "
-        f"({len(training)} training, {len(stress)} stress).",
+        f"({len(training)} training, {len(stress)} stress"
+        + (f", {len(toy_lq)} toy LQ)." if toy_lq else ")."),
     ]
     if n_ignored:
         lines.append(f"{n_ignored} records without a `config_id` were ignored.")
@@ -262,8 +285,12 @@ def render_markdown(
     sections = [
         ("Training configurations", training, lambda rows: format_table(rows, TRAINING_COLUMNS),
          TRAINING_METRICS + tuple(credit)),
-        ("Credit diagnostics (final records)", training if credit else [],
+        ("Credit diagnostics (final records)",
+         [c for c in training if any(_number(r.get(f)) is not None
+                                     for r in c.finals for f in credit)],
          lambda rows: format_table(rows, _credit_columns(credit)), tuple(credit)),
+        ("Toy LQ credit quality (SPEC 3.3)", toy_lq,
+         lambda rows: format_table(rows, TOY_LQ_COLUMNS), TOY_LQ_METRICS),
         ("Stress configurations", stress, lambda rows: format_table(rows, STRESS_COLUMNS),
          STRESS_METRICS),
     ]
@@ -282,8 +309,9 @@ def _csv_cell(value: Any) -> Any:
 
 def write_csv(configs: Sequence[Configuration], path: Path) -> None:
     """One row per configuration: identity columns and ``{metric}_{mean,std,n,ci_low,ci_high}``
-    for every training, stress and credit metric (empty where it does not apply)."""
-    metrics = list(dict.fromkeys(TRAINING_METRICS + STRESS_METRICS)) + _credit_fields(configs)
+    for every training, stress, toy LQ and credit metric (empty where it does not apply)."""
+    metrics = list(dict.fromkeys(TRAINING_METRICS + STRESS_METRICS + TOY_LQ_METRICS
+                                 + tuple(_credit_fields(configs))))
     rows = [c.row(metrics) for c in configs]
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")

@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("fp32", "bf16")  # bf16: torch.autocast(dtype=torch.bfloat16) around forward + loss
+# Fields hashed into the run id only when they differ from these defaults, so that adding them
+# left the ids of existing runs unchanged.
+OPTIONAL_ID_FIELDS = {"precision": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class RunSpec:
     device: str = "cpu"
     log_every: int = 10
     lr_schedule: str = "constant"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
@@ -42,6 +47,8 @@ class RunSpec:
             raise ValueError(
                 f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"
             )
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.quantizer == "int_ternary" and self.optimizer != "scaled_optum":
             raise ValueError(
                 "quantizer 'int_ternary' has no float weights and is trained by optimizer "
@@ -56,9 +63,13 @@ class RunSpec:
 
     @property
     def config_id(self) -> str:
-        """Identity of the configuration: every field but the seed (its seeds share it)."""
+        """Identity of the configuration: every field but the seed (its seeds share it); the
+        ``OPTIONAL_ID_FIELDS`` count only when they differ from their default."""
         d = self.to_dict()
         d.pop("seed")
+        for name, default in OPTIONAL_ID_FIELDS.items():
+            if d[name] == default:
+                d.pop(name)
         digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
         return f"{self.task}-{self.model}-{self.optimizer}-{digest}"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
@@ -18,7 +19,7 @@ import chimera
 from chimera.bench.checkpoint import load_checkpoint, save_checkpoint
 from chimera.bench.quant_control import AlphaControl, quant_record, quantize_model
 from chimera.bench.records import RecordWriter
-from chimera.bench.spec import RunSpec
+from chimera.bench.spec import PRECISIONS, RunSpec
 from chimera.data import TaskData, load_task
 from chimera.models import build_model
 from chimera.optim import (
@@ -50,15 +51,30 @@ def identity_of(spec: RunSpec) -> dict[str, Any]:
     }
 
 
+def autocast(precision: str, device_type: str) -> contextlib.AbstractContextManager:
+    """The run's precision context: ``torch.autocast(device_type, dtype=torch.bfloat16)`` for
+    ``bf16`` (matmuls and convolutions in bf16, losses and reductions in fp32; parameters and
+    optimizer state stay fp32), nothing for ``fp32``."""
+    if precision == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict:
-    """Mean cross-entropy and accuracy of ``model`` on (x, y); the model's mode is restored."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+             precision: str = "fp32") -> dict:
+    """Mean cross-entropy and accuracy of ``model`` on (x, y) (forward in ``precision``); the
+    model's mode is restored."""
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
     for i in range(0, len(x), batch_size):
-        logits = model(x[i : i + batch_size])
-        loss_sum += F.cross_entropy(logits, y[i : i + batch_size], reduction="sum").item()
+        with autocast(precision, x.device.type):
+            logits = model(x[i : i + batch_size])
+        loss_sum += F.cross_entropy(logits.float(), y[i : i + batch_size],
+                                    reduction="sum").item()
         correct += (logits.argmax(1) == y[i : i + batch_size]).sum().item()
     model.train(was_training)
     return {"loss": loss_sum / len(x), "accuracy": correct / len(x)}
@@ -91,12 +107,18 @@ def step_function(
 ) -> tuple[Any, LearningRule | None]:
     """``(step(x, y) -> (loss, logits, optimizer_seconds | None), rule)`` for the run's learning
     rule: plain backprop inline (any model), or a rule of :mod:`chimera.rules` (residual models:
-    stem / blocks / head), which does its own local backward passes and optimizer step."""
+    stem / blocks / head), which does its own local backward passes and optimizer step.
+
+    With ``precision`` bf16, backprop's forward and loss run under :func:`autocast`; a rule's
+    whole ``train_step`` does (its forward passes and losses, and the backward passes that follow
+    them, which autograd runs in the dtypes of the forward)."""
+    device_type = next(model.parameters()).device.type
     if spec.rule == "backprop":
         def bp_step(x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor, float]:
             opt.zero_grad(set_to_none=True)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            with autocast(spec.precision, device_type):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
             loss.backward()
             t = time.perf_counter()
             opt.step()
@@ -107,7 +129,8 @@ def step_function(
                       total_steps=total_steps, **spec.rule_hparams)
 
     def rule_step(x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor, None]:
-        out = rule.train_step(x, y)
+        with autocast(spec.precision, device_type):
+            out = rule.train_step(x, y)
         return out["loss"], out["logits"], None
 
     return rule_step, rule
@@ -126,13 +149,23 @@ def _median_after_warmup(times: list[float]) -> float | None:
     return statistics.median(tail) if tail else None
 
 
+def resumable(spec: RunSpec) -> bool:
+    """Whether a checkpoint of ``spec`` can be resumed: backprop runs only (a rule's feedback
+    networks are not checkpointed)."""
+    return spec.rule == "backprop"
+
+
 def _resume_state(
     path: str, spec: RunSpec, writer: RecordWriter | None, parts: dict[str, Any]
 ) -> dict[str, Any]:
     """Restore ``parts`` (model, opt, scheduler, gen, control) from the checkpoint at ``path``,
     cut the record file back to its size at that checkpoint, and return the saved counters."""
     ckpt = load_checkpoint(path)
-    if ckpt["spec"] != spec.to_dict():
+    try:  # fields added since the checkpoint was written take their defaults
+        same = RunSpec(**ckpt["spec"]) == spec
+    except (TypeError, ValueError):
+        same = False
+    if not same:
         raise ValueError(f"checkpoint {path} belongs to another run spec than {spec.run_id}")
     if "progress" not in ckpt:
         raise ValueError(f"checkpoint {path} has no training progress to resume from")
@@ -162,14 +195,16 @@ def train(
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
 ) -> dict[str, Any]:
-    """Train ``spec`` (cross-entropy, the spec's learning rule); write step/epoch/eval/final
-    records (non-backprop rules add credit diagnostics to eval and final records).
+    """Train ``spec`` (cross-entropy, the spec's learning rule, forward passes in the spec's
+    precision); write step/epoch/eval/final records (non-backprop rules add credit diagnostics,
+    measured in fp32, to eval and final records).
 
     Returns the final record's metrics. ``data`` may be passed to reuse an already loaded task.
     ``checkpoint`` is a path rewritten atomically at the end of every epoch with the whole
     training state (the last one is the trained run). With ``resume`` and an existing
     checkpoint, training continues after its epoch with identical results, and the writer's
-    file is cut back to its size at that checkpoint (the records since are written again).
+    file is cut back to its size at that checkpoint (the records since are written again);
+    only :func:`resumable` specs can be resumed.
     """
     device = resolve_device(spec.device)
     data = data if data is not None else load_task(spec.task)
@@ -191,7 +226,7 @@ def train(
     run: dict[str, Any] = {"epoch": 0, "step": 0, "best_acc": 0.0, "elapsed_s": 0.0,
                              "step_times": [], "opt_times": [], "eval": {}, "quant": {}}
     if resume and checkpoint is not None and Path(checkpoint).exists():
-        if rule is not None:
+        if not resumable(spec):
             raise ValueError(f"resuming a '{spec.rule}' run is not supported: its feedback "
                              "networks are not checkpointed; rerun it from the start")
         run = _resume_state(str(checkpoint), spec, writer, {
@@ -254,7 +289,7 @@ def train(
         quant = quant_record(model)  # stats of the last training forward, before eval runs
         if control is not None and control.frequency == "epoch":
             control.update(model)
-        ev = evaluate(model, x_test, y_test, spec.eval_batch_size)
+        ev = evaluate(model, x_test, y_test, spec.eval_batch_size, spec.precision)
         best_acc = max(best_acc, ev["accuracy"])
         if rule is not None:
             credit = _credit_record(rule, x_test, y_test, spec.seed)

@@ -1,0 +1,204 @@
+"""Multi-grid suites: [[grid]] sections, [stress] and [toy_lq], the packaged bench suite."""
+
+import tomllib
+
+import pytest
+import torch
+
+from chimera.bench import pool
+from chimera.bench.compare_quant import quant_specs
+from chimera.bench.main import bench_suite, override_suite
+from chimera.bench.records import read_records
+from chimera.bench.report import write_report
+from chimera.bench.sweep import build_suite, read_suite, run_suite, run_sweep
+from chimera.bench.toy_lq import DEFAULT_VARIANTS
+
+TINY_RESMLP = {"d_hidden": 8, "num_blocks": 1}
+
+MULTI = """
+name = "multi"
+task = "digits"
+model = "mlp"
+optimizer = "adamw"
+optimizer_hparams = { lr = 1e-2 }
+seeds = [0]
+epochs = 1
+batch_size = 256
+
+[stress]
+problems = ["regression"]
+configs = ["sgd", "adamw"]
+steps = 12
+
+[toy_lq]
+rules = ["dfa"]
+steps = 3
+
+[[grid]]
+name = "opt"
+title = "Optimizers"
+optimizers = [{ name = "adamw", lr = 1e-2 }, { name = "sgd", lr = 0.1 }]
+
+[[grid]]
+name = "opt"
+model = "resmlp"
+model_hparams = { d_hidden = 8, num_blocks = 1 }
+epochs = 2
+
+[[grid]]
+name = "rules"
+model = "resmlp"
+model_hparams = { d_hidden = 8, num_blocks = 1 }
+rules = ["backprop", "dfa"]
+"""
+
+# config ids of today's bench (README tables); moving the grids into bench.toml kept them
+BENCH_CONFIG_IDS = {
+    "mnist1d": ["mnist1d-cnn-adamw-04ef176c", "mnist1d-cnn-chimera21-a5019f3f",
+                "mnist1d-cnn-stac-25c71691", "mnist1d-cnn-lion-f13b9230",
+                "mnist1d-cnn-sgd-7ee1753f", "mnist1d-mlp-adamw-dccec14d"],
+    "quant": ["mnist1d-cnn-adamw-f7335142", "mnist1d-cnn-adamw-a3802a0e",
+              "mnist1d-cnn-adamw-157577b0", "mnist1d-cnn-scaled_optum-710a5bb3"],
+    "rules": ["mnist1d-resmlp-adamw-2d2df03b", "mnist1d-resmlp-adamw-828ca520",
+              "mnist1d-resmlp-adamw-49e8f747", "mnist1d-resmlp-adamw-f5d1f101"],
+}
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def suite_file(tmp_path, text=MULTI):
+    path = tmp_path / "suite.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_packaged_bench_suite_validates_and_keeps_the_bench_runs():
+    suite = build_suite(bench_suite())
+    grids = {g.name: g for g in suite.grids}
+    assert list(grids) == ["digits", "mnist1d", "quant", "rules"]
+    for name, ids in BENCH_CONFIG_IDS.items():
+        specs = grids[name].specs
+        assert list(dict.fromkeys(s.config_id for s in specs)) == ids
+        assert {s.seed for s in specs} == {0, 1, 2}
+    # the quantizer grid is compare-quant's recipes at the bench budget
+    assert list(grids["quant"].specs) == quant_specs(
+        "mnist1d", "cnn", ["fp32", "strict_bitnet", "chimera", "int_ternary"], [0, 1, 2], 100)
+    assert {s.task for s in grids["digits"].specs} == {"digits"}
+    assert suite.stress.steps == 300 and len(suite.stress.problems) == 4
+    assert suite.toy_lq.rules == DEFAULT_VARIANTS and suite.toy_lq.seeds == (0, 1, 2)
+
+
+def test_grids_inherit_top_level_groups_and_share_sections_by_name(tmp_path):
+    suite = read_suite(suite_file(tmp_path))
+    assert [(g.name, g.title) for g in suite.grids] == [("opt", "Optimizers"), ("rules", "rules")]
+    opt, rules = suite.grids
+    assert [(s.model, s.optimizer, s.optimizer_hparams, s.epochs) for s in opt.specs] == [
+        ("mlp", "adamw", {"lr": 1e-2}, 1), ("mlp", "sgd", {"lr": 0.1}, 1),
+        ("resmlp", "adamw", {"lr": 1e-2}, 2)]
+    assert [(s.rule, s.model_hparams, s.batch_size) for s in rules.specs] == [
+        ("backprop", TINY_RESMLP, 256), ("dfa", TINY_RESMLP, 256)]
+    assert opt.heading() == "Optimizers (1/2 epochs, batch 256, constant lr, seeds [0])"
+    assert suite.stress.configs == ("sgd", "adamw") and suite.toy_lq.seeds == (0,)
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [
+    ('name = "opt"\ntitle', "title", r"\[\[grid\]\] #1: every \[\[grid\]\] needs a name"),
+    ('name = "rules"\nmodel = "resmlp"', 'name = "rules"\nmodels = []',
+     r"\[\[grid\]\] #3 'rules': models must be a non-empty list"),
+    ('name = "opt"\nmodel =', 'name = "opt"\nmodle =', r"\['modle'\] in .*\]\] #2 'opt'; allowed"),
+    ('"rules"\nmodel = "resmlp"\nmodel_hparams = { d_hidden = 8, num_blocks = 1 }', '"rules"',
+     "#3 'rules': run digits-mlp-adamw-.*-s0: a learning rule needs a residual model"),
+    ('"regression"]', '"ridge"]', r"problems in \[stress\].*unknown stress problem 'ridge'"),
+    ('rules = ["dfa"]', 'rules = ["hebb"]', r"rules in \[toy_lq\].*unknown toy LQ variant"),
+    ("steps = 3", "steps = 0", r"steps in \[toy_lq\].* must be a positive integer, got 0"),
+    ("[toy_lq]", "[toy_lq]\nsteps_ = 1", r"unknown key\(s\) \['steps_'\] in \[toy_lq\]"),
+])
+def test_multi_grid_rejections_name_the_section(old, new, message, tmp_path, monkeypatch):
+    def no_run(*args, **kwargs):
+        raise AssertionError("a run started")
+
+    monkeypatch.setattr(pool, "_run_one", no_run)
+    assert old in MULTI
+    with pytest.raises(ValueError, match=message):
+        run_sweep(suite_file(tmp_path, MULTI.replace(old, new, 1)), tmp_path / "out",
+                  workers=1, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_conflicting_titles_and_files_without_grids():
+    data = tomllib.loads(MULTI)
+    data["grid"][1]["title"] = "Other"
+    with pytest.raises(ValueError, match="grids named 'opt' have different titles"):
+        build_suite(data)
+    only = build_suite({"seeds": [0, 1], "stress": {"steps": 5}})
+    assert only.grids == () and only.stress.seeds == (0, 1) and only.toy_lq is None
+
+
+def test_multi_grid_suite_runs_end_to_end_and_resumes(tmp_path, one_thread):
+    path, out = suite_file(tmp_path), tmp_path / "out"
+    summary = run_sweep(path, out, workers=1, progress=False)
+    assert (out / "summary.md").read_text(encoding="utf-8") == summary
+    headings = [line for line in summary.splitlines() if line.startswith("## ")]
+    assert headings == [
+        "## Stress problems (12 steps, seeds [0])",
+        "## Optimizers (1/2 epochs, batch 256, constant lr, seeds [0])",
+        "## rules (1 epoch, batch 256, constant lr, seeds [0])",
+        "## Toy LQ credit quality (3 steps, seeds [0])"]
+    assert len(read_records(out / "opt", record_type="final")) == 3
+    rules = read_records(out / "rules", record_type="final")
+    assert sorted(r["rule"] for r in rules) == ["backprop", "dfa"]
+    assert "| digits | resmlp | dfa" in summary and "1 (exact)" in summary
+    assert len(list((out / "rules" / "checkpoints").glob("*.pt"))) == 2
+    assert len(read_records(out / "stress.jsonl", record_type="final")) == 2
+    assert [r["variant"] for r in read_records(out / "toy_lq.jsonl", record_type="final")] == [
+        "dfa"]
+    report = write_report(out).markdown.read_text(encoding="utf-8")
+    toy = report.split("## Toy LQ credit quality (SPEC 3.3)")[1].split("## ")[0]
+    assert "| dfa " in toy and "toy_lq" not in report.split("## Toy LQ")[0]
+
+    # an interrupted dfa run (it cannot resume: no feedback nets in its checkpoint) starts
+    # over with a clean record file; finished runs and sections are skipped
+    dfa = next(p for p in (out / "rules").glob("*.jsonl")
+               if read_records(p, record_type="final")[0]["rule"] == "dfa")
+    lines = dfa.read_text(encoding="utf-8").splitlines(keepends=True)
+    dfa.write_text("".join(lines[:-1]) + lines[-1][:20], encoding="utf-8")  # final cut mid-line
+    before = {p: p.read_bytes() for p in [out / "stress.jsonl", out / "toy_lq.jsonl",
+                                          *(out / "opt").glob("*.jsonl")]}
+    again = run_sweep(path, out, workers=1, progress=False)
+    assert [line for line in again.splitlines() if line.startswith("## ")] == headings
+    recs = read_records(dfa)
+    assert [r["record_type"] for r in recs].count("final") == 1
+    assert [r["epoch"] for r in recs if r["record_type"] == "epoch"] == [1]
+    assert all(p.read_bytes() == b for p, b in before.items())
+
+
+def test_sections_are_rewritten_without_resume(tmp_path, one_thread):
+    data = tomllib.loads(MULTI)
+    data["grid"] = data["grid"][:1]
+    suite = build_suite(data)
+    run_suite(suite, tmp_path, workers=1, progress=False, resume=False)
+    run_suite(suite, tmp_path, workers=1, progress=False, resume=False)
+    assert len(read_records(tmp_path / "stress.jsonl", record_type="final")) == 2
+    assert len(read_records(tmp_path / "opt", record_type="final")) == 2
+    assert not (tmp_path / "opt" / "checkpoints").exists()
+
+
+def test_override_suite_sets_seeds_epochs_and_steps():
+    data = override_suite(bench_suite(), seeds=[4], epochs=2, quant_epochs=3, rule_epochs=5,
+                          stress_steps=7, toy_lq_steps=9)
+    suite = build_suite(data)
+    epochs = {g.name: {s.epochs for s in g.specs} for g in suite.grids}
+    assert epochs == {"digits": {2}, "mnist1d": {2}, "quant": {3}, "rules": {5}}
+    assert {s.seed for s in suite.specs} == {4}
+    assert (suite.stress.steps, suite.stress.seeds) == (7, (4,))
+    assert (suite.toy_lq.steps, suite.toy_lq.seeds) == (9, (4,))
+    kept = build_suite(override_suite(bench_suite(), quant_epochs=3))
+    assert {g.name: g.specs[0].epochs for g in kept.grids} == {
+        "digits": 20, "mnist1d": 50, "quant": 3, "rules": 10}
+    with pytest.raises(ValueError, match="epochs must be a positive integer"):
+        build_suite(override_suite(bench_suite(), epochs=0))
