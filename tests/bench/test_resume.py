@@ -18,6 +18,11 @@ SPECS = {
         controller={"target_bits": 1.32, "branch": "sparse", "frequency": "batch"}),
     "int_ternary": RunSpec("digits", "mlp", "scaled_optum", seed=2, epochs=4, batch_size=128,
                            log_every=3, optimizer_hparams={"lr": 1e-2}, quantizer="int_ternary"),
+    # a learning rule resumes inside its DFA warm-up (warmup_frac 0.5 of 48 steps)
+    "credit_bridge": RunSpec("digits", "resmlp", "adamw", seed=0, epochs=4, batch_size=128,
+                             log_every=3, optimizer_hparams={"lr": 1e-3}, rule="credit_bridge",
+                             model_hparams={"d_hidden": 16, "num_blocks": 2},
+                             rule_hparams={"warmup_frac": 0.5, "bridge_hidden": 16, "K": 2}),
 }
 METRICS = ("test_accuracy", "test_loss", "best_test_accuracy", "steps")
 

@@ -93,7 +93,10 @@ def test_rule_errors(digits, tmp_path):
                 model_hparams={"d_hidden": 16, "num_blocks": 1})
     ckpt = tmp_path / "c.pt"
     train(s, data=digits, progress=False, checkpoint=ckpt)
-    with pytest.raises(ValueError, match="resuming a 'dfa' run is not supported"):
+    payload = load_checkpoint(ckpt)
+    payload["rule"] = None  # as written before rule states were checkpointed
+    save_checkpoint(ckpt, payload)
+    with pytest.raises(ValueError, match="holds no 'dfa' rule state"):
         train(s, data=digits, progress=False, checkpoint=ckpt, resume=True)
 
 

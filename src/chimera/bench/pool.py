@@ -4,8 +4,8 @@ Each worker uses one torch thread (the models here are small: processes scale be
 threads). Every run writes ``<out>/<run_id>.jsonl``. By default an existing file for that run is
 replaced, so a rerun never duplicates records; with ``resume`` each run also keeps its checkpoint
 ``<out>/checkpoints/<run_id>.pt`` (rewritten every epoch), a finished run (its file has a final
-record) is skipped, and an unfinished one continues from its checkpoint, or starts over when it
-cannot be resumed (a learning rule's run: its feedback networks are not checkpointed).
+record) is skipped, and an unfinished one continues from its checkpoint (a learning rule's
+feedback networks included).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from chimera.bench.records import RecordWriter, read_records
 from chimera.bench.spec import RunSpec
-from chimera.bench.trainer import resumable, train
+from chimera.bench.trainer import train
 
 Call = tuple[Callable[..., Any], tuple[Any, ...]]  # (module-level function, its arguments)
 
@@ -53,8 +53,6 @@ def _run_one(spec_dict: dict[str, Any], path: str, checkpoint: str | None) -> di
         finals = read_records(path, record_type="final")
         if finals:
             return {**spec_dict, **finals[-1]}
-    if checkpoint is not None and not resumable(spec):
-        Path(checkpoint).unlink(missing_ok=True)
     if checkpoint is None or not Path(checkpoint).exists():
         Path(path).unlink(missing_ok=True)  # records without a checkpoint: start over
     with RecordWriter(path) as writer:

@@ -149,17 +149,12 @@ def _median_after_warmup(times: list[float]) -> float | None:
     return statistics.median(tail) if tail else None
 
 
-def resumable(spec: RunSpec) -> bool:
-    """Whether a checkpoint of ``spec`` can be resumed: backprop runs only (a rule's feedback
-    networks are not checkpointed)."""
-    return spec.rule == "backprop"
-
-
 def _resume_state(
     path: str, spec: RunSpec, writer: RecordWriter | None, parts: dict[str, Any]
 ) -> dict[str, Any]:
-    """Restore ``parts`` (model, opt, scheduler, gen, control) from the checkpoint at ``path``,
-    cut the record file back to its size at that checkpoint, and return the saved counters."""
+    """Restore ``parts`` (model, opt, scheduler, gen, control, rule) from the checkpoint at
+    ``path``, cut the record file back to its size at that checkpoint, and return the saved
+    counters."""
     ckpt = load_checkpoint(path)
     try:  # fields added since the checkpoint was written take their defaults
         same = RunSpec(**ckpt["spec"]) == spec
@@ -172,6 +167,11 @@ def _resume_state(
     parts["model"].load_state_dict(ckpt["model"])
     parts["opt"].load_state_dict(ckpt["optimizer"])
     parts["scheduler"].load_state_dict(ckpt["scheduler"])
+    if parts["rule"] is not None:
+        if ckpt.get("rule") is None:
+            raise ValueError(f"checkpoint {path} holds no '{spec.rule}' rule state (written by "
+                             "an older version); rerun it from the start")
+        parts["rule"].load_state_dict(ckpt["rule"])  # before the RNG: building draws from it
     parts["gen"].set_state(ckpt["rng"]["generator"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     if parts["control"] is not None:
@@ -203,8 +203,9 @@ def train(
     ``checkpoint`` is a path rewritten atomically at the end of every epoch with the whole
     training state (the last one is the trained run). With ``resume`` and an existing
     checkpoint, training continues after its epoch with identical results, and the writer's
-    file is cut back to its size at that checkpoint (the records since are written again);
-    only :func:`resumable` specs can be resumed.
+    file is cut back to its size at that checkpoint (the records since are written again).
+    A learning rule's state (feedback networks, their optimizers, step count) is part of the
+    checkpoint.
     """
     device = resolve_device(spec.device)
     data = data if data is not None else load_task(spec.task)
@@ -226,11 +227,9 @@ def train(
     run: dict[str, Any] = {"epoch": 0, "step": 0, "best_acc": 0.0, "elapsed_s": 0.0,
                              "step_times": [], "opt_times": [], "eval": {}, "quant": {}}
     if resume and checkpoint is not None and Path(checkpoint).exists():
-        if not resumable(spec):
-            raise ValueError(f"resuming a '{spec.rule}' run is not supported: its feedback "
-                             "networks are not checkpointed; rerun it from the start")
         run = _resume_state(str(checkpoint), spec, writer, {
-            "model": model, "opt": opt, "scheduler": scheduler, "gen": gen, "control": control})
+            "model": model, "opt": opt, "scheduler": scheduler, "gen": gen, "control": control,
+            "rule": rule})
     step, best_acc, start = run["step"], run["best_acc"], time.perf_counter()
     step_times: list[float] = run["step_times"]
     opt_times: list[float] = run["opt_times"]
@@ -245,6 +244,7 @@ def train(
             "scheduler": scheduler.state_dict(),
             "controller": None if control is None else {
                 "alpha": control.alpha, "state": control.controller.state_dict()},
+            "rule": None if rule is None else rule.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "generator": gen.get_state()},
             "progress": {
                 "epoch": epoch, "step": step, "best_acc": best_acc, "eval": ev, "quant": quant,
