@@ -40,6 +40,15 @@ def test_train_command_writes_records_and_prints_table(capsys, tmp_path):
     assert "| digits | mlp   | stac" in stdout
 
 
+def test_train_with_a_learning_rule_prints_the_rule_table(capsys, tmp_path):
+    code, stdout, _ = run_cli(capsys, "train", "--task", "digits", "--model", "resmlp",
+                              "--model-arg", "d_hidden=16", "--model-arg", "num_blocks=1",
+                              "--rule", "dfa", "--epochs", "1", "--quiet",
+                              "--out", str(tmp_path / "r.jsonl"))
+    assert code == 0
+    assert "costate cosine" in stdout and "| dfa" in stdout
+
+
 def test_stress_command(capsys, tmp_path):
     out = tmp_path / "s.jsonl"
     code, stdout, _ = run_cli(capsys, "stress", "--problems", "saddle", "--optimizers",

@@ -41,7 +41,7 @@ def _seeds(n: int) -> range:
 def _cmd_train(args: argparse.Namespace) -> None:
     from chimera.bench.records import RecordWriter
     from chimera.bench.spec import RunSpec
-    from chimera.bench.tables import classification_table
+    from chimera.bench.tables import runs_table
     from chimera.bench.trainer import train
 
     if args.data_dir is not None:  # where cifar10 looks (the same as setting CHIMERA_DATA)
@@ -68,7 +68,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
                           if args.checkpoint else None)
             finals.append({**spec.to_dict(), **train(spec, writer, progress=not args.quiet,
                                                      checkpoint=checkpoint)})
-    print(classification_table(finals))
+    print(runs_table(finals))
     print(f"records: {args.out}")
 
 
