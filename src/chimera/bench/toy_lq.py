@@ -42,6 +42,7 @@ for _name, _entry in {
     "state_bridge": ("state_bridge", {}),
     "credit_bridge": ("credit_bridge", {}),
     "credit_bridge_tgw0": ("credit_bridge", {"term_grad_weight": 0.0}),
+    "credit_bridge_noslope": ("credit_bridge", {"slope_weight": 0.0}),
 }.items():
     TOY_VARIANTS.register(_name)(_entry)
 DEFAULT_VARIANTS = ("dfa", "state_bridge", "credit_bridge", "credit_bridge_tgw0")
