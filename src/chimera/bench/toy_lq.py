@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -89,9 +90,7 @@ def run_toy_lq_one(variant: str, seed: int, steps: int, writer: RecordWriter | N
 def _run_into(path: str | None, variant: str, seed: int, steps: int, w_std: float
               ) -> dict[str, Any]:
     """:func:`run_toy_lq_one` appending to the record file ``path`` (one worker's job)."""
-    if path is None:
-        return run_toy_lq_one(variant, seed, steps, None, w_std)
-    with RecordWriter(path) as writer:
+    with RecordWriter(path) if path is not None else nullcontext() as writer:
         return run_toy_lq_one(variant, seed, steps, writer, w_std)
 
 
