@@ -1,7 +1,7 @@
 import pytest
 
-from chimera.bench.records import read_records
 from chimera.cli import main, parse_kv
+from chimera.run.records import read_records
 
 
 def run_cli(capsys, *argv):

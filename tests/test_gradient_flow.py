@@ -6,12 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chimera.bench.spec import RunSpec
-from chimera.bench.trainer import train
 from chimera.data import load_task
 from chimera.models import MODELS, build_model
-from chimera.nn.convert import TERNARY_CONVERTERS, ternarize
 from chimera.nn.int_ternary import IntTernaryModule
+from chimera.nn.quantize import QUANTIZERS, ternarize
+from chimera.run.spec import RunSpec
+from chimera.run.trainer import train
+
+TERNARY = [n for n in QUANTIZERS.names() if n != "fp32"]
 
 INPUTS = {"mlp": (64,), "cnn": (40,), "resnet20": (3, 32, 32)}
 
@@ -20,7 +22,7 @@ def test_every_registered_model_is_covered():
     assert set(INPUTS) <= set(MODELS.names())
 
 
-@pytest.mark.parametrize("mode", TERNARY_CONVERTERS.names())
+@pytest.mark.parametrize("mode", TERNARY)
 @pytest.mark.parametrize("skip", [(), ("first", "last")])
 @pytest.mark.parametrize("name", sorted(INPUTS))
 def test_every_parameter_gets_a_nonzero_gradient(name, mode, skip):
@@ -36,7 +38,7 @@ def test_every_parameter_gets_a_nonzero_gradient(name, mode, skip):
             assert module.weight_grad is not None and module.weight_grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("mode", ["fp32", *TERNARY_CONVERTERS.names()])
+@pytest.mark.parametrize("mode", ["fp32", *TERNARY])
 def test_resnet20_trains_on_synthetic_images_in_every_mode(mode):
     data = load_task("synthetic_images", n_train=32, n_test=8, image_size=16)
     opt = "scaled_optum" if mode == "int_ternary" else "adamw"

@@ -1,3 +1,77 @@
-"""Chimera: a PyTorch toolkit and benchmark harness for efficient and alternative training."""
+"""Chimera: a PyTorch toolkit and benchmark harness for efficient and alternative training.
+
+The library's public names (docs/api.md); the run layer is :mod:`chimera.run`, the harness
+:mod:`chimera.bench`.
+"""
 
 __version__ = "0.1.0"
+
+from chimera.data import TASKS, TaskData, load_task
+from chimera.deploy import export_ternary, load_ternary, read_ternary
+from chimera.models import MODELS, build_model
+from chimera.nn import (
+    QUANTIZERS,
+    BitConv1d,
+    BitConv2d,
+    BitLinear,
+    FloatConfig,
+    IntTernaryConfig,
+    IntTernaryConv1d,
+    IntTernaryConv2d,
+    IntTernaryLinear,
+    QuantConfig,
+    TernaryConfig,
+    quantize_,
+    quantizer_config,
+    ternarize,
+)
+from chimera.optim import (
+    OPTIMIZERS,
+    STAC,
+    Chimera21,
+    Lion,
+    ScaledOptum,
+    build_optimizer,
+    optimizer_state_memory_summary,
+)
+from chimera.quant import TargetBitsController, model_quant_stats, ternary_stats
+from chimera.rules import RULES, build_rule, credit_diagnostics
+
+__all__ = [
+    "MODELS",
+    "OPTIMIZERS",
+    "QUANTIZERS",
+    "RULES",
+    "TASKS",
+    "BitConv1d",
+    "BitConv2d",
+    "BitLinear",
+    "Chimera21",
+    "FloatConfig",
+    "IntTernaryConfig",
+    "IntTernaryConv1d",
+    "IntTernaryConv2d",
+    "IntTernaryLinear",
+    "Lion",
+    "QuantConfig",
+    "STAC",
+    "ScaledOptum",
+    "TargetBitsController",
+    "TaskData",
+    "TernaryConfig",
+    "build_model",
+    "build_optimizer",
+    "build_rule",
+    "credit_diagnostics",
+    "export_ternary",
+    "load_task",
+    "load_ternary",
+    "model_quant_stats",
+    "optimizer_state_memory_summary",
+    "quantize_",
+    "quantizer_config",
+    "read_ternary",
+    "ternarize",
+    "ternary_stats",
+    "__version__",
+]

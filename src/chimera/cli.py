@@ -39,10 +39,10 @@ def _seeds(n: int) -> range:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from chimera.bench.records import RecordWriter
-    from chimera.bench.spec import RunSpec
-    from chimera.bench.tables import runs_table
-    from chimera.bench.trainer import train
+    from chimera.bench.report.tables import runs_table
+    from chimera.run.records import RecordWriter
+    from chimera.run.spec import RunSpec
+    from chimera.run.trainer import train
 
     if args.data_dir is not None:  # where cifar10 looks (the same as setting CHIMERA_DATA)
         os.environ["CHIMERA_DATA"] = args.data_dir
@@ -73,8 +73,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_compare_quant(args: argparse.Namespace) -> None:
-    from chimera.bench.compare_quant import quant_specs, quant_table, run_compare_quant
-    from chimera.bench.records import RecordWriter
+    from chimera.bench.jobs.compare_quant import quant_specs, quant_table, run_compare_quant
+    from chimera.run.records import RecordWriter
 
     specs = quant_specs(args.task, args.model, _csv(args.modes), _seeds(args.seeds), args.epochs)
     with RecordWriter(args.out) as writer:
@@ -84,7 +84,7 @@ def _cmd_compare_quant(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from chimera.quant.export import export_checkpoint
+    from chimera.run.export_run import export_checkpoint
 
     report = export_checkpoint(args.checkpoint, args.out, format=args.format)
     for key, value in report.items():
@@ -92,8 +92,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_stress(args: argparse.Namespace) -> None:
-    from chimera.bench.records import RecordWriter
-    from chimera.bench.stress import run_stress, stress_table
+    from chimera.bench.jobs.stress import run_stress, stress_table
+    from chimera.run.records import RecordWriter
 
     with RecordWriter(args.out) as writer:
         finals = run_stress(_csv(args.problems) or None, _csv(args.optimizers) or None,
@@ -104,7 +104,7 @@ def _cmd_stress(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    from chimera.bench.main import run_bench
+    from chimera.bench.jobs.bench import run_bench
 
     start = time.perf_counter()
     summary = run_bench(args.out, seeds=None if args.seeds is None else _seeds(args.seeds),
@@ -119,7 +119,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
-    from chimera.bench.sweep import run_sweep
+    from chimera.bench.suite.schema import run_sweep
 
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
@@ -128,15 +128,15 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from chimera.bench.report import write_report
+    from chimera.bench.report.write import write_report
 
     paths = write_report(args.directory, args.out)
     print(paths.markdown, paths.csv, *paths.plots, sep="\n")
 
 
 def _cmd_toy_lq(args: argparse.Namespace) -> None:
-    from chimera.bench.records import RecordWriter
-    from chimera.bench.toy_lq import DEFAULT_W_STD, run_toy_lq, toy_lq_table
+    from chimera.bench.jobs.toy_lq import DEFAULT_W_STD, run_toy_lq, toy_lq_table
+    from chimera.run.records import RecordWriter
 
     start = time.perf_counter()
     with RecordWriter(args.out) as writer:
@@ -168,7 +168,7 @@ def _add_perf_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def _cmd_list(args: argparse.Namespace) -> None:
-    from chimera.bench.stress import STRESS_CONFIGS
+    from chimera.bench.jobs.stress import STRESS_CONFIGS
     from chimera.data import TASKS
     from chimera.data.stress import STRESS
     from chimera.models import MODELS

@@ -1,11 +1,11 @@
-from chimera.bench.main import bench_suite, run_bench
-from chimera.bench.pool import run_specs
-from chimera.bench.records import read_records
-from chimera.bench.spec import RunSpec
-from chimera.bench.stress import STRESS_CONFIGS
-from chimera.bench.sweep import build_suite
+from chimera.bench.jobs.bench import bench_suite, run_bench
+from chimera.bench.jobs.stress import STRESS_CONFIGS
+from chimera.bench.suite.execute import run_specs
+from chimera.bench.suite.schema import build_suite
 from chimera.cli import main
 from chimera.data.stress import STRESS
+from chimera.run.records import read_records
+from chimera.run.spec import RunSpec
 
 
 def test_bench_smoke_writes_records_summary_and_report(tmp_path):

@@ -4,8 +4,13 @@ import shutil
 
 import pytest
 
-from chimera.bench.records import RecordWriter, read_records
-from chimera.bench.report import collect_configurations, record_files, seed_stats, write_report
+from chimera.bench.report.write import (
+    collect_configurations,
+    record_files,
+    seed_stats,
+    write_report,
+)
+from chimera.run.records import RecordWriter, read_records
 
 T_975_2 = 4.302652729749464  # Student t quantile t(0.975, 2 dof), from a table
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -5,13 +5,13 @@ import tomllib
 import pytest
 import torch
 
-from chimera.bench import pool
-from chimera.bench.compare_quant import quant_specs
-from chimera.bench.main import bench_suite, override_suite
-from chimera.bench.records import read_records
-from chimera.bench.report import write_report
-from chimera.bench.sweep import build_suite, read_suite, run_suite, run_sweep
-from chimera.bench.toy_lq import DEFAULT_VARIANTS
+from chimera.bench.jobs.bench import bench_suite, override_suite
+from chimera.bench.jobs.compare_quant import quant_specs
+from chimera.bench.jobs.toy_lq import DEFAULT_VARIANTS
+from chimera.bench.report.write import write_report
+from chimera.bench.suite import execute as pool
+from chimera.bench.suite.schema import build_suite, read_suite, run_suite, run_sweep
+from chimera.run.records import read_records
 
 TINY_RESMLP = {"d_hidden": 8, "num_blocks": 1}
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from chimera.bench import pool
-from chimera.bench.records import read_records
-from chimera.bench.sweep import expand_suite, load_suite, run_sweep
+from chimera.bench.suite import execute as pool
+from chimera.bench.suite.schema import expand_suite, load_suite, run_sweep
 from chimera.models import MODELS
+from chimera.run.records import read_records
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -95,7 +95,7 @@ def test_shipped_configs_parse(path):
     ({"task": "imagenet"}, "unknown task 'imagenet'; known:"),
     ({"model": "vit"}, "unknown model 'vit'"),
     ({"optimizer": "adamx"}, "unknown optimizer 'adamx'"),
-    ({"quantizer": "binary"}, "unknown ternary mode 'binary'"),
+    ({"quantizer": "binary"}, "unknown quantizer 'binary'"),
     ({"rule": "dfa"}, "needs a residual model .*MLP has no stem"),
     ({"rule": "hebb"}, "rule: unknown learning rule 'hebb'; known:"),
     ({"rules": ["backprop", "hebb"]}, "rules: unknown learning rule 'hebb'"),

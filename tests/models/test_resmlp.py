@@ -4,7 +4,7 @@ from torch import nn
 
 from chimera.models.resmlp import ResMLP
 from chimera.nn.bit_layers import BitLinear
-from chimera.nn.convert import ternarize
+from chimera.nn.quantize import ternarize
 
 
 def test_structure_and_sizes():

@@ -5,7 +5,7 @@ from torch import nn
 
 from chimera.models.resnet import ChimeraResNet20, resnet20
 from chimera.nn.bit_layers import BitConv2d, BitLayer, BitLinear
-from chimera.nn.convert import TERNARY_CONVERTERS
+from chimera.nn.quantize import IntTernaryConfig
 from chimera.quant.stats import model_quant_stats
 
 NUM_WEIGHT_LAYERS = 22  # 19 3x3 convs + 2 shortcut 1x1 convs + the classifier
@@ -57,13 +57,13 @@ def test_every_parameter_of_ternary_resnet20_gets_gradient(mode, first_last_fp32
 def test_int_ternary_is_looked_up_when_built(monkeypatch):
     calls = []
 
-    def fake_converter(module, **kwargs):
-        calls.append(kwargs)
+    def fake_convert(config, module):
+        calls.append(config.layer_kwargs())
         return module
 
-    monkeypatch.setitem(TERNARY_CONVERTERS._entries, "int_ternary", fake_converter)
+    monkeypatch.setattr(IntTernaryConfig, "convert", fake_convert)
     ChimeraResNet20(mode="int_ternary", quant_config={"group_size": 32})
-    assert calls == [{"group_size": 32}] * NUM_WEIGHT_LAYERS
+    assert calls == [{"group_size": 32, "act_quant": "per_tensor"}] * NUM_WEIGHT_LAYERS
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [

@@ -9,7 +9,7 @@ from torch import nn
 
 from chimera.nn import bit_layers
 from chimera.nn.bit_layers import BitConv2d, BitLinear, compiled_operands
-from chimera.nn.convert import ternarize
+from chimera.nn.quantize import ternarize
 
 # (factory, input shape): small shapes, so that the compiles stay cheap
 CASES = {

@@ -22,7 +22,7 @@ from torch._dynamo.utils import counters
 import chimera.optim.chimera21 as chimera21_module
 from chimera.nn.int_ternary import IntTernaryLinear
 from chimera.optim import STAC, Chimera21, ScaledOptum
-from chimera.optim._compiled import compile_usable, use_fused
+from chimera.optim._fused import compile_usable, use_fused
 
 STEPS = 6
 NO_GRAD_STEPS = (2, 3)  # steps where a parameter (or module) gets no gradient

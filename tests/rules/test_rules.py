@@ -9,7 +9,7 @@ from torch import nn
 
 from chimera.models.resmlp import ResMLP
 from chimera.nn.bit_layers import BitLinear
-from chimera.nn.convert import ternarize
+from chimera.nn.quantize import ternarize
 from chimera.optim import build_optimizer
 from chimera.rules import RULES, build_rule, normalize_credit
 from chimera.rules.base import normalised_sq_error, residual_states

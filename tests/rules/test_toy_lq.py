@@ -3,11 +3,11 @@ import math
 import pytest
 import torch
 
-from chimera.bench.records import RecordWriter, read_records
-from chimera.bench.toy_lq import DEFAULT_W_STD, run_toy_lq, toy_lq_table
+from chimera.bench.jobs.toy_lq import DEFAULT_W_STD, run_toy_lq, toy_lq_table
 from chimera.data.toy_lq import make_toy_lq, toy_lq_loss
 from chimera.rules import exact_costates
 from chimera.rules.base import residual_states
+from chimera.run.records import RecordWriter, read_records
 
 
 def test_problem_is_seeded_and_sized_as_spec():

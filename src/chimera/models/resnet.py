@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from chimera.nn.convert import POSITIONAL_SKIPS, ternarize
+from chimera.nn.quantize import POSITIONAL_SKIPS, ternarize
 
 RESNET_MODES = ("fp32_baseline", "strict_bitnet", "chimera", "int_ternary")
 

@@ -2,9 +2,9 @@
 accounting."""
 
 from chimera.optim.chimera21 import Chimera21
+from chimera.optim.factory import OPTIMIZERS, build_optimizer, optimizer_hparam_names
 from chimera.optim.lion import Lion
 from chimera.optim.memory import optimizer_state_memory_summary
-from chimera.optim.registry import OPTIMIZERS, build_optimizer, optimizer_hparam_names
 from chimera.optim.scaled_optum import ScaledOptum, scaled_optum_state_bytes_per_weight
 from chimera.optim.stac import STAC, LayerGroup, STACPartition, partition_trainable_layers
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
 
 from chimera.optim._common import evaluate_closure
-from chimera.optim._compiled import check_fused, run_compiled, use_fused
+from chimera.optim._fused import check_fused, run_compiled, use_fused
 
 ZERO_GRAD_POLICIES = ("standard", "freeze", "decay", "inertia")
 KAPPA_GATE_MODES = ("none", "noise_ratio")
@@ -534,7 +534,7 @@ class Chimera21(torch.optim.Optimizer):
     ``fused``: True runs the same foreach equations compiled by ``torch.compile`` (inductor:
     triton on CUDA, C++ on CPU), so the elementwise chain fuses into few kernels; False never
     compiles; None (default) compiles only when ``foreach`` is None too and the group sits on
-    one CUDA device where torch.compile and triton are usable (see ``chimera.optim._compiled``).
+    one CUDA device where torch.compile and triton are usable (see ``chimera.optim._fused``).
     ``fused=True`` with ``foreach=True`` is a ``ValueError``. All compiled groups of a device
     run in one graph. lr, weight decay and the step counts enter it as tensors (a schedule
     recompiles nothing); the compiled step keeps ``step`` on the parameter's device, as

@@ -22,7 +22,7 @@ All integer state lives in module buffers, so it checkpoints with the model.
 registered modules and the float groups: the same module methods and ``pressure_increment``,
 and the sign-SGD as foreach ops, fused by inductor; triton on CUDA, C++ on CPU); False never
 does; None (default) does only for groups on one CUDA device where torch.compile and triton are
-usable (see ``chimera.optim._compiled``). The float ``lr`` and ``ternary_lr`` enter the graph as
+usable (see ``chimera.optim._fused``). The float ``lr`` and ``ternary_lr`` enter the graph as
 tensors, so a schedule recompiles nothing; the compiled step needs its tensors on one device per
 group. Float parameters match the eager step bit for bit, and so does the integer state, with
 one exception: ``mean|g|`` is a reduction whose summation order inductor may change, so where
@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from chimera.nn.int_ternary import MAX_THRESHOLD, IntTernaryModule
 from chimera.optim._common import evaluate_closure, sign_keep_nan
-from chimera.optim._compiled import check_fused, foreach_add_, run_compiled, use_fused
+from chimera.optim._fused import check_fused, foreach_add_, run_compiled, use_fused
 
 E_POLICIES = ("fixed", "track")
 
@@ -215,6 +215,10 @@ class ScaledOptum(torch.optim.Optimizer):
                 track=bool(batch_modules) and group["e_policy"] == "track",
             )
         return loss
+
+    def run_metrics(self) -> dict[str, float]:
+        """What a training run records about this optimizer beyond its state bytes."""
+        return {"ternary_state_bytes_per_weight": scaled_optum_state_bytes_per_weight(self)}
 
 
 def scaled_optum_state_bytes_per_weight(opt: ScaledOptum) -> float:

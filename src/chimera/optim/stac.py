@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.optim.adamw import adamw
 
 from chimera.optim._common import evaluate_closure
-from chimera.optim._compiled import check_fused, foreach_add_, run_compiled, use_fused
+from chimera.optim._fused import check_fused, foreach_add_, run_compiled, use_fused
 
 TRUNK = "trunk"
 CAP = "cap"
@@ -228,7 +228,7 @@ class STAC(torch.optim.Optimizer):
     torch's fused AdamW kernel (``step`` then lives on the parameter's device, as in
     ``torch.optim.AdamW(fused=True)``); False never does; None (default) does only when
     ``foreach`` is None too and the group sits on one CUDA device where torch.compile and triton
-    are usable (see ``chimera.optim._compiled``). ``fused=True`` with ``foreach=True`` is a
+    are usable (see ``chimera.optim._fused``). ``fused=True`` with ``foreach=True`` is a
     ``ValueError``. lr and weight decay enter the trunk graph as tensors, so a schedule
     recompiles nothing. Results match the for-loop path up to float rounding. As for
     ``foreach``, ``load_state_dict`` restores the saved groups' ``fused``; a state saved by any

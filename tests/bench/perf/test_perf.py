@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from chimera.bench.perf import PERF_TARGETS
-from chimera.bench.perf.base import time_cases, time_fn
 from chimera.bench.perf.common import goal, top_ops
+from chimera.bench.perf.core import time_cases, time_fn
 from chimera.bench.perf.optim import GPT2_SMALL, bytes_per_param, gpt2_parameters
-from chimera.bench.records import read_records
 from chimera.cli import main
 from chimera.optim import STAC, Chimera21
+from chimera.run.records import read_records
 
 QUICK = ["--quick", "--no-compile", "--threads", "1"]
 

@@ -8,6 +8,6 @@ to run it (rows of a table, also written as records).
 from __future__ import annotations
 
 from chimera.bench.perf import layers, optim, rules  # noqa: F401  (registers the targets)
-from chimera.bench.perf.base import PERF_TARGETS, PerfTarget
+from chimera.bench.perf.core import PERF_TARGETS, PerfTarget
 
 __all__ = ["PERF_TARGETS", "PerfTarget"]

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 import chimera
-from chimera.bench.perf.base import synchronize
-from chimera.bench.records import RecordWriter
-from chimera.bench.summary import format_table
-from chimera.bench.trainer import resolve_device
+from chimera.bench.perf.core import synchronize
+from chimera.bench.report.stats import format_table
+from chimera.run.build import resolve_device
+from chimera.run.records import RecordWriter
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, out: str) -> None:

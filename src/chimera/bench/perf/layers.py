@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chimera.bench.perf.base import PERF_TARGETS, PerfTarget, time_cases
 from chimera.bench.perf.common import (
     Setup,
     add_common_arguments,
@@ -35,6 +34,7 @@ from chimera.bench.perf.common import (
     report,
     resolve,
 )
+from chimera.bench.perf.core import PERF_TARGETS, PerfTarget, time_cases
 from chimera.models import ChimeraResNet20, resnet20
 from chimera.nn.bit_layers import QUANT_MODES, BitLinear, compile_usable
 

@@ -46,7 +46,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from chimera.bench.perf.base import PERF_TARGETS, PerfTarget, time_cases
 from chimera.bench.perf.common import (
     Setup,
     add_common_arguments,
@@ -56,9 +55,10 @@ from chimera.bench.perf.common import (
     report,
     resolve,
 )
+from chimera.bench.perf.core import PERF_TARGETS, PerfTarget, time_cases
 from chimera.models import build_model
-from chimera.nn.convert import ternarize
 from chimera.nn.int_ternary import IntTernaryLinear, IntTernaryModule
+from chimera.nn.quantize import ternarize
 from chimera.optim import (
     STAC,
     Chimera21,

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from chimera.bench.perf.base import PERF_TARGETS, PerfTarget, synchronize, time_cases
 from chimera.bench.perf.common import (
     Setup,
     add_common_arguments,
@@ -34,6 +33,7 @@ from chimera.bench.perf.common import (
     report,
     resolve,
 )
+from chimera.bench.perf.core import PERF_TARGETS, PerfTarget, synchronize, time_cases
 from chimera.models import ResMLP
 from chimera.rules import RULES, LearningRule, build_rule
 

@@ -1,10 +1,10 @@
 import pytest
 
-from chimera.bench.records import RecordWriter, read_records
-from chimera.bench.spec import RunSpec
-from chimera.bench.trainer import train
 from chimera.data import load_task
 from chimera.nn.bit_layers import BitLayer
+from chimera.run.records import RecordWriter, read_records
+from chimera.run.spec import RunSpec
+from chimera.run.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -50,20 +50,20 @@ def test_controller_moves_alpha_toward_the_target_zero_ratio(frequency, digits, 
 
 
 def test_controller_override_reaches_the_layers(digits):
-    from chimera.bench.quant_control import AlphaControl, quantize_model
     from chimera.models import build_model
+    from chimera.nn.quantize import AlphaControl, ternarize
 
-    model = quantize_model(build_model("mlp", (64,), 10), "chimera", {"skip": ()})
+    model = ternarize(build_model("mlp", (64,), 10), "chimera", skip=())
     control = AlphaControl(model, {"affects": "alpha_override", "step_size": 0.1})
     model(digits.x_train[:32])
-    control.update(model)
+    control.update()
     layers = [m for m in model.modules() if isinstance(m, BitLayer)]
     assert len(layers) == 3
     assert all(m.alpha_override == pytest.approx(control.alpha) for m in layers)
 
 
 @pytest.mark.parametrize(("kw", "message"), [
-    ({"quantizer": "ternary9"}, "unknown ternary mode 'ternary9'"),
+    ({"quantizer": "ternary9"}, "unknown quantizer 'ternary9'"),
     ({"quantizer": "int_ternary"}, "trained by optimizer 'scaled_optum'"),
     ({"controller": {"frequency": "hourly"}}, "controller frequency"),
     ({"quantizer": "chimera", "controller": {"affects": "gamma"}}, "controller affects"),

@@ -1,14 +1,14 @@
-"""Export of ternary models to one safetensors file, and inference models from it (SPEC 2.7).
+"""Export of ternary models to one safetensors file, and inference models from it
+(docs/algorithms.md#packing-and-export).
 
 File layout (``FILE_FORMAT``). For every ternary layer (Bit or integer-ternary) named ``L``:
 ``L.T.data`` / ``L.T.shape`` / ``L.T.format`` (its ternary weight packed by ``pack_ternary``, see
 ``packed_to_tensors``), ``L.scale`` (float32: the layer's ``gamma`` or per-group scales ``S``) and
 ``L.bias``; every other entry of the model's ``state_dict`` as is (BatchNorm buffers, fp32 layers).
 Metadata (str -> str): ``chimera_format``, ``layers`` (JSON ``{L: {"kind", "config"}}`` of the
-:mod:`chimera.nn.packed` inference layers) and each caller metadata value as JSON; the keys
-``spec`` (RunSpec fields), ``input_shape`` and ``num_classes`` are the recipe that
-:func:`load_ternary` rebuilds the model from. The inference model's outputs equal the eval-mode
-outputs of the exported model exactly.
+:mod:`chimera.deploy.packed` inference layers) and each caller metadata value as JSON (a run's
+export stores its recipe there; see :mod:`chimera.run.export_run`). The inference model's
+outputs equal the eval-mode outputs of the exported model exactly.
 """
 
 from __future__ import annotations
@@ -25,10 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from chimera.bench.checkpoint import load_checkpoint
-from chimera.bench.spec import RunSpec
-from chimera.bench.trainer import build_run_model
-from chimera.nn.packed import PACKED_LAYERS, TERNARY_LAYER_TYPES, PackedTernaryModule
+from chimera.deploy.packed import PACKED_LAYERS, TERNARY_LAYER_TYPES, PackedTernaryModule
 from chimera.quant.packing import (
     pack_ternary,
     packed_from_tensors,
@@ -38,7 +35,6 @@ from chimera.quant.packing import (
 
 FILE_FORMAT = "chimera-ternary-v1"
 RESERVED_KEYS = ("chimera_format", "layers")
-RECIPE_KEYS = ("spec", "input_shape", "num_classes")
 
 
 def _key(name: str, leaf: str) -> str:
@@ -147,18 +143,6 @@ def read_ternary(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
     return tensors, meta
 
 
-def _recipe_model(meta: dict[str, Any], path: Path) -> nn.Module:
-    missing = [k for k in RECIPE_KEYS if k not in meta]
-    if missing:
-        raise ValueError(f"{path} lacks the model recipe {missing}; pass model= (an instance of "
-                         "the exported architecture)")
-    try:
-        spec = RunSpec(**meta["spec"])
-    except TypeError as e:
-        raise ValueError(f"{path} has an invalid spec in its metadata: {e}") from None
-    return build_run_model(spec, tuple(meta["input_shape"]), meta["num_classes"])
-
-
 def _inference_layer(name: str, info: Any) -> PackedTernaryModule:
     try:
         return PACKED_LAYERS[info["kind"]](**info["config"])
@@ -198,16 +182,19 @@ def _check_state(expected: Mapping[str, Any], state: Mapping[str, Tensor], path:
         raise ValueError(f"{path} does not match the model: " + "; ".join(problems))
 
 
-def load_ternary(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+def load_ternary(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     """The inference model of a file written by :func:`export_ternary`, in eval mode.
 
-    The architecture is rebuilt with ``build_run_model`` from the recipe in the metadata, or
-    taken from ``model`` (whose values are all overwritten); each ternary layer becomes its
-    :mod:`chimera.nn.packed` layer and every tensor is loaded from the file (strictly).
+    ``model`` is an instance of the exported architecture (float, ternary or packed layers; its
+    values are all overwritten): each ternary layer becomes its :mod:`chimera.deploy.packed`
+    layer and every tensor is loaded from the file (strictly). Returns the model (or the packed
+    layer when ``model`` itself is the one ternary layer).
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module of the exported architecture, got "
+                         f"{type(model).__name__}")
     path = Path(path)
     tensors, meta = read_ternary(path)
-    model = _recipe_model(meta, path) if model is None else model
     state = dict(tensors)
     for name, info in meta["layers"].items():
         model = _swap(model, name, _inference_layer(name, info))
@@ -219,21 +206,3 @@ def load_ternary(path: str | os.PathLike, model: nn.Module | None = None) -> nn.
     _check_state(model.state_dict(), state, path)
     model.load_state_dict(state)
     return model.eval()
-
-
-def export_checkpoint(
-    checkpoint_path: str | os.PathLike, out_path: str | os.PathLike, format: str = "base3"
-) -> dict[str, Any]:
-    """Export a run checkpoint (``train(..., checkpoint=...)``): rebuild the run's model, load
-    its weights and ``export_ternary`` it with the recipe; the report adds ``checkpoint_bytes``
-    (the checkpoint file, optimizer state included)."""
-    ckpt = load_checkpoint(checkpoint_path)
-    recipe = {k: ckpt[k] for k in RECIPE_KEYS}
-    model = _recipe_model(recipe, Path(checkpoint_path))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint {checkpoint_path} does not fit its run's model: {e}"
-                         ) from None
-    report = export_ternary(model, out_path, metadata=recipe, format=format)
-    return {**report, "checkpoint_bytes": os.path.getsize(checkpoint_path)}

@@ -11,6 +11,7 @@ anything runs.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 import os
@@ -24,19 +25,18 @@ from typing import Any
 import torch.nn.functional as F
 from torch import nn
 
-from chimera.bench.pool import Call, resolve_workers, run_calls, spec_call
-from chimera.bench.quant_control import AlphaControl, quantize_model
-from chimera.bench.records import RecordWriter, read_records
-from chimera.bench.spec import RunSpec
-from chimera.bench.stress import STRESS_CONFIGS, run_stress, stress_table
-from chimera.bench.tables import runs_table
-from chimera.bench.toy_lq import DEFAULT_VARIANTS, TOY_VARIANTS, run_toy_lq, toy_lq_table
+from chimera.bench.jobs.stress import STRESS_CONFIGS, run_stress, stress_table
+from chimera.bench.jobs.toy_lq import DEFAULT_VARIANTS, TOY_VARIANTS, run_toy_lq, toy_lq_table
+from chimera.bench.report.tables import runs_table
+from chimera.bench.suite.execute import Call, resolve_workers, run_calls, spec_call
 from chimera.data import TASKS
 from chimera.data.stress import STRESS
 from chimera.models import MODELS, build_model
-from chimera.nn.convert import TERNARY_CONVERTERS
+from chimera.nn.quantize import QUANTIZERS, AlphaControl, quantize_
 from chimera.optim import OPTIMIZERS, build_optimizer
 from chimera.rules import RULES, build_rule
+from chimera.run.records import RecordWriter, read_records
+from chimera.run.spec import RunSpec
 
 BUDGET_KEYS = ("epochs", "batch_size", "eval_batch_size", "lr_schedule", "device", "log_every",
                "precision")
@@ -137,8 +137,7 @@ def _quantizers(grid: dict[str, Any]) -> list[dict[str, Any]]:
         entry = _table(entry, "a [[quantizers]] entry")
         _check_keys(entry, QUANTIZER_KEYS, "a [[quantizers]] table")
         mode = entry.get("mode")
-        if mode != "fp32":
-            TERNARY_CONVERTERS.get(mode)
+        QUANTIZERS.get(mode)
         out.append({"quantizer": mode,
                     "quant_hparams": _table(entry.get("quant_hparams", {}), "quant_hparams"),
                     "controller": entry.get("controller")})
@@ -190,9 +189,8 @@ def _probe(spec: RunSpec) -> None:
     on its model: bad hyper-parameter names or values, or a rule on a model without stem /
     blocks / head, raise here, before any run starts."""
     probe = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    hp = {k: v for k, v in spec.quant_hparams.items() if k != "skip"}
     try:
-        model = quantize_model(probe, spec.quantizer, hp)
+        model = quantize_(probe, dataclasses.replace(spec.quant_config, skip=()))
         build_optimizer(spec.optimizer, model, **spec.optimizer_hparams)
         if spec.controller is not None:
             AlphaControl(model, _table(spec.controller, "controller"))

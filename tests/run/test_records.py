@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from chimera.bench.records import RecordWriter, read_records, to_columns
-from chimera.bench.spec import RunSpec
+from chimera.run.records import RecordWriter, read_records, to_columns
+from chimera.run.spec import RunSpec
 
 
 def test_writer_flushes_each_record_and_reader_round_trips(tmp_path):

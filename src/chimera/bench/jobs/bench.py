@@ -17,8 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from chimera.bench.report import write_report
-from chimera.bench.sweep import build_suite, read_toml, run_suite
+from chimera.bench.report.write import write_report
+from chimera.bench.suite.schema import build_suite, read_toml, run_suite
 
 BENCH_SUITE = ("suites", "bench.toml")  # inside the chimera.bench package
 # The grids whose epochs --quant-epochs and --rule-epochs set (--epochs sets the others').

@@ -1,12 +1,13 @@
 import pytest
 import torch
 
-from chimera.bench import trainer
-from chimera.bench.checkpoint import load_checkpoint
-from chimera.bench.records import RecordWriter, read_records
-from chimera.bench.spec import RunSpec
-from chimera.bench.trainer import build_run_model, train
 from chimera.data import load_task
+from chimera.run import trainer
+from chimera.run.build import build_run_model
+from chimera.run.checkpoint import load_checkpoint
+from chimera.run.records import RecordWriter, read_records
+from chimera.run.spec import RunSpec
+from chimera.run.trainer import train
 
 SPECS = {
     "fp32": RunSpec("digits", "mlp", "adamw", seed=3, epochs=4, batch_size=128, log_every=3,

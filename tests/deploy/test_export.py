@@ -8,17 +8,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from chimera.bench.checkpoint import load_checkpoint
-from chimera.bench.spec import RunSpec
-from chimera.bench.trainer import build_run_model, train
 from chimera.data import load_task
+from chimera.deploy.export import export_ternary, load_ternary, read_ternary
+from chimera.deploy.packed import PackedTernaryLinear, PackedTernaryModule
 from chimera.models.resnet import ChimeraResNet20
 from chimera.nn.bit_layers import BitLayer, BitLinear
-from chimera.nn.convert import ternarize
 from chimera.nn.int_ternary import IntTernaryModule
-from chimera.nn.packed import PackedTernaryLinear, PackedTernaryModule
+from chimera.nn.quantize import ternarize
 from chimera.optim.scaled_optum import ScaledOptum
-from chimera.quant.export import export_checkpoint, export_ternary, load_ternary, read_ternary
+from chimera.run.build import build_run_model
+from chimera.run.checkpoint import load_checkpoint
+from chimera.run.export_run import export_checkpoint, load_exported_run
+from chimera.run.spec import RunSpec
+from chimera.run.trainer import train
 
 FORMATS = ("base3", "2bit")
 PER_BYTE = {"base3": 5, "2bit": 4}
@@ -88,7 +90,7 @@ def test_loaded_model_reproduces_eval_outputs_exactly(case, fmt, tmp_path):
     sizes = ternary_sizes(model)
     path = tmp_path / "model.safetensors"
     report = export_ternary(model, path, metadata=meta, format=fmt)
-    loaded = load_ternary(path, model=None if skeleton is None else skeleton())
+    loaded = load_exported_run(path) if skeleton is None else load_ternary(path, skeleton())
     assert not loaded.training
     assert not any(isinstance(m, BitLayer | IntTernaryModule) for m in loaded.modules())
     assert torch.equal(loaded(x), expected)
@@ -140,7 +142,7 @@ def test_end_to_end_train_checkpoint_export_load(tmp_path):
     model.load_state_dict(ckpt["model"])
     with torch.no_grad():
         expected = model.eval()(data.x_test)
-        assert torch.equal(load_ternary(out)(data.x_test), expected)
+        assert torch.equal(load_exported_run(out)(data.x_test), expected)
     weights = 100 * 100  # the first and last layers stay fp32
     assert report["ternary_weights"] == weights and report["packed_bytes"] == weights // 5
     assert report["bits_per_weight"] == 1.6
@@ -167,23 +169,23 @@ def rewrite(path, drop=(), change=None, metadata=None):
 
 def test_load_rejects_missing_and_foreign_files(tmp_path):
     with pytest.raises(ValueError, match="not found"):
-        load_ternary(tmp_path / "nope.safetensors")
+        load_exported_run(tmp_path / "nope.safetensors")
     (tmp_path / "text").write_text("hello, not safetensors")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
-        load_ternary(tmp_path / "text")
+        load_exported_run(tmp_path / "text")
     save_file({"a": torch.zeros(2)}, tmp_path / "plain.safetensors")
     with pytest.raises(ValueError, match="lacks the Chimera ternary metadata"):
-        load_ternary(tmp_path / "plain.safetensors")
+        load_exported_run(tmp_path / "plain.safetensors")
 
 
 def test_load_rejects_missing_recipe_and_bad_metadata(exported):
     rewrite(exported, metadata={"layers": "{not json"})
     with pytest.raises(ValueError, match="malformed metadata"):
-        load_ternary(exported)
+        load_exported_run(exported)
     torch.manual_seed(0)
     export_ternary(build_run_model(MLP_SPEC, (64,), 10), exported)
     with pytest.raises(ValueError, match="recipe"):
-        load_ternary(exported)
+        load_exported_run(exported)
     rewrite(exported, metadata={"layers": json.dumps({"3": {"kind": "conv3d", "config": {}}})})
     with pytest.raises(ValueError, match="invalid description"):
         load_ternary(exported, model=build_run_model(MLP_SPEC, (64,), 10))
@@ -199,19 +201,19 @@ def test_load_rejects_tensor_mismatches(exported):
         load_ternary(exported, model=nn.Sequential(nn.Flatten()))
     rewrite(exported, drop=("5.bias",), change={"extra": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"missing tensors \['5.bias'\].*unexpected .*'extra'"):
-        load_ternary(exported)
+        load_exported_run(exported)
 
 
 def test_load_rejects_corrupt_packed_weights(exported):
     tensors, _ = read_ternary(exported)
     rewrite(exported, drop=("3.T.shape",))
     with pytest.raises(ValueError, match="missing the keys"):
-        load_ternary(exported)
+        load_exported_run(exported)
     data = tensors["3.T.data"].clone()
     data[0] = 255
     rewrite(exported, change={"3.T.data": data, "3.T.shape": tensors["3.T.shape"]})
     with pytest.raises(ValueError, match="corrupt base3 data"):
-        load_ternary(exported)
+        load_exported_run(exported)
 
 
 def test_export_errors(tmp_path):

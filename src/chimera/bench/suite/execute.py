@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from chimera.bench.records import RecordWriter, read_records
-from chimera.bench.spec import RunSpec
-from chimera.bench.trainer import train
+from chimera.run.records import RecordWriter, read_records
+from chimera.run.spec import RunSpec
+from chimera.run.trainer import train
 
 Call = tuple[Callable[..., Any], tuple[Any, ...]]  # (module-level function, its arguments)
 

@@ -13,11 +13,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from chimera.bench.records import RecordWriter
-from chimera.bench.summary import format_table, pm, summarize
+from chimera.bench.report.stats import format_table, pm, summarize
 from chimera.data.stress import STRESS, make_stress_problem
 from chimera.optim import build_optimizer, optimizer_state_memory_summary
 from chimera.registry import Registry
+from chimera.run.records import RecordWriter
 
 DIAG_EVERY = 10
 WARMUP_STEPS = 10

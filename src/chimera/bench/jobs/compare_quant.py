@@ -14,12 +14,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from chimera.bench.records import RecordWriter
-from chimera.bench.spec import RunSpec
-from chimera.bench.summary import format_table, pm, summarize
-from chimera.bench.trainer import train
+from chimera.bench.report.stats import format_table, pm, summarize
 from chimera.data import load_task
 from chimera.registry import Registry
+from chimera.run.records import RecordWriter
+from chimera.run.spec import RunSpec
+from chimera.run.trainer import train
 
 QUANT_RECIPES: Registry[dict[str, Any]] = Registry("quantizer mode")
 _ADAMW = {"optimizer": "adamw", "optimizer_hparams": {"lr": 2e-2}}

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from chimera.bench.checkpoint import load_checkpoint, save_checkpoint
-from chimera.bench.spec import RunSpec
-from chimera.bench.trainer import build_run_model, train
+from chimera.run.build import build_run_model
+from chimera.run.checkpoint import load_checkpoint, save_checkpoint
+from chimera.run.spec import RunSpec
+from chimera.run.trainer import train
 
 
 def test_round_trip_and_no_temporary_files_left(tmp_path):

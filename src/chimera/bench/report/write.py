@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import t as student_t
 
-from chimera.bench.records import read_records
-from chimera.bench.summary import format_table, group_by, mean_std, pm
+from chimera.bench.report.stats import format_table, group_by, mean_std, pm
+from chimera.run.records import read_records
 
 TRAINING_METRICS = (
     "test_accuracy",

@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
-from chimera.bench.pool import run_calls
-from chimera.bench.records import RecordWriter
-from chimera.bench.summary import format_table, pm, summarize
+from chimera.bench.report.stats import format_table, pm, summarize
+from chimera.bench.suite.execute import run_calls
 from chimera.data.toy_lq import make_toy_lq, toy_lq_loss
 from chimera.registry import Registry
 from chimera.rules import build_rule, costate_cosine, credit_diagnostics, exact_costates
+from chimera.run.records import RecordWriter
 
 BATCH_SIZE = 256
 EVAL_SIZE = 512

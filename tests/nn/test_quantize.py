@@ -6,7 +6,9 @@ from torch import nn
 from chimera.models.cnn import CNN1d
 from chimera.models.mlp import MLP
 from chimera.nn.bit_layers import BitConv1d, BitLayer, BitLinear
-from chimera.nn.convert import TERNARY_CONVERTERS, ternarize
+from chimera.nn.quantize import QUANTIZERS, ternarize
+
+TERNARY = [n for n in QUANTIZERS.names() if n != "fp32"]
 
 MODES = ["strict_bitnet", "chimera"]
 
@@ -29,7 +31,7 @@ def assert_every_parameter_gets_gradient(model, x, num_classes):
 
 
 def test_registered_modes():
-    assert {"strict_bitnet", "chimera"} <= set(TERNARY_CONVERTERS.names())
+    assert {"strict_bitnet", "chimera"} <= set(TERNARY)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -1,0 +1,258 @@
+"""One quantization API, shaped like torchao's: ``quantize_(model, config)`` swaps every
+``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` of a model for the layer of ``config``'s scheme
+(docs/algorithms.md#model-conversion).
+
+One frozen dataclass config per quantizer, registered by name in ``QUANTIZERS``:
+
+- ``fp32`` -> :class:`FloatConfig` (nothing is converted);
+- ``strict_bitnet`` / ``chimera`` -> :class:`TernaryConfig` (Bit layers, int8 activations);
+- ``int_ternary`` -> :class:`IntTernaryConfig` (integer-ternary layers, trained by ScaledOptum).
+
+A config validates itself when built (its layer arguments through a probe layer, so the layer's
+own checks are the only ones), and round-trips through plain dicts: ``config.to_dict()`` and
+``quantizer_config(**d)``, which is how run specs, suites and records carry it. Beside it sits the
+wiring of the target-bits controller to the Bit layers (:class:`AlphaControl`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from chimera.nn.bit_layers import QUANT_MODES, BitConv1d, BitConv2d, BitLayer, BitLinear
+from chimera.nn.int_ternary import IntTernaryLinear, IntTernaryModule
+from chimera.quant.controller import TargetBitsController
+from chimera.quant.stats import model_quant_stats
+from chimera.registry import Registry
+
+# exact types: subclasses such as MultiheadAttention's out_proj are used through their .weight
+CONVERTIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+POSITIONAL_SKIPS = ("first", "last")
+_BIT_LAYERS: dict[type[nn.Module], type[BitLayer]] = {
+    nn.Linear: BitLinear, nn.Conv1d: BitConv1d, nn.Conv2d: BitConv2d,
+}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Base of the quantizer configs: ``skip`` names the layers left in float (``"first"`` /
+    ``"last"``: the first / last convertible layer in registration order, or qualified names
+    from ``named_modules()``); subclasses add their layers' arguments."""
+
+    skip: tuple[str, ...] = POSITIONAL_SKIPS
+    name: ClassVar[str] = "fp32"
+    requires_optimizer: ClassVar[str | None] = None  # the only optimizer that can train it
+
+    def __post_init__(self) -> None:
+        skip = (self.skip,) if isinstance(self.skip, str) else self.skip
+        if not isinstance(skip, Iterable) or not all(isinstance(s, str) for s in skip):
+            raise ValueError(f"skip must be a layer name or a list of them, got {self.skip!r}")
+        object.__setattr__(self, "skip", tuple(skip))
+        self._probe()
+
+    def _probe(self) -> None:
+        """Build one tiny layer with the config's arguments (the layer validates them)."""
+
+    def layer_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of the scheme's layers."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("skip", "quantizer")}
+
+    def convert(self, module: nn.Module) -> nn.Module:
+        """The quantized twin of one convertible layer."""
+        return module
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"quantizer": name, **fields}``: plain data that :func:`quantizer_config` rebuilds."""
+        return {"quantizer": self.name, **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class FloatConfig(QuantConfig):
+    """``fp32``: the model stays as it is."""
+
+
+@dataclass(frozen=True)
+class TernaryConfig(QuantConfig):
+    """Ternary weights with int8 activations in ``BitLinear`` / ``BitConv1d`` / ``BitConv2d``
+    (docs/algorithms.md#bit-layers); ``quantizer`` is the weight quantizer (``chimera``: dynamic
+    threshold, ``strict_bitnet``: BitNet b1.58 absmean). Defaults are the layers' own."""
+
+    quantizer: str = "chimera"
+    stat_mode: str = "mean"
+    rho_s: float = 0.95
+    alpha_min: float = 0.0
+    alpha_target: float = 0.7
+    warmup_steps: int = 100
+    eps_gamma: float = 1e-6
+    eps_beta: float = 1e-6
+    ste_clip: float | None = 1.0
+    act_quant: str = "per_tensor"
+    compiled: bool | None = None
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.quantizer
+
+    def _probe(self) -> None:
+        if self.quantizer not in QUANT_MODES:
+            raise ValueError(f"quantizer must be one of {QUANT_MODES} for ternary Bit layers, "
+                             f"got {self.quantizer!r}")
+        BitLinear(1, 1, **self.layer_kwargs())
+
+    def layer_kwargs(self) -> dict[str, Any]:
+        return {**super().layer_kwargs(), "quant_mode": self.quantizer}
+
+    def convert(self, module: nn.Module) -> nn.Module:
+        return _BIT_LAYERS[type(module)].from_float(module, **self.layer_kwargs())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class IntTernaryConfig(QuantConfig):
+    """Integer-ternary layers (docs/algorithms.md#integer-ternary-layers): ternary ``T`` with
+    per-group power-of-two scales, no float weights; trained by ScaledOptum alone."""
+
+    group_size: int = 32
+    act_quant: str = "per_tensor"
+    name: ClassVar[str] = "int_ternary"
+    requires_optimizer: ClassVar[str | None] = "scaled_optum"
+
+    def _probe(self) -> None:
+        IntTernaryLinear(1, 1, **self.layer_kwargs())
+
+    def convert(self, module: nn.Module) -> nn.Module:
+        return IntTernaryModule.from_float(module, **self.layer_kwargs())
+
+
+QUANTIZERS: Registry[type[QuantConfig]] = Registry("quantizer")
+QUANTIZERS.register("fp32")(FloatConfig)
+for _mode in QUANT_MODES:
+    QUANTIZERS.register(_mode)(TernaryConfig)
+QUANTIZERS.register("int_ternary")(IntTernaryConfig)
+
+
+def quantizer_config(quantizer: str, **hparams: Any) -> QuantConfig:
+    """The config of the registered ``quantizer`` with ``hparams``; an unknown name, key or value
+    raises ``ValueError`` naming it and what is allowed."""
+    cls = QUANTIZERS.get(quantizer)
+    allowed = [f.name for f in dataclasses.fields(cls) if f.name != "quantizer"]
+    unknown = sorted(set(hparams) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown quant_hparams {unknown} for quantizer '{quantizer}'; "
+                         f"allowed: {', '.join(allowed) or 'none'}")
+    if cls is TernaryConfig:
+        hparams = {**hparams, "quantizer": quantizer}
+    try:
+        return cls(**hparams)
+    except TypeError as e:
+        raise ValueError(f"quantizer '{quantizer}': {e}") from None
+
+
+def _skipped(names: list[str], skip: tuple[str, ...]) -> set[str]:
+    unknown = [s for s in skip if s not in POSITIONAL_SKIPS and s not in names]
+    if unknown:
+        raise ValueError(
+            f"skip names {unknown} are not convertible layers; valid: {list(POSITIONAL_SKIPS)} "
+            f"or one of {names}"
+        )
+    chosen = {s for s in skip if s not in POSITIONAL_SKIPS}
+    if names and "first" in skip:
+        chosen.add(names[0])
+    if names and "last" in skip:
+        chosen.add(names[-1])
+    return chosen
+
+
+def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Swap every ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` of ``model`` (but ``config.skip``)
+    for ``config``'s layer, in place; returns the model (or the converted module when ``model``
+    itself is one layer). A layer shared by several parents is converted once and stays shared.
+    """
+    if not isinstance(config, QuantConfig):
+        raise ValueError(f"config must be a quantizer config ({', '.join(QUANTIZERS.names())}), "
+                         f"got {type(config).__name__}")
+    if isinstance(config, FloatConfig):
+        return model
+    layers = [(n, m) for n, m in model.named_modules() if type(m) in CONVERTIBLE_TYPES]
+    skipped = _skipped([n for n, _ in layers], config.skip)
+    replaced = {id(m): config.convert(m) for n, m in layers if n not in skipped}
+    if id(model) in replaced:
+        return replaced[id(model)]
+    for parent in list(model.modules()):
+        # _modules, not named_children(): the latter hides a second name for the same child
+        for child_name, child in list(parent._modules.items()):
+            if id(child) in replaced:
+                setattr(parent, child_name, replaced[id(child)])
+    return model
+
+
+def ternarize(
+    model: nn.Module, mode: str, *, skip: Iterable[str] = POSITIONAL_SKIPS, **hparams: Any
+) -> nn.Module:
+    """``quantize_(model, quantizer_config(mode, skip=skip, **hparams))``: the one-line form
+    (``mode`` is a quantizer name; ``"fp32"`` returns the model unchanged)."""
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    return quantize_(model, quantizer_config(mode, skip=skip, **hparams))
+
+
+CONTROLLER_FREQUENCIES = ("epoch", "batch")
+CONTROLLER_AFFECTS = ("alpha_target", "alpha_override")
+
+
+class AlphaControl:
+    """Moves every Bit layer's alpha toward the target zero ratio of a
+    :class:`~chimera.quant.controller.TargetBitsController`
+    (docs/algorithms.md#target-bits-controller).
+
+    ``config`` keys: ``frequency`` (epoch | batch), ``affects`` (alpha_target | alpha_override:
+    the override also skips the warm-up), and the controller's own arguments.
+    """
+
+    def __init__(self, model: nn.Module, config: dict[str, Any]) -> None:
+        self.model = model
+        cfg = dict(config)
+        self.frequency = cfg.pop("frequency", "epoch")
+        self.affects = cfg.pop("affects", "alpha_target")
+        if self.frequency not in CONTROLLER_FREQUENCIES:
+            raise ValueError(f"controller frequency must be one of {CONTROLLER_FREQUENCIES}, "
+                             f"got {self.frequency!r}")
+        if self.affects not in CONTROLLER_AFFECTS:
+            raise ValueError(f"controller affects must be one of {CONTROLLER_AFFECTS}, "
+                             f"got {self.affects!r}")
+        self.layers = [m for m in self.model.modules() if isinstance(m, BitLayer)]
+        if not self.layers:
+            raise ValueError("a controller needs a model with BitLinear/BitConv layers "
+                             "(quantizer strict_bitnet or chimera)")
+        try:
+            self.controller = TargetBitsController(**cfg)
+        except TypeError as e:
+            raise ValueError(f"controller: {e}") from None
+        self.alpha = statistics.fmean(m.alpha_target for m in self.layers)
+
+    def update(self) -> None:
+        """One controller step from the model's global (weighted) zero ratio of the last
+        training forward."""
+        zero_ratio = model_quant_stats(self.model)["global_zero_ratio"]
+        self.alpha = self.controller.update(self.alpha, zero_ratio)
+        for layer in self.layers:
+            setattr(layer, self.affects, self.alpha)
+
+    def record(self) -> dict[str, Any]:
+        """Fields for the records: the controlled alpha and the last error."""
+        return {"controller_alpha": self.alpha, "controller_error": self.controller.last_error,
+                "controller_target_zero_ratio": self.controller.target_zero_ratio}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "state": self.controller.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.alpha = state["alpha"]
+        self.controller.load_state_dict(state["state"])

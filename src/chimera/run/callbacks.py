@@ -1,0 +1,175 @@
+"""Trainer callbacks: what the quantizer, the controller, the optimizer and the learning rule add
+to a run's records, and the state they keep in its checkpoints.
+
+Hooks, in the order the :class:`~chimera.run.trainer.Trainer` calls them:
+
+- ``on_step()`` after every training step; ``step_fields()`` when a step record is written;
+- ``on_epoch_end()`` after an epoch's last step, before evaluation (fields of the epoch record);
+- ``on_eval(x, y)`` after evaluation (fields of the eval record);
+- ``final_fields()`` for the final record;
+- ``state_dict()`` / ``load_state_dict()`` for checkpoints (``None``: nothing to keep).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from chimera.nn.quantize import AlphaControl
+from chimera.quant.stats import model_quant_stats
+from chimera.rules import LearningRule, credit_diagnostics
+from chimera.run.spec import RunSpec
+
+Fields = dict[str, Any]
+DIAG_EXAMPLES = 256  # evaluation examples on which credit diagnostics are measured each epoch
+
+
+class Callback:
+    """No-op base; ``name`` keys the callback's state in checkpoints."""
+
+    name = ""
+
+    def on_step(self) -> None:
+        """After every training step."""
+
+    def step_fields(self) -> Fields:
+        return {}
+
+    def on_epoch_end(self) -> Fields:
+        return {}
+
+    def on_eval(self, x: torch.Tensor, y: torch.Tensor) -> Fields:
+        return {}
+
+    def final_fields(self) -> Fields:
+        return {}
+
+    def state_dict(self) -> Any:
+        return None
+
+    def load_state_dict(self, state: Any) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+def quant_record(model: nn.Module) -> Fields:
+    """``model_quant_stats`` with a ``quant_`` prefix (empty for a model without ternary layers)."""
+    stats = model_quant_stats(model)
+    if not stats.get("num_ternary_layers"):
+        return {}
+    return {f"quant_{k}": v for k, v in stats.items()}
+
+
+class QuantStats(Callback):
+    """Ternary statistics of the last training forward: in step records, and per epoch (taken
+    before evaluation runs) in the epoch and final records."""
+
+    name = "quant"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.last: Fields = {}
+
+    def step_fields(self) -> Fields:
+        return quant_record(self.model)
+
+    def on_epoch_end(self) -> Fields:
+        self.last = quant_record(self.model)
+        return self.last
+
+    def final_fields(self) -> Fields:
+        return self.last
+
+    def state_dict(self) -> Fields:
+        return self.last
+
+    def load_state_dict(self, state: Fields) -> None:
+        self.last = state
+
+
+class Controller(Callback):
+    """Steps the target-bits controller every batch or every epoch and records its alpha."""
+
+    name = "controller"
+
+    def __init__(self, model: nn.Module, config: dict[str, Any]) -> None:
+        self.control = AlphaControl(model, config)
+
+    def on_step(self) -> None:
+        if self.control.frequency == "batch":
+            self.control.update()
+
+    def step_fields(self) -> Fields:
+        return self.control.record()
+
+    def on_epoch_end(self) -> Fields:
+        if self.control.frequency == "epoch":
+            self.control.update()
+        return self.control.record()
+
+    def state_dict(self) -> Fields:
+        return self.control.state_dict()
+
+    def load_state_dict(self, state: Fields) -> None:
+        self.control.load_state_dict(state)
+
+
+class OptimizerMetrics(Callback):
+    """The optimizer's own diagnostics (``last_diagnostics``) in step records, and its
+    ``run_metrics()`` (if it has them) in the final record."""
+
+    name = "optimizer"
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.opt = opt
+
+    def step_fields(self) -> Fields:
+        diag = getattr(self.opt, "last_diagnostics", None) or {}
+        return {f"opt_{k}": v for k, v in diag.items()}
+
+    def final_fields(self) -> Fields:
+        run_metrics = getattr(self.opt, "run_metrics", None)
+        return run_metrics() if run_metrics is not None else {}
+
+
+class RuleCredit(Callback):
+    """A learning rule's credit diagnostics against exact costates (fp32, on the first
+    ``DIAG_EXAMPLES`` evaluation examples, prefixed ``credit_``) and its state (feedback
+    networks, their optimizers, step count) in checkpoints."""
+
+    name = "rule"
+
+    def __init__(self, rule: LearningRule, seed: int) -> None:
+        self.rule, self.seed = rule, seed
+        self.last: Fields = {}
+
+    def on_eval(self, x: torch.Tensor, y: torch.Tensor) -> Fields:
+        # a private generator keeps the training RNG stream untouched
+        diag = credit_diagnostics(self.rule, x[:DIAG_EXAMPLES], y[:DIAG_EXAMPLES],
+                                  generator=torch.Generator().manual_seed(self.seed))
+        self.last = {f"credit_{k}": v for k, v in diag.items()}
+        return self.last
+
+    def final_fields(self) -> Fields:
+        return self.last
+
+    def state_dict(self) -> Any:
+        return self.rule.state_dict()
+
+    def load_state_dict(self, state: Any) -> None:
+        self.rule.load_state_dict(state)
+
+
+def default_callbacks(
+    spec: RunSpec, model: nn.Module, opt: torch.optim.Optimizer, rule: LearningRule | None
+) -> list[Callback]:
+    """The callbacks every run registers: quantizer statistics, the controller when the spec
+    has one, the optimizer's metrics and the learning rule's credit."""
+    callbacks: list[Callback] = [QuantStats(model)]
+    if spec.controller is not None:
+        callbacks.append(Controller(model, spec.controller))
+    callbacks.append(OptimizerMetrics(opt))
+    if rule is not None:
+        callbacks.append(RuleCredit(rule, spec.seed))
+    return callbacks

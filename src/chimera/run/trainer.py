@@ -1,0 +1,275 @@
+"""The training loop shared by every command: one ``RunSpec`` in, records and final metrics out.
+
+``Trainer(spec, writer).fit()`` sets the run up (:mod:`chimera.run.build`), resumes it from its
+checkpoint if asked, trains epoch by epoch (cross-entropy, the spec's learning rule, forward
+passes in the spec's precision), evaluates after every epoch and writes step / epoch / eval /
+final records (docs/records.md). What the quantizer, controller, optimizer and learning rule add
+to the records comes from their callbacks (:mod:`chimera.run.callbacks`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+import chimera
+from chimera.data import TaskData, load_task
+from chimera.optim import build_optimizer, optimizer_state_memory_summary
+from chimera.run.build import (
+    autocast,
+    build_run_model,
+    build_run_rule,
+    build_step,
+    lr_scheduler,
+    resolve_device,
+)
+from chimera.run.callbacks import Callback, default_callbacks
+from chimera.run.checkpoint import load_checkpoint, save_checkpoint
+from chimera.run.records import RecordWriter
+from chimera.run.spec import RunSpec
+
+WARMUP_STEPS = 5  # steps excluded from the median step times
+
+
+def identity_of(spec: RunSpec) -> dict[str, Any]:
+    """Identity fields carried by every record of a run."""
+    return {
+        "run_id": spec.run_id,
+        "config_id": spec.config_id,
+        **spec.to_dict(),
+        "versions": {"chimera": chimera.__version__, "torch": torch.__version__},
+    }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+             precision: str = "fp32") -> dict[str, float]:
+    """Mean cross-entropy and accuracy of ``model`` on (x, y) (forward in ``precision``); the
+    model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(x), batch_size):
+        with autocast(precision, x.device.type):
+            logits = model(x[i : i + batch_size])
+        loss_sum += F.cross_entropy(logits.float(), y[i : i + batch_size],
+                                    reduction="sum").item()
+        correct += (logits.argmax(1) == y[i : i + batch_size]).sum().item()
+    model.train(was_training)
+    return {"loss": loss_sum / len(x), "accuracy": correct / len(x)}
+
+
+def _median_after_warmup(times: list[float]) -> float | None:
+    tail = times[WARMUP_STEPS:] or times
+    return statistics.median(tail) if tail else None
+
+
+@dataclass
+class Progress:
+    """Counters of a run, saved in its checkpoints."""
+
+    epoch: int = 0
+    step: int = 0
+    best_acc: float = 0.0
+    elapsed_s: float = 0.0
+    step_times: list[float] = field(default_factory=list)
+    opt_times: list[float] = field(default_factory=list)
+    eval: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """Trains one run spec; see the module docstring.
+
+    ``data`` reuses an already loaded task. ``checkpoint`` is a path rewritten atomically at the
+    end of every epoch with the whole training state (the last one is the trained run). With
+    ``resume`` and an existing checkpoint, training continues after its epoch with identical
+    results, and the writer's file is cut back to its size at that checkpoint (the records
+    since are written again). ``callbacks`` are added to the run's default ones.
+    """
+
+    def __init__(
+        self, spec: RunSpec, writer: RecordWriter | None = None, *, data: TaskData | None = None,
+        progress: bool = True, checkpoint: str | os.PathLike | None = None,
+        resume: bool = False, callbacks: Sequence[Callback] = (),
+    ) -> None:
+        self.spec, self.writer, self.show_progress = spec, writer, progress
+        self.checkpoint, self.resume = checkpoint, resume
+        device = resolve_device(spec.device)
+        self.data = data if data is not None else load_task(spec.task)
+        torch.manual_seed(spec.seed)
+        self.model = build_run_model(spec, self.data.input_shape, self.data.num_classes)
+        self.model.to(device)
+        self.opt = build_optimizer(spec.optimizer, self.model, **spec.optimizer_hparams)
+        self.log = writer.with_identity(**identity_of(spec)) if writer is not None else None
+        self.x_train, self.y_train = self.data.x_train.to(device), self.data.y_train.to(device)
+        self.x_test, self.y_test = self.data.x_test.to(device), self.data.y_test.to(device)
+        self.gen = torch.Generator().manual_seed(spec.seed)
+        self.steps_per_epoch = math.ceil(len(self.x_train) / spec.batch_size)
+        total_steps = spec.epochs * self.steps_per_epoch
+        self.scheduler = lr_scheduler(self.opt, spec.lr_schedule, total_steps)
+        self.rule = build_run_rule(spec, self.model, self.opt, self.data.num_classes, total_steps)
+        self.step_fn = build_step(self.model, self.opt, self.rule, spec.precision)
+        self.callbacks = [*default_callbacks(spec, self.model, self.opt, self.rule), *callbacks]
+        self.progress = Progress()
+        self._start = time.perf_counter()
+
+    # -- the run ------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train the remaining epochs and return the final record's metrics."""
+        if self.resume and self.checkpoint is not None and Path(self.checkpoint).exists():
+            self.restore(self.checkpoint)
+        self._start = time.perf_counter()
+        epochs = range(self.progress.epoch + 1, self.spec.epochs + 1)
+        bar = tqdm(epochs, desc=self.spec.run_id, disable=not self.show_progress, leave=False)
+        for epoch in bar:
+            train_loss, train_acc = self.train_epoch(epoch)
+            ev = self.end_epoch(epoch, train_loss, train_acc)
+            bar.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{ev['accuracy']:.3f}")
+        return self.finish()
+
+    def train_epoch(self, epoch: int) -> tuple[float, float]:
+        """One pass over the shuffled training split; returns its mean loss and accuracy."""
+        self.model.train()
+        n, bs = len(self.x_train), self.spec.batch_size
+        perm = torch.randperm(n, generator=self.gen).to(self.x_train.device)
+        loss_sum, correct = 0.0, 0
+        self._epoch_start = time.perf_counter()
+        for i in range(self.steps_per_epoch):
+            idx = perm[i * bs : (i + 1) * bs]
+            xb, yb = self.x_train[idx], self.y_train[idx]
+            loss, logits = self.train_step(epoch, xb, yb)
+            loss_sum += loss * len(idx)
+            correct += (logits.argmax(1) == yb).sum().item()
+        return loss_sum / n, correct / n
+
+    def train_step(self, epoch: int, xb: torch.Tensor, yb: torch.Tensor
+                   ) -> tuple[float, torch.Tensor]:
+        """One step: the rule's (or backprop's) update, the scheduler, the callbacks, and a step
+        record every ``log_every`` steps."""
+        p = self.progress
+        t0 = time.perf_counter()
+        loss, logits, opt_time = self.step_fn(xb, yb)
+        step_time = time.perf_counter() - t0
+        self.scheduler.step()
+        p.step += 1
+        for cb in self.callbacks:
+            cb.on_step()
+        p.step_times.append(step_time)
+        if opt_time is not None:
+            p.opt_times.append(opt_time)
+        if self.log is not None and p.step % self.spec.log_every == 0:
+            extra = {k: v for cb in self.callbacks for k, v in cb.step_fields().items()}
+            self.log.write("step", epoch=epoch, step=p.step, loss=loss, step_time_s=step_time,
+                           lr=self.opt.param_groups[0]["lr"], optimizer_step_time_s=opt_time,
+                           **extra)
+        return loss, logits
+
+    def end_epoch(self, epoch: int, train_loss: float, train_acc: float) -> dict[str, float]:
+        """Callbacks, evaluation, the epoch and eval records and the checkpoint of an epoch."""
+        p, n = self.progress, len(self.x_train)
+        epoch_time = time.perf_counter() - self._epoch_start
+        epoch_fields = {k: v for cb in self.callbacks for k, v in cb.on_epoch_end().items()}
+        p.eval = evaluate(self.model, self.x_test, self.y_test, self.spec.eval_batch_size,
+                          self.spec.precision)
+        p.best_acc = max(p.best_acc, p.eval["accuracy"])
+        eval_fields = {k: v for cb in self.callbacks
+                       for k, v in cb.on_eval(self.x_test, self.y_test).items()}
+        if self.log is not None:
+            self.log.write("epoch", epoch=epoch, step=p.step, train_loss=train_loss,
+                           train_accuracy=train_acc, epoch_time_s=epoch_time,
+                           throughput_samples_per_s=n / epoch_time, **epoch_fields)
+            self.log.write("eval", epoch=epoch, step=p.step, test_loss=p.eval["loss"],
+                           test_accuracy=p.eval["accuracy"], **eval_fields)
+        p.epoch = epoch
+        if self.checkpoint is not None:
+            self.save(self.checkpoint)
+        return p.eval
+
+    def finish(self) -> dict[str, Any]:
+        """The final record (written) and its metrics (returned)."""
+        p = self.progress
+        n_params = sum(t.numel() for t in self.model.parameters())
+        state = optimizer_state_memory_summary(self.opt)
+        final = {
+            "epochs": self.spec.epochs, "steps": p.step,
+            "test_loss": p.eval.get("loss"), "test_accuracy": p.eval.get("accuracy"),
+            "best_test_accuracy": p.best_acc, "train_time_s": self._elapsed(),
+            "median_step_time_s": _median_after_warmup(p.step_times),
+            "median_optimizer_step_time_s": _median_after_warmup(p.opt_times),
+            "num_params": n_params, "optimizer_state_bytes": state["total"],
+            "optimizer_state": state, "state_bytes_per_param": state["total"] / max(n_params, 1),
+        }
+        for cb in self.callbacks:
+            final.update(cb.final_fields())
+        if self.log is not None:
+            self.log.write("final", **final)
+        return final
+
+    def _elapsed(self) -> float:
+        return self.progress.elapsed_s + time.perf_counter() - self._start
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the whole training state to ``path`` (atomically)."""
+        progress = {**dataclasses.asdict(self.progress), "elapsed_s": self._elapsed(),
+                    "record_bytes": os.path.getsize(self.writer.path) if self.writer else None}
+        save_checkpoint(path, {
+            "spec": self.spec.to_dict(), "input_shape": list(self.data.input_shape),
+            "num_classes": self.data.num_classes, "epoch": self.progress.epoch,
+            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
+            "rng": {"torch": torch.get_rng_state(), "generator": self.gen.get_state()},
+            "progress": progress,
+        })
+
+    def restore(self, path: str | os.PathLike) -> None:
+        """Load the training state saved at ``path`` and cut the record file back to its size
+        at that checkpoint."""
+        ckpt = load_checkpoint(path)
+        try:  # fields added since the checkpoint was written take their defaults
+            same = RunSpec(**ckpt["spec"]) == self.spec
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            raise ValueError(f"checkpoint {path} belongs to another run spec than "
+                             f"{self.spec.run_id}")
+        if "progress" not in ckpt or "callbacks" not in ckpt:
+            raise ValueError(f"checkpoint {path} has no training progress to resume from "
+                             "(written by an older version?); rerun it from the start")
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        missing = [cb.name for cb in self.callbacks if cb.name not in ckpt["callbacks"]]
+        if missing:
+            raise ValueError(f"checkpoint {path} holds no state of {missing}; rerun it from the "
+                             "start")
+        for cb in self.callbacks:  # before the RNG: building a rule's state draws from it
+            cb.load_state_dict(ckpt["callbacks"][cb.name])
+        self.gen.set_state(ckpt["rng"]["generator"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        saved = dict(ckpt["progress"])
+        size = saved.pop("record_bytes")
+        self.progress = Progress(**saved)
+        if self.writer is not None:
+            if size is None or size > os.path.getsize(self.writer.path):
+                raise ValueError(f"record file {self.writer.path} is shorter than checkpoint "
+                                 f"{path} says")
+            os.truncate(self.writer.path, size)
+
+
+def train(spec: RunSpec, writer: RecordWriter | None = None, **options: Any) -> dict[str, Any]:
+    """``Trainer(spec, writer, **options).fit()``: train ``spec`` and return its final metrics."""
+    return Trainer(spec, writer, **options).fit()
