@@ -1,4 +1,5 @@
-"""SPEC 2.2's guard against the reference implementation's defect: in every quantized model of
+"""docs/algorithms.md#bit-layers's guard against the reference implementation's defect: in every
+quantized model of
 the toolkit, every trainable parameter receives a non-zero gradient after one backward (and every
 integer-ternary layer receives its dL/dW)."""
 

@@ -276,14 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=_cmd_sweep)
 
     lq = sub.add_parser("toy-lq", help="credit quality of each learning rule on the toy LQ "
-                        "problem (SPEC 3.3)")
+                        "problem")
     lq.add_argument("--rules", default="", help="comma-separated variants (default: dfa, "
                     "state_bridge, credit_bridge, credit_bridge_tgw0)")
     lq.add_argument("--seeds", type=int, default=3)
     lq.add_argument("--steps", type=int, default=8000)
     lq.add_argument("--w-std", type=float, default=None,
                     help="scale of the residual weights W_l (entries N(0, w_std^2/d)); default "
-                         "0.3 (SPEC 3.3 names 0.03, where the costates barely change with depth)")
+                         "0.3 (at the library's 0.03 the costates barely change with depth)")
     lq.add_argument("--workers", type=int, default=None,
                     help="processes, one run each (default: the cores available)")
     lq.add_argument("--out", default="toy-lq.jsonl")

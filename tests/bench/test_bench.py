@@ -33,7 +33,7 @@ def test_bench_smoke_writes_records_summary_and_report(tmp_path):
                  "## Digits", "| digits | mlp", "## MNIST-1D optimizers", "| mnist1d | cnn",
                  "stac", "94", "## MNIST-1D quantizers", "int_ternary", "scaled_optum",
                  "## MNIST-1D learning rules", "state_bridge", "1 (exact)",
-                 "## Toy LQ credit quality, SPEC 3.3 (2 steps, seeds [0])",
+                 "## Toy LQ credit quality (2 steps, seeds [0])",
                  "credit_bridge_tgw0"):
         assert name in summary
 

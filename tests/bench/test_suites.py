@@ -158,7 +158,7 @@ def test_multi_grid_suite_runs_end_to_end_and_resumes(tmp_path, one_thread):
     assert [r["variant"] for r in read_records(out / "toy_lq.jsonl", record_type="final")] == [
         "dfa"]
     report = write_report(out).markdown.read_text(encoding="utf-8")
-    toy = report.split("## Toy LQ credit quality (SPEC 3.3)")[1].split("## ")[0]
+    toy = report.split("## Toy LQ credit quality")[1].split("## ")[0]
     assert "| dfa " in toy and "toy_lq" not in report.split("## Toy LQ")[0]
 
     # an interrupted dfa run (it cannot resume: no feedback nets in its checkpoint) starts

@@ -92,7 +92,7 @@ def test_sparse_relu_inputs_and_bias(sparsity):
 
 
 def _replay_regression_loss(problem, seed, noise_scale, sparse=False, n_in=32, batch=64):
-    """The SPEC equation recomputed from a generator in the same state as the problem's."""
+    """The documented equation recomputed from a generator in the same state as the problem's."""
     gen = torch.Generator().manual_seed(seed)
     w_true = torch.randn(n_in, 1, generator=gen)
     x = torch.randn(batch, n_in, generator=gen)

@@ -52,21 +52,21 @@ def mixed_int_model():
     return ternarize(model, "int_ternary", skip=())
 
 
-MLP_SPEC = RunSpec(task="digits", model="mlp", optimizer="adamw", quantizer="chimera")
-CNN_SPEC = RunSpec(task="mnist1d", model="cnn", optimizer="adamw", quantizer="strict_bitnet",
+MLP_RUN = RunSpec(task="digits", model="mlp", optimizer="adamw", quantizer="chimera")
+CNN_RUN = RunSpec(task="mnist1d", model="cnn", optimizer="adamw", quantizer="strict_bitnet",
                    quant_hparams={"skip": [], "act_quant": "per_token", "stat_mode": "median",
                                   "ste_clip": 0.5})
 # fan-ins 5, 75 and 125: every row of every layer ends in a partial group of 32
-INT_SPEC = RunSpec(task="mnist1d", model="cnn", optimizer="scaled_optum", quantizer="int_ternary",
+INT_RUN = RunSpec(task="mnist1d", model="cnn", optimizer="scaled_optum", quantizer="int_ternary",
                    quant_hparams={"skip": []})
 
 # name -> (trained-model factory, input shape, recipe or None, skeleton factory or None)
 CASES = {
-    "mlp": (lambda: build_run_model(MLP_SPEC, (64,), 10), (64,), recipe(MLP_SPEC, (64,)), None),
-    "cnn": (lambda: build_run_model(CNN_SPEC, (40,), 10), (40,), recipe(CNN_SPEC, (40,)), None),
+    "mlp": (lambda: build_run_model(MLP_RUN, (64,), 10), (64,), recipe(MLP_RUN, (64,)), None),
+    "cnn": (lambda: build_run_model(CNN_RUN, (40,), 10), (40,), recipe(CNN_RUN, (40,)), None),
     "resnet20": (lambda: ChimeraResNet20(mode="chimera"), (3, 8, 8), None,
                  lambda: ChimeraResNet20(mode="chimera")),
-    "int_cnn": (lambda: build_run_model(INT_SPEC, (40,), 10), (40,), recipe(INT_SPEC, (40,)),
+    "int_cnn": (lambda: build_run_model(INT_RUN, (40,), 10), (40,), recipe(INT_RUN, (40,)),
                 None),
     "int_conv2d": (mixed_int_model, (3, 6, 6), None, mixed_int_model),
 }
@@ -115,15 +115,15 @@ def test_base3_is_1_6_bits_per_weight_and_beats_the_fp32_checkpoint(tmp_path):
 
 def test_file_layout_and_metadata(tmp_path):
     torch.manual_seed(0)
-    model = build_run_model(MLP_SPEC, (64,), 10)  # layers 0 and 2 fp32, layer 1 ternary
+    model = build_run_model(MLP_RUN, (64,), 10)  # layers 0 and 2 fp32, layer 1 ternary
     path = tmp_path / "m.safetensors"
-    export_ternary(model, path, metadata={**recipe(MLP_SPEC, (64,)), "note": "hi"})
+    export_ternary(model, path, metadata={**recipe(MLP_RUN, (64,)), "note": "hi"})
     tensors, meta = read_ternary(path)
     assert set(tensors) == {"1.weight", "1.bias", "3.T.data", "3.T.shape", "3.T.format",
                             "3.scale", "3.bias", "5.weight", "5.bias"}
     assert tensors["3.T.data"].dtype == torch.uint8 and tensors["3.T.data"].numel() == 2000
     assert tensors["3.scale"].dim() == 0
-    assert meta["spec"] == MLP_SPEC.to_dict() and meta["note"] == "hi"
+    assert meta["spec"] == MLP_RUN.to_dict() and meta["note"] == "hi"
     assert meta["layers"]["3"]["kind"] == "linear"
     assert meta["layers"]["3"]["config"]["in_features"] == 100
     with safe_open(path, framework="pt") as f:  # plain str -> str metadata, JSON values
@@ -154,9 +154,9 @@ def test_end_to_end_train_checkpoint_export_load(tmp_path):
 @pytest.fixture
 def exported(tmp_path):
     torch.manual_seed(0)
-    model = build_run_model(MLP_SPEC, (64,), 10)
+    model = build_run_model(MLP_RUN, (64,), 10)
     path = tmp_path / "m.safetensors"
-    export_ternary(model, path, metadata=recipe(MLP_SPEC, (64,)))
+    export_ternary(model, path, metadata=recipe(MLP_RUN, (64,)))
     return path
 
 
@@ -183,16 +183,16 @@ def test_load_rejects_missing_recipe_and_bad_metadata(exported):
     with pytest.raises(ValueError, match="malformed metadata"):
         load_exported_run(exported)
     torch.manual_seed(0)
-    export_ternary(build_run_model(MLP_SPEC, (64,), 10), exported)
+    export_ternary(build_run_model(MLP_RUN, (64,), 10), exported)
     with pytest.raises(ValueError, match="recipe"):
         load_exported_run(exported)
     rewrite(exported, metadata={"layers": json.dumps({"3": {"kind": "conv3d", "config": {}}})})
     with pytest.raises(ValueError, match="invalid description"):
-        load_ternary(exported, model=build_run_model(MLP_SPEC, (64,), 10))
+        load_ternary(exported, model=build_run_model(MLP_RUN, (64,), 10))
 
 
 def test_load_rejects_tensor_mismatches(exported):
-    wider = RunSpec(**{**MLP_SPEC.to_dict(), "model_hparams": {"hidden": 50}})
+    wider = RunSpec(**{**MLP_RUN.to_dict(), "model_hparams": {"hidden": 50}})
     with pytest.raises(ValueError, match=r"does not match the model: 1.weight is"):
         load_ternary(exported, model=build_run_model(wider, (64,), 10))
     with pytest.raises(ValueError, match="is a ReLU"):

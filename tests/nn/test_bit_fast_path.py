@@ -1,4 +1,5 @@
-"""The compiled fast path of the Bit layers against the eager ground truth (SPEC 2.2)."""
+"""The compiled fast path of the Bit layers against the eager ground truth
+(docs/algorithms.md#bit-layers)."""
 
 import copy
 import os

@@ -21,7 +21,7 @@ GEOMETRIES = {
 
 
 def fake_quant(x, act="per_tensor", eps_beta=1e-6):
-    """SPEC 2.2 step 1 by hand: beta * clamp(round(x / beta), -127, 127)."""
+    """docs/algorithms.md#bit-layers by hand: beta * clamp(round(x / beta), -127, 127)."""
     if act == "none":
         return x
     amax = x.abs().amax(dim=-1, keepdim=True) if act == "per_token" else x.abs().max()
@@ -30,7 +30,7 @@ def fake_quant(x, act="per_tensor", eps_beta=1e-6):
 
 
 def spec_forward(x, w, b, scale, alpha, op, act="per_tensor"):
-    """SPEC 2.2 forward written out by hand (values only)."""
+    """docs/algorithms.md#bit-layers forward written out by hand (values only)."""
     gamma = max(scale, 1e-6)
     t = torch.sign(w) * (w.abs() > alpha * gamma)
     return gamma * op(fake_quant(x, act), t, None) + b.view(-1, *[1] * (x.dim() - 2))

@@ -1,4 +1,4 @@
-"""Integer-ternary layers (SPEC 1.3, 2.6)."""
+"""Integer-ternary layers (docs/algorithms.md#scaledoptum, #integer-ternary-layers)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Chimera21 (SPEC 1.1): reference trajectory, validation, zero-grad policies, noise gate,
+"""Chimera21 (docs/algorithms.md#chimera21): reference trajectory, validation, zero-grad policies,
+noise gate,
 int8 psi, foreach == for-loop, diagnostics, serialisation."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Conformance suite (SPEC 1.5): every optimizer of the registry, in the style of torch's
+"""Conformance suite (docs/algorithms.md#conformance): every optimizer of the registry, in the
+style of torch's
 OptimizerInfo. Adding an optimizer to the registry without an entry here fails the suite."""
 
 from __future__ import annotations

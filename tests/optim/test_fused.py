@@ -1,4 +1,5 @@
-"""Compiled fast paths (``fused=True``) against the for-loop ground truth (SPEC 1.5).
+"""Compiled fast paths (``fused=True``) against the for-loop ground truth
+(docs/algorithms.md#conformance).
 
 Each parity test trains a tiny model twice, on the for-loop path and compiled, for several
 steps with an lr that changes every step, a frozen parameter and a parameter (or module)

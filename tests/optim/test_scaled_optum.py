@@ -1,4 +1,4 @@
-"""ScaledOptum (SPEC 1.3): integer-only ternary training plus sign-SGD."""
+"""ScaledOptum (docs/algorithms.md#scaledoptum): integer-only ternary training plus sign-SGD."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""STAC (SPEC 1.2): partition rule, trunk equations, AdamW cap, errors and state dicts."""
+"""STAC (docs/algorithms.md#stac): partition rule, trunk equations, AdamW cap, errors and state
+dicts."""
 
 from __future__ import annotations
 

@@ -135,7 +135,8 @@ def test_every_block_and_the_head_read_a_detached_state(name):
 
 @pytest.mark.parametrize("name", NON_BP)
 def test_gradients_equal_isolated_local_losses(name):
-    """Block l's gradient is that of mean <a_norm_{l+1}, f_l(h_l)> alone (SPEC 3.1); the stem's
+    """Block l's gradient is that of mean <a_norm_{l+1}, f_l(h_l)> alone
+    (docs/algorithms.md#setting); the stem's
     uses a_0 and the head's is the exact loss gradient on a detached h_L."""
     model = tiny_model()
     x, c = batch()

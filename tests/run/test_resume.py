@@ -9,7 +9,7 @@ from chimera.run.records import RecordWriter, read_records
 from chimera.run.spec import RunSpec
 from chimera.run.trainer import train
 
-SPECS = {
+RUNS = {
     "fp32": RunSpec("digits", "mlp", "adamw", seed=3, epochs=4, batch_size=128, log_every=3,
                     optimizer_hparams={"lr": 1e-2}, lr_schedule="cosine"),
     "chimera+controller": RunSpec(
@@ -66,9 +66,9 @@ def record_keys(path):
     return [(r["record_type"], r.get("epoch"), r.get("step")) for r in read_records(path)]
 
 
-@pytest.mark.parametrize("name", SPECS)
+@pytest.mark.parametrize("name", RUNS)
 def test_interrupted_then_resumed_equals_uninterrupted(name, tmp_path, monkeypatch, digits):
-    spec = SPECS[name]
+    spec = RUNS[name]
     ref = run(spec, tmp_path / "ref.jsonl", tmp_path / "ref.pt", digits)
 
     crash_in_epoch(monkeypatch, 3)
@@ -97,7 +97,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(name, tmp_path, monkeypat
 
 
 def test_finished_checkpoint_resumes_to_the_same_final(tmp_path, digits):
-    spec = SPECS["fp32"]
+    spec = RUNS["fp32"]
     ref = run(spec, tmp_path / "r.jsonl", tmp_path / "r.pt", digits)
     again = run(spec, tmp_path / "r.jsonl", tmp_path / "r.pt", digits, resume=True)
     assert again["test_loss"] == ref["test_loss"]
@@ -107,7 +107,7 @@ def test_finished_checkpoint_resumes_to_the_same_final(tmp_path, digits):
 def test_resume_without_checkpoint_starts_fresh_and_foreign_checkpoint_is_rejected(
     tmp_path, digits
 ):
-    spec = SPECS["fp32"]
+    spec = RUNS["fp32"]
     first = run(spec, tmp_path / "a.jsonl", tmp_path / "a.pt", digits, resume=True)
     assert first["steps"] == 4 * 12
     other = RunSpec("digits", "mlp", "adamw", seed=4, epochs=4, batch_size=128)

@@ -1,4 +1,5 @@
-"""Tasks (SPEC 4): ``load_task(name) -> TaskData``; the stress problems are in ``.stress``."""
+"""Tasks (docs/algorithms.md#tasks): ``load_task(name) -> TaskData``; the stress problems are in
+``.stress``."""
 
 from chimera.data import cifar10, digits, mnist1d, synthetic  # noqa: F401  (registers tasks)
 from chimera.data.base import TASKS, TaskData, load_task

@@ -1,4 +1,5 @@
-"""Stress problems (SPEC 4): small stochastic objectives that provoke optimizer failure modes.
+"""Stress problems (docs/algorithms.md#tasks): small stochastic objectives that provoke optimizer
+failure modes.
 
 Every problem owns a ``torch.Generator`` seeded with ``seed``; each ``loss()`` call draws fresh
 randomness from it, so the loss sequence is fixed by the seed. The model is

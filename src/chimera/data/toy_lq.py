@@ -1,8 +1,8 @@
-"""The toy linear-quadratic problem of the learning-rule axis (SPEC 3.3).
+"""The toy linear-quadratic problem of the learning-rule axis (docs/algorithms.md#toy-lq).
 
 ``h_0 = x ~ N(0, I_d)``, ``h_{l+1} = (I + W_l) h_l`` for l < L, ``y = C h_L``, target
 ``y* = A x``, loss ``ℓ = mean_batch ½||y − y*||²``. Generated from one seed: ``W_l`` entries
-N(0, w_std²/d) (SPEC: w_std = 0.03), ``C`` and the teacher ``A`` entries N(0, 1/d).
+N(0, w_std²/d) (default w_std = 0.03), ``C`` and the teacher ``A`` entries N(0, 1/d).
 
 Closed-form costates of the batch-mean loss: with ``M_l = (I + W_{L-1}) ··· (I + W_l)`` (so
 ``h_L = M_l h_l``, ``M_L = I``) and ``r = (C h_L − y*) / B``, ``λ_l = M_l^T C^T r``.
@@ -94,7 +94,7 @@ class ToyLQ:
 
 def make_toy_lq(seed: int = 0, *, dim: int = 64, num_layers: int = 12, out_dim: int = 10,
                 w_std: float = 0.03) -> ToyLQ:
-    """The toy problem generated from ``seed`` (SPEC 3.3 defaults)."""
+    """The toy problem generated from ``seed`` (docs/algorithms.md#toy-lq defaults)."""
     for name, value in (("dim", dim), ("num_layers", num_layers), ("out_dim", out_dim)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -1,4 +1,5 @@
-"""Inference layers for exported ternary weights (SPEC 2.7): ``PackedTernaryLinear/Conv1d/Conv2d``.
+"""Inference layers for exported ternary weights (docs/algorithms.md#packing-and-export):
+``PackedTernaryLinear/Conv1d/Conv2d``.
 
 A layer holds the int8 ternary weight ``T``, its float32 ``scale`` and the ``bias``, and computes
 

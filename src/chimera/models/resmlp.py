@@ -1,4 +1,4 @@
-"""Residual MLP (SPEC 3.4), the network of the learning-rule axis.
+"""Residual MLP (docs/algorithms.md#classification-tasks), the network of the learning-rule axis.
 
 ``h_0 = stem(x) = Linear(flatten(x))``, ``h_{l+1} = h_l + f_l(h_l)`` with the pre-LayerNorm
 branch ``f_l(h) = W2 · GELU(W1 · LN(h))`` (hidden width ``mlp_ratio * d_hidden``), and

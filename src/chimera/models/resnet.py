@@ -1,4 +1,5 @@
-"""ResNet-20 for 32x32 images (SPEC 2.5) and its ternary versions via ``ternarize``.
+"""ResNet-20 for 32x32 images (docs/algorithms.md#resnet-20) and its ternary versions via
+``ternarize``.
 
 conv3x3(3 -> 16) -> BN -> ReLU -> 3 stages x 3 BasicBlocks (16, 32, 64 channels; the first block
 of stages 2 and 3 has stride 2) -> global average pool -> linear. BasicBlock: conv3x3 -> BN ->

@@ -1,4 +1,5 @@
-"""Ternary-weight layers with int8 activations (SPEC 2.2): BitLinear, BitConv1d, BitConv2d.
+"""Ternary-weight layers with int8 activations (docs/algorithms.md#bit-layers): BitLinear,
+BitConv1d, BitConv2d.
 
 Forward (all quantization logic lives in :class:`BitLayer`; subclasses only add geometry):
 

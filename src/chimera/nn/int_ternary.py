@@ -1,4 +1,5 @@
-"""Integer-ternary layers (SPEC 1.3, 2.6): ternary weights trained with integer state only.
+"""Integer-ternary layers (docs/algorithms.md#scaledoptum, #integer-ternary-layers): ternary
+weights trained with integer state only.
 
 A layer holds no float latent weight. Its weight is the int8 tensor ``T`` in {-1, 0, +1} and,
 per group of ``gs`` consecutive weights along the (flattened) input dimension of each output

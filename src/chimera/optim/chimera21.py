@@ -1,4 +1,4 @@
-"""Chimera21: agreement-gated Adam (SPEC 1.1).
+"""Chimera21: agreement-gated Adam (docs/algorithms.md#chimera21).
 
 Adam whose step is scaled, per element, by ``kappa = clamp(exp(lambda_gate * psi))``, where
 ``psi`` is an exponential average of the agreement ``sign(m) * sign(g)`` between momentum and
@@ -497,7 +497,7 @@ def _use_foreach(foreach: bool | None, params: list[Tensor]) -> bool:
 
 
 class Chimera21(torch.optim.Optimizer):
-    r"""Agreement-gated Adam (SPEC 1.1).
+    r"""Agreement-gated Adam (docs/algorithms.md#chimera21).
 
     For each parameter p with gradient g, t the step count after the increment::
 

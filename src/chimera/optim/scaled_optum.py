@@ -1,4 +1,5 @@
-"""``ScaledOptum``: integer-only training of ternary layers plus sign-SGD (SPEC 1.3).
+"""``ScaledOptum``: integer-only training of ternary layers plus sign-SGD
+(docs/algorithms.md#scaledoptum).
 
 Float parameters: ``p -= lr * sign(grad)`` (no state; a parameter without gradient is untouched).
 
@@ -8,13 +9,15 @@ Integer-ternary modules (:mod:`chimera.nn.int_ternary`) registered with
 ternary rate together with the float lr and ``state_dict()`` carries its hyper-parameters. Each
 step, for every registered module that has ``dL/dW`` (g) from its last forward:
 
-1. ``module.update_corr()``: per group ``corr_accum += sum(-sign(g) * T)`` (SPEC 1.3);
+1. ``module.update_corr()``: per group ``corr_accum += sum(-sign(g) * T)``
+(docs/algorithms.md#scaledoptum);
 2. pressure increment (design choice): ``inc = -sign(g) * min(round(ternary_lr * |g| / mean|g|),
    threshold)`` (mean over the layer); then ``module.update_ternary(inc, threshold)``: the int8
    pressure moves ``T`` one step once ``|pressure| >= threshold``, then resets. Rounding filters
    gradients far below the layer mean, and ``ternary_lr -> 0`` (an annealing schedule) freezes T;
 3. ``e_policy == "track"``: ``module.rebalance_exponent()`` (E follows the corr-derived scale);
-   ``"fixed"`` keeps ``E`` as initialised, so ``corr_accum`` follows SPEC to the letter.
+   ``"fixed"`` keeps ``E`` as initialised, so ``corr_accum`` follows docs/algorithms.md#scaledoptum
+   to the letter.
 
 All integer state lives in module buffers, so it checkpoints with the model.
 

@@ -1,4 +1,4 @@
-"""STAC: sign-momentum trunk, AdamW cap (SPEC 1.2).
+"""STAC: sign-momentum trunk, AdamW cap (docs/algorithms.md#stac).
 
 Drop-in for the public API of the ``stac-optimizer`` 0.1.2 package: ``STAC``, ``STACPartition``,
 ``LayerGroup`` and ``partition_trainable_layers``. The model is split into *layers* (modules that

@@ -1,4 +1,5 @@
-"""Ternary weight quantizers and the int8 activation quantizer (SPEC 2.1, 2.2 step 1).
+"""Ternary weight quantizers and the int8 activation quantizer
+(docs/algorithms.md#weight-quantizers, #bit-layers).
 
 Pure functions of their inputs. ``gamma`` is the weight scale, ``alpha`` the threshold factor.
 """

@@ -1,4 +1,4 @@
-"""Byte packing of ternary weights (SPEC 2.7).
+"""Byte packing of ternary weights (docs/algorithms.md#packing-and-export).
 
 Every weight ``t`` in {-1, 0, 1} becomes the digit ``d = t mod 3`` (0 -> 0, +1 -> 1, -1 -> 2).
 A byte holds ``k`` digits in radix ``r`` (little-endian, weight ``i`` of a group is digit ``i``):

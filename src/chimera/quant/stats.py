@@ -1,4 +1,4 @@
-"""Ternary weight statistics and effective bits (SPEC 2.3).
+"""Ternary weight statistics and effective bits (docs/algorithms.md#statistics-and-effective-bits).
 
 The effective bits of a ternary tensor are the Shannon entropy of its value distribution,
 ``H(z, p, m) = -(z log2 z + p log2 p + m log2 m)`` with ``0 log 0 = 0``; at most ``log2 3``.

@@ -1,4 +1,5 @@
-"""Learning rules (SPEC 3): ``build_rule(name, model, optimizer, ...)`` and credit diagnostics."""
+"""Learning rules (docs/algorithms.md#learning-rules): ``build_rule(name, model, optimizer, ...)``
+and credit diagnostics."""
 
 from chimera.rules import backprop, credit_bridge, dfa, state_bridge  # noqa: F401  (registers)
 from chimera.rules.base import (

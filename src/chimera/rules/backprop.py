@@ -1,4 +1,5 @@
-"""``backprop``: end-to-end backpropagation, the reference and upper bound (SPEC 3.1).
+"""``backprop``: end-to-end backpropagation, the reference and upper bound
+(docs/algorithms.md#setting).
 
 The update is ordinary backprop of the batch-mean loss through the whole residual forward (not
 the normalised local updates of the other rules), so its accuracy is the plain BP baseline; its

@@ -1,4 +1,5 @@
-"""The learning-rule interface (SPEC 3.1): residual models, local block updates, the registry.
+"""The learning-rule interface (docs/algorithms.md#setting): residual models, local block updates,
+the registry.
 
 A *residual model* has modules ``stem``, ``blocks`` (an iterable of branches) and ``head``:
 ``h_0 = stem(x)``, ``h_{l+1} = h_l + blocks[l](h_l)``, ``y = head(h_L)``. A rule supplies a credit
@@ -30,7 +31,8 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 RMS_EPS = 1e-6
 RESIDUAL_PARTS = ("stem", "blocks", "head")
 
-# SPEC 3.1 hyper-parameters of the bridge rules (toy LQ / classification). The toy LQ trains no
+# docs/algorithms.md#setting hyper-parameters of the bridge rules (toy LQ / classification). The
+# toy LQ trains no
 # forward net, so it has no DFA warm-up.
 PRESETS: dict[str, dict[str, Any]] = {
     "toy": dict(sigma_bridge=0.1, lam=0.1, K=8, term_grad_weight=1.0, ema_momentum=0.995,
@@ -212,7 +214,7 @@ class Terminal:
 
 
 class LearningRule:
-    """Base of every rule: credits -> local updates (SPEC 3.1). Subclasses define
+    """Base of every rule: credits -> local updates (docs/algorithms.md#setting). Subclasses define
     :meth:`_own_credits` and, when they own feedback networks, :meth:`_build_feedback` and
     :meth:`_train_feedback`. ``optimizer`` (any registered one, over the model) may be ``None``
     for feedback-only training (:meth:`train_feedback`). Hyper-parameters not given come from
@@ -415,7 +417,8 @@ RULES: Registry[type[LearningRule]] = Registry("learning rule")
 def build_rule(name: str, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
                loss_fn: LossFn, out_dim: int, total_steps: int, preset: str = "classification",
                **hparams: Any) -> LearningRule:
-    """The rule registered as ``name``: ``preset`` (``"toy"`` or ``"classification"``, SPEC 3.1)
+    """The rule registered as ``name``: ``preset`` (``"toy"`` or ``"classification"``,
+    docs/algorithms.md#setting)
     supplies its hyper-parameters, ``hparams`` override them."""
     return RULES.get(name)(model, optimizer, loss_fn=loss_fn, out_dim=out_dim,
                            total_steps=total_steps, preset=preset, **hparams)

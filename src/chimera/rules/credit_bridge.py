@@ -1,4 +1,5 @@
-"""``credit_bridge``: a learned value of the state, credit = its gradient (SPEC 3.1).
+"""``credit_bridge``: a learned value of the state, credit = its gradient
+(docs/algorithms.md#setting).
 
 ``V_phi(h, l, c)`` estimates the terminal loss reachable from state h at layer l with context c;
 the credit is ``a_l = ∇_h V_phi(h_l, l, c)``. Training (one Adam step of ``lr_fb`` per call):
@@ -12,7 +13,7 @@ the credit is ``a_l = ∇_h V_phi(h_l, l, c)``. Training (one Adam step of ``lr_
 Every term is a normalised squared error ``(pred − target)² / max(|target|, 1)²`` (a vector's
 norm for (ii)), averaged over examples, summed (ii weighted); the sum is the bridge residual.
 
-Design choices (SPEC's design freedom), see docs/rules.md:
+Design choices (left open by the rule's definition), see docs/rules.md:
 
 - ``V`` is a plain scalar MLP of ``z = [h, emb(l), c]`` (:class:`~chimera.rules.base.BridgeNet`,
   two GELU hidden layers of ``bridge_hidden``; c one-hot for labels, the target vector for the

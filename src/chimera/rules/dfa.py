@@ -1,4 +1,4 @@
-"""``dfa``: direct feedback alignment (SPEC 3.1).
+"""``dfa``: direct feedback alignment (docs/algorithms.md#setting).
 
 ``a_l = B_l e`` for every state l = 0..L (h_L included), ``e = ∂ℓ/∂y`` (softmax − onehot for
 cross-entropy, up to the batch-mean 1/B), ``B_l`` fixed random (state size × m) with entries

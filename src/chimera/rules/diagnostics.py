@@ -1,4 +1,5 @@
-"""Credit diagnostics against exact costates (SPEC 3.2). Pure: the model runs in eval mode and
+"""Credit diagnostics against exact costates (docs/algorithms.md#diagnostics). Pure: the model runs
+in eval mode and
 nothing is updated.
 
 - ``costate_cosine``: ``mean_l mean_i cos(a_l,i, λ_l,i)``.

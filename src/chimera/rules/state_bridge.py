@@ -1,10 +1,11 @@
-"""``state_bridge``: a learned map from any state to the terminal state (SPEC 3.1).
+"""``state_bridge``: a learned map from any state to the terminal state
+(docs/algorithms.md#setting).
 
 ``G_psi(h, l)`` predicts ``h_L`` from ``h_l``; the credit is the vector-Jacobian product
 ``a_l = J_G(h_l)^T g_L`` with ``g_L = ∂ℓ/∂h_L`` of the real forward (output-local), computed
 through G only, never through the forward net.
 
-Design choices (SPEC's design freedom), see docs/rules.md:
+Design choices (left open by the rule's definition), see docs/rules.md:
 
 - ``G(h, l) = h + MLP([h, emb(l)])`` (:class:`~chimera.rules.base.BridgeNet`, two GELU hidden
   layers of ``bridge_hidden``, sinusoidal layer embedding of ``emb_dim``) with a zero-initialised

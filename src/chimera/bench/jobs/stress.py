@@ -1,4 +1,5 @@
-"""The stress suite: every stress problem x optimizer configuration x seed (SPEC 4).
+"""The stress suite: every stress problem x optimizer configuration x seed
+(docs/algorithms.md#tasks).
 
 Chimera21's collision score needs its diagnostics, which cost time; they are switched on every
 ``DIAG_EVERY``-th step only, and those steps are left out of the step-time median.

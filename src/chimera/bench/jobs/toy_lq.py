@@ -1,6 +1,8 @@
-"""``chimera toy-lq``: credit quality of the learning rules on the toy LQ problem (SPEC 3.3).
+"""``chimera toy-lq``: credit quality of the learning rules on the toy LQ problem
+(docs/algorithms.md#toy-lq).
 
-The toy's weight scale is ``w_std`` (``W_l`` entries N(0, w_std²/d)): SPEC 3.3 names 0.03 "or
+The toy's weight scale is ``w_std`` (``W_l`` entries N(0, w_std²/d)): docs/algorithms.md#toy-lq
+names 0.03 "or
 as documented"; the default here is :data:`DEFAULT_W_STD` = 0.3 because at 0.03 the costates
 barely change along the depth, so broadcasting the exact terminal costate to every layer already
 scores a cosine of 0.997 and the check cannot tell a bridge from that (docs/rules.md).
@@ -112,7 +114,8 @@ def run_toy_lq(rules: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1,
 
 
 def toy_lq_table(finals: list[dict[str, Any]]) -> str:
-    """SPEC 3.3 table: mean ± std over seeds of costate cosine, perturbation rho, nudging, plus
+    """docs/algorithms.md#toy-lq table: mean ± std over seeds of costate cosine, perturbation rho,
+    nudging, plus
     the bridge residual and wall time per run; a last line gives the reference cosine of
     broadcasting the exact terminal costate λ_L to every layer."""
     rows = summarize(finals, ["variant"], ["costate_cosine", "perturbation_rho", "nudging",

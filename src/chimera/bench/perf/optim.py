@@ -6,7 +6,8 @@ wpe 1024x768, 12 x [ln_1, attn.c_attn 768->2304, attn.c_proj, ln_2, mlp.c_fc 768
 mlp.c_proj 3072->768, with biases], ln_f; the tied head is not duplicated): 124,439,808
 parameters in 148 tensors, matrices as ``nn.Linear`` (HF's Conv1D stores their transpose).
 ``resnet20`` is the registered model's 272,474 parameters in 65 tensors. ScaledOptum trains
-integer-ternary layers (SPEC 1.3), so it runs on the same module after ``ternarize(...,
+integer-ternary layers (docs/algorithms.md#scaledoptum), so it runs on the same module after
+``ternarize(...,
 "int_ternary", skip=())``: every matrix (conv) becomes ternary (int8 ``T``, same count), every
 vector stays a float parameter (sign-SGD); each timed step gets fresh ``dL/dW`` from a tiny
 forward/backward per layer, outside the timing.

@@ -1,6 +1,7 @@
 """``chimera perf rules``: one training step of each learning rule on the same ResMLP.
 
-The classification setting of SPEC 3.1/3.4: ResMLP on CIFAR-shaped inputs (3x32x32 -> 10
+The classification setting of docs/algorithms.md#setting, #classification-tasks: ResMLP on
+CIFAR-shaped inputs (3x32x32 -> 10
 classes), ``d_hidden`` 512, 12 blocks, batch 128 (random data), AdamW (lr 1e-3) over the model,
 the ``classification`` preset of the bridge rules (K 4, bridge_hidden 512) without the DFA
 warm-up (``warmup_frac=0``: the steady-state cost, own credits at every step). Every rule starts

@@ -8,7 +8,8 @@ from typing import Any
 from chimera.bench.jobs.compare_quant import quant_table
 from chimera.bench.report.stats import format_table, key_columns, pm, summarize
 
-# Published test accuracies (SPEC 4): MNIST-1D (Greydanus 2020), CIFAR-10 ResNet-20 fp32 (Zhu 2017).
+# Published test accuracies (docs/algorithms.md#tasks): MNIST-1D (Greydanus 2020), CIFAR-10
+# ResNet-20 fp32 (Zhu 2017).
 PUBLISHED = {("mnist1d", "mlp"): 0.68, ("mnist1d", "cnn"): 0.94, ("cifar10", "resnet20"): 0.9177}
 
 

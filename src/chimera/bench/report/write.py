@@ -48,7 +48,7 @@ CREDIT_PREFIXES = ("credit_", "costate_")
 LABEL_KEYS = ("epochs", "batch_size", "lr_schedule", "optimizer_hparams", "model_hparams",
               "quant_hparams", "controller", "eval_batch_size", "log_every", "device")
 STAT_KEYS = ("mean", "std", "n", "ci_low", "ci_high")
-SPEC_COLUMNS = ("task", "model", "optimizer", "quantizer", "rule", "problem", "config",
+IDENTITY_COLUMNS = ("task", "model", "optimizer", "quantizer", "rule", "problem", "config",
                 "variant")
 FP32_BITS = 32.0
 
@@ -110,7 +110,7 @@ class Configuration:
         """Identity columns plus ``{metric}_{mean,std,n,ci_low,ci_high}`` over finished runs."""
         row: dict[str, Any] = {
             "kind": self.kind, "config_id": self.config_id, "label": self.label,
-            **{k: self.identity.get(k) for k in SPEC_COLUMNS},
+            **{k: self.identity.get(k) for k in IDENTITY_COLUMNS},
             "seeds": self.seeds, "n": len(self.finals), "missing_seeds": self.missing_seeds,
             "unfinished_seeds": self.unfinished_seeds, "flags": self.flags(),
         }
@@ -289,7 +289,7 @@ def render_markdown(
          [c for c in training if any(_number(r.get(f)) is not None
                                      for r in c.finals for f in credit)],
          lambda rows: format_table(rows, _credit_columns(credit)), tuple(credit)),
-        ("Toy LQ credit quality (SPEC 3.3)", toy_lq,
+        ("Toy LQ credit quality", toy_lq,
          lambda rows: format_table(rows, TOY_LQ_COLUMNS), TOY_LQ_METRICS),
         ("Stress configurations", stress, lambda rows: format_table(rows, STRESS_COLUMNS),
          STRESS_METRICS),
