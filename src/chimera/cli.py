@@ -4,6 +4,7 @@ perf, list."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -38,33 +39,50 @@ def _seeds(n: int) -> range:
     return range(n)
 
 
+def add_spec_options(parser: argparse.ArgumentParser) -> None:
+    """One option per :class:`~chimera.run.spec.RunSpec` field, with the field's default and
+    help: hyper-parameter tables as repeatable ``KEY=VALUE`` options, ``--seed`` as a list."""
+    from chimera.run.spec import RunSpec
+
+    for f in dataclasses.fields(RunSpec):
+        help = f.metadata["help"]
+        if f.metadata["flag"]:  # a table of hyper-parameters
+            parser.add_argument(f.metadata["flag"], dest=f.name, action="append", default=[],
+                                metavar="KEY=VALUE", help=help)
+        elif f.name == "seed":
+            parser.add_argument("--seed", type=int, nargs="+", default=[f.default], help=help)
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default),
+                                default=f.default, help=f"{help} (default: {f.default})")
+
+
+def spec_from_args(args: argparse.Namespace, seed: int) -> Any:
+    """The run spec of ``seed`` from the options of :func:`add_spec_options` (``--lr`` goes into
+    the optimizer's hyper-parameters; no ``--controller-arg`` means no controller)."""
+    from chimera.run.spec import RunSpec
+
+    values = {}
+    for f in dataclasses.fields(RunSpec):
+        value = getattr(args, f.name)
+        values[f.name] = parse_kv(value, f.metadata["flag"]) if f.metadata["flag"] else value
+    if args.lr is not None:
+        values["optimizer_hparams"]["lr"] = args.lr
+    values["controller"] = values["controller"] or None
+    return RunSpec(**{**values, "seed": seed})
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from chimera.bench.report.tables import runs_table
     from chimera.run.records import RecordWriter
-    from chimera.run.spec import RunSpec
     from chimera.run.trainer import train
 
     if args.data_dir is not None:  # where cifar10 looks (the same as setting CHIMERA_DATA)
         os.environ["CHIMERA_DATA"] = args.data_dir
-    hparams = parse_kv(args.opt_arg, "--opt-arg")
-    if args.lr is not None:
-        hparams["lr"] = args.lr
+    specs = [spec_from_args(args, seed) for seed in args.seed]
     finals = []
     with RecordWriter(args.out) as writer:
-        for seed in args.seed:
-            spec = RunSpec(task=args.task, model=args.model, optimizer=args.optimizer, seed=seed,
-                           epochs=args.epochs, batch_size=args.batch_size,
-                           eval_batch_size=args.eval_batch_size,
-                           optimizer_hparams=hparams,
-                           model_hparams=parse_kv(args.model_arg, "--model-arg"),
-                           device=args.device, log_every=args.log_every,
-                           lr_schedule=args.lr_schedule, precision=args.precision,
-                           quantizer=args.quantizer,
-                           rule=args.rule, rule_hparams=parse_kv(args.rule_arg, "--rule-arg"),
-                           quant_hparams=parse_kv(args.quant_arg, "--quant-arg"),
-                           controller=parse_kv(args.controller_arg, "--controller-arg")
-                           if args.controller_arg else None)
-            checkpoint = (args.checkpoint.format(run_id=spec.run_id, seed=seed)
+        for spec in specs:
+            checkpoint = (args.checkpoint.format(run_id=spec.run_id, seed=spec.seed)
                           if args.checkpoint else None)
             finals.append({**spec.to_dict(), **train(spec, writer, progress=not args.quiet,
                                                      checkpoint=checkpoint)})
@@ -178,50 +196,20 @@ def _cmd_list(args: argparse.Namespace) -> None:
         print(f"{reg.kind}s: {', '.join(reg.names())}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``chimera`` command."""
-    p = argparse.ArgumentParser(prog="chimera", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_train(sub: Any) -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one configuration over one or more seeds")
-    t.add_argument("--task", default="mnist1d")
-    t.add_argument("--model", default="cnn")
-    t.add_argument("--optimizer", default="adamw")
-    t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--opt-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="optimizer hyper-parameter (repeatable)")
-    t.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="model argument (repeatable)")
-    t.add_argument("--epochs", type=int, default=10)
-    t.add_argument("--batch-size", type=int, default=100)
-    t.add_argument("--eval-batch-size", type=int, default=1000)
-    t.add_argument("--lr-schedule", default="constant", help="constant | cosine (per step, to 0)")
-    t.add_argument("--precision", default="fp32",
-                   help="fp32 | bf16 (torch.autocast to bfloat16 around forward and loss)")
-    t.add_argument("--seed", type=int, nargs="+", default=[0])
-    t.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    add_spec_options(t)
+    t.add_argument("--lr", type=float, default=None, help="the optimizer's lr (an --opt-arg)")
     t.add_argument("--data-dir", default=None,
                    help="local data folder for cifar10 (default: $CHIMERA_DATA)")
-    t.add_argument("--log-every", type=int, default=10, help="steps between step records")
-    t.add_argument("--quantizer", default="fp32",
-                   help="fp32 | strict_bitnet | chimera | int_ternary (int_ternary trains with "
-                        "--optimizer scaled_optum)")
-    t.add_argument("--quant-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="ternary layer argument, e.g. alpha_target=0.7, skip=[\"first\"] "
-                        "(repeatable)")
-    t.add_argument("--controller-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="enables the target-bits controller: target_bits=1.32, branch=sparse, "
-                        "frequency=epoch|batch, affects=alpha_target|alpha_override, ...")
-    t.add_argument("--rule", default="backprop",
-                   help="backprop | dfa | state_bridge | credit_bridge (non-backprop rules need "
-                        "a residual model, e.g. --model resmlp)")
-    t.add_argument("--rule-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="learning-rule hyper-parameter, e.g. K=4, warmup_frac=0.2 (repeatable)")
     t.add_argument("--checkpoint", default=None,
                    help="save the trained run here (may contain {run_id} and {seed})")
     t.add_argument("--out", default="runs.jsonl", help="JSONL record file (appended)")
     t.set_defaults(func=_cmd_train)
+    return t
 
+
+def _add_compare_quant(sub: Any) -> argparse.ArgumentParser:
     q = sub.add_parser("compare-quant", help="the same task and budget in each quantizer mode")
     q.add_argument("--task", default="mnist1d")
     q.add_argument("--model", default="cnn")
@@ -230,14 +218,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--epochs", type=int, default=100)
     q.add_argument("--out", default="compare-quant.jsonl")
     q.set_defaults(func=_cmd_compare_quant)
+    return q
 
+
+def _add_export(sub: Any) -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="pack a trained ternary run into one safetensors file")
     e.add_argument("checkpoint", help="a checkpoint written by `chimera train --checkpoint`")
     e.add_argument("out", help="the .safetensors file to write")
     e.add_argument("--format", default="base3", choices=["base3", "2bit"],
                    help="base3: 5 weights per byte (1.6 bits); 2bit: 4 per byte")
     e.set_defaults(func=_cmd_export)
+    return e
 
+
+def _add_stress(sub: Any) -> argparse.ArgumentParser:
     s = sub.add_parser("stress", help="stress problems x optimizer configurations x seeds")
     s.add_argument("--problems", default="", help="comma-separated (default: all)")
     s.add_argument("--optimizers", default="", help="comma-separated configurations "
@@ -246,35 +240,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=300)
     s.add_argument("--out", default="stress.jsonl")
     s.set_defaults(func=_cmd_stress)
+    return s
 
+
+def _add_bench(sub: Any) -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="the main job on embedded data")
     b.add_argument("--out", default="bench-out")
     b.add_argument("--suite", default=None,
                    help="run this suite file instead of the packaged bench suite (docs/suites.md)")
-    b.add_argument("--seeds", type=int, default=None,
-                   help="number of seeds (0..N-1) of every section (default: the suite's, 3)")
-    b.add_argument("--stress-steps", type=int, default=None,
-                   help="steps of the stress section (default: the suite's, 300)")
-    b.add_argument("--toy-lq-steps", type=int, default=None,
-                   help="steps of the toy LQ section (default: the suite's, 300)")
-    b.add_argument("--epochs", type=int, default=None,
-                   help="epochs of every grid but 'quant' and 'rules' (default: the suite's: "
-                        "digits 20, MNIST-1D optimizers 50)")
-    b.add_argument("--quant-epochs", type=int, default=None,
-                   help="epochs of the grids named 'quant' (default: the suite's 100)")
-    b.add_argument("--rule-epochs", type=int, default=None,
-                   help="epochs of the grids named 'rules' (default: the suite's 10)")
-    b.add_argument("--workers", type=int, default=None,
-                   help="training processes (default: the cores available)")
+    overrides = [
+        ("--seeds", "number of seeds (0..N-1) of every section (default: the suite's, 3)"),
+        ("--stress-steps", "steps of the stress section (default: the suite's, 300)"),
+        ("--toy-lq-steps", "steps of the toy LQ section (default: the suite's, 300)"),
+        ("--epochs", "epochs of every grid but 'quant' and 'rules' (default: the suite's: "
+                     "digits 20, MNIST-1D optimizers 50)"),
+        ("--quant-epochs", "epochs of the grids named 'quant' (default: the suite's 100)"),
+        ("--rule-epochs", "epochs of the grids named 'rules' (default: the suite's 10)"),
+        ("--workers", "training processes (default: the cores available)"),
+    ]
+    for flag, help in overrides:
+        b.add_argument(flag, type=int, default=None, help=help)
     b.set_defaults(func=_cmd_bench)
+    return b
 
+
+def _add_sweep(sub: Any) -> argparse.ArgumentParser:
     w = sub.add_parser("sweep", help="run (or finish) a TOML suite of runs; resumable")
     w.add_argument("suite", help="the suite file (docs/suites.md)")
     w.add_argument("--out", required=True, help="output folder: <run_id>.jsonl, checkpoints/")
     w.add_argument("--workers", type=int, default=None,
                    help="training processes (default: the cores available)")
     w.set_defaults(func=_cmd_sweep)
+    return w
 
+
+def _add_toy_lq(sub: Any) -> argparse.ArgumentParser:
     lq = sub.add_parser("toy-lq", help="credit quality of each learning rule on the toy LQ "
                         "problem")
     lq.add_argument("--rules", default="", help="comma-separated variants (default: dfa, "
@@ -288,19 +288,36 @@ def build_parser() -> argparse.ArgumentParser:
                     help="processes, one run each (default: the cores available)")
     lq.add_argument("--out", default="toy-lq.jsonl")
     lq.set_defaults(func=_cmd_toy_lq)
+    return lq
 
+
+def _add_report(sub: Any) -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="report.md, report.csv and PNG plots from records only")
     r.add_argument("directory", help="a folder of *.jsonl records (searched recursively)")
     r.add_argument("--out", default=None, help="output folder (default: the records folder)")
     r.set_defaults(func=_cmd_report)
+    return r
 
-    _add_perf_parser(sub)
 
+def _add_list(sub: Any) -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list registered optimizers, tasks, models, problems")
     ls.set_defaults(func=_cmd_list)
+    return ls
 
-    for sp in (t, q, s, b, w, lq):
-        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+# sub-commands with progress bars (they take --quiet) and those without
+WITH_PROGRESS = (_add_train, _add_compare_quant, _add_stress, _add_bench, _add_sweep, _add_toy_lq)
+QUIET = (_add_export, _add_report, _add_perf_parser, _add_list)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``chimera`` command."""
+    p = argparse.ArgumentParser(prog="chimera", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in WITH_PROGRESS:
+        add(sub).add_argument("--quiet", action="store_true", help="no progress bars")
+    for add in QUIET:
+        add(sub)
     return p
 
 
