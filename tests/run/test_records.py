@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from chimera.run.records import RecordWriter, read_records, to_columns
+from chimera.run.records import RecordWriter, read_records
 from chimera.run.spec import RunSpec
 
 
@@ -21,7 +21,6 @@ def test_writer_flushes_each_record_and_reader_round_trips(tmp_path):
     assert recs[1] == {"run_id": "a", "seed": 3, "record_type": "final", "loss": None,
                        "acc": None}
     assert read_records(path, record_type="final") == [recs[1]]
-    assert to_columns(recs, ["step", "seed"]) == {"step": [1, None], "seed": [None, 3]}
 
 
 def test_unknown_record_type_rejected(tmp_path):

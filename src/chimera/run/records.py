@@ -106,10 +106,3 @@ def read_records(
             if record_type is None or rec.get("record_type") == record_type:
                 out.append(rec)
     return out
-
-
-def to_columns(records: list[dict[str, Any]], keys: Iterable[str] | None = None) -> dict[str, list]:
-    """A pandas-free table: ``{column: [values...]}``; missing values are None."""
-    if keys is None:
-        keys = list(dict.fromkeys(k for r in records for k in r))
-    return {k: [r.get(k) for r in records] for k in keys}
