@@ -116,3 +116,41 @@ def test_every_parameter_of_a_ternary_cnn1d_gets_gradient(mode, skip):
     model = ternarize(CNN1d((40,), 10, channels=8), mode, skip=skip)
     assert sum(isinstance(m, BitConv1d) for m in model.modules()) == (3 if skip == () else 2)
     assert_every_parameter_gets_gradient(model, torch.randn(6, 40), 10)
+
+
+@pytest.mark.parametrize("name", QUANTIZERS.names())
+def test_every_config_round_trips_through_a_plain_dict(name):
+    from chimera.nn.quantize import quantizer_config
+
+    config = quantizer_config(name, skip=["last"])
+    data = config.to_dict()
+    assert data["quantizer"] == name and data["skip"] == ("last",)
+    assert quantizer_config(**data) == config
+
+
+@pytest.mark.parametrize(("name", "hparams", "message"), [
+    ("chimera", {"alpha_target": -0.1}, "alpha_target"),
+    ("chimera", {"stat_mode": "mode"}, "stat_mode"),
+    ("strict_bitnet", {"group_size": 8}, r"unknown quant_hparams \['group_size'\]"),
+    ("int_ternary", {"group_size": 0}, "group_size"),
+    ("int_ternary", {"alpha_target": 0.5}, "allowed: skip, group_size, act_quant"),
+    ("fp32", {"alpha_target": 0.5}, "allowed: skip"),
+    ("chimera", {"skip": [1]}, "skip must be a layer name"),
+])
+def test_configs_validate_themselves_when_built(name, hparams, message):
+    from chimera.nn.quantize import quantizer_config
+
+    with pytest.raises(ValueError, match=message):
+        quantizer_config(name, **hparams)
+
+
+def test_quantize_takes_a_config_and_ternarize_is_its_one_line_form():
+    from chimera.nn.quantize import TernaryConfig, quantize_
+
+    a = quantize_(mlp(), TernaryConfig(quantizer="strict_bitnet", alpha_target=0.4))
+    b = ternarize(mlp(), "strict_bitnet", alpha_target=0.4)
+    assert [type(m) for m in a.modules()] == [type(m) for m in b.modules()]
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                 b.state_dict().values(), strict=True))
+    with pytest.raises(ValueError, match="config must be a quantizer config"):
+        quantize_(mlp(), "chimera")
