@@ -24,10 +24,10 @@ def test_every_public_name_exists_and_is_documented(name):
 
 
 def test_the_names_users_reach_for_first():
+    from torch import nn
+
     from chimera import STAC, BitLinear, Chimera21, ScaledOptum, quantize_, ternarize
     from chimera.quant import ternary_stats
-
-    from torch import nn
 
     assert callable(ternary_stats)
     model = quantize_(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)),
