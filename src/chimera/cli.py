@@ -91,7 +91,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_compare_quant(args: argparse.Namespace) -> None:
-    from chimera.bench.jobs.compare_quant import quant_specs, quant_table, run_compare_quant
+    from chimera.bench.jobs.compare_quant import quant_specs, run_compare_quant
+    from chimera.bench.report.tables import quant_table
     from chimera.run.records import RecordWriter
 
     specs = quant_specs(args.task, args.model, _csv(args.modes), _seeds(args.seeds), args.epochs)
@@ -110,7 +111,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_stress(args: argparse.Namespace) -> None:
-    from chimera.bench.jobs.stress import run_stress, stress_table
+    from chimera.bench.jobs.stress import run_stress
+    from chimera.bench.report.tables import stress_table
     from chimera.run.records import RecordWriter
 
     with RecordWriter(args.out) as writer:
@@ -137,7 +139,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
-    from chimera.bench.suite.schema import run_sweep
+    from chimera.bench.suite.execute import run_sweep
 
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
@@ -153,7 +155,8 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_toy_lq(args: argparse.Namespace) -> None:
-    from chimera.bench.jobs.toy_lq import DEFAULT_W_STD, run_toy_lq, toy_lq_table
+    from chimera.bench.jobs.toy_lq import DEFAULT_W_STD, run_toy_lq
+    from chimera.bench.report.tables import toy_lq_table
     from chimera.run.records import RecordWriter
 
     start = time.perf_counter()

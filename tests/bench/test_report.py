@@ -4,12 +4,9 @@ import shutil
 
 import pytest
 
-from chimera.bench.report.write import (
-    collect_configurations,
-    record_files,
-    seed_stats,
-    write_report,
-)
+from chimera.bench.report.stats import STAT_KEYS, seed_stats, summarize
+from chimera.bench.report.tables import stress_table
+from chimera.bench.report.write import collect_configurations, record_files, write_report
 from chimera.run.records import RecordWriter, read_records
 
 T_975_2 = 4.302652729749464  # Student t quantile t(0.975, 2 dof), from a table
@@ -84,6 +81,22 @@ def test_seed_stats_by_hand():
     assert seed_stats([1.0, 2.0, 4.0], 0.9)["ci_high"] < seed_stats([1.0, 2.0, 4.0])["ci_high"]
     with pytest.raises(ValueError, match="confidence"):
         seed_stats([1.0, 2.0], confidence=1.0)
+
+
+def test_summary_tables_and_report_share_one_statistics_path(records):
+    recs = read_records(record_files(records))
+    finals = [r for r in recs if r["record_type"] == "final"]
+    metrics = ["test_accuracy", "quant_global_effective_bits", "final_loss"]
+    summary = {row["config_id"]: row for row in summarize(finals, ["config_id"], metrics)}
+    for c in collect_configurations(recs):
+        row = c.row(metrics)
+        assert summary[c.config_id]["seeds"] == row["seeds"] == c.seeds
+        for m in metrics:
+            for k in STAT_KEYS:
+                assert summary[c.config_id][f"{m}_{k}"] == row[f"{m}_{k}"], (c.config_id, m, k)
+    table = stress_table([f for f in finals if f["task"].startswith("stress/")])
+    assert table.splitlines()[2] == ("| regression | sgd       | 1     | 0.25 ± 0   "
+                                     "| 400            | 64          | -         |")
 
 
 def test_configurations_group_runs_and_flag_gaps(records):

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from chimera.bench.jobs.toy_lq import DEFAULT_W_STD, run_toy_lq, toy_lq_table
+from chimera.bench.jobs.toy_lq import DEFAULT_W_STD, run_toy_lq
+from chimera.bench.report.tables import toy_lq_table
 from chimera.data.toy_lq import make_toy_lq, toy_lq_loss
 from chimera.rules import exact_costates
 from chimera.rules.base import residual_states

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from chimera.bench.report.stats import format_table, pm, summarize
 from chimera.data import load_task
 from chimera.registry import Registry
 from chimera.run.records import RecordWriter
@@ -48,26 +47,6 @@ def quant_specs(
         for m in modes
         for seed in seeds
     ]
-
-
-def quant_table(finals: list[dict[str, Any]]) -> str:
-    """Accuracy, effective bits, zero ratio and optimizer bytes per parameter per mode."""
-    rows = summarize(finals, ["task", "model", "quantizer", "optimizer"],
-                     ["test_accuracy", "quant_global_effective_bits", "quant_global_zero_ratio",
-                      "state_bytes_per_param", "ternary_state_bytes_per_weight", "train_time_s"])
-    return format_table(rows, [
-        ("task", lambda r: r["task"]),
-        ("model", lambda r: r["model"]),
-        ("mode", lambda r: r["quantizer"]),
-        ("optimizer", lambda r: r["optimizer"]),
-        ("seeds", lambda r: ",".join(map(str, r["seeds"]))),
-        ("test acc (%)", lambda r: pm(r, "test_accuracy", ".1f", 100)),
-        ("effective bits", lambda r: pm(r, "quant_global_effective_bits", ".3f")),
-        ("zero ratio", lambda r: pm(r, "quant_global_zero_ratio", ".3f")),
-        ("opt state B/param", lambda r: f"{r['state_bytes_per_param_mean']:.2f}"),
-        ("int state B/ternary weight", lambda r: pm(r, "ternary_state_bytes_per_weight", ".2f")),
-        ("train time (s)", lambda r: f"{r['train_time_s_mean']:.1f}"),
-    ])
 
 
 def run_compare_quant(

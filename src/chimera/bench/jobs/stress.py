@@ -14,7 +14,6 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from chimera.bench.report.stats import format_table, pm, summarize
 from chimera.data.stress import STRESS, make_stress_problem
 from chimera.optim import build_optimizer, optimizer_state_memory_summary
 from chimera.registry import Registry
@@ -109,19 +108,3 @@ def run_stress(
         run_stress_one(p, c, s, steps, writer)
         for p, c, s in tqdm(grid, desc="stress", disable=not progress, leave=False)
     ]
-
-
-def stress_table(finals: list[dict[str, Any]]) -> str:
-    """Final loss mean ± std over seeds, median step time, state bytes and collision score."""
-    rows = summarize(finals, ["problem", "config"],
-                     ["final_loss", "median_step_time_s", "optimizer_state_bytes",
-                      "collision_score"])
-    return format_table(rows, [
-        ("problem", lambda r: r["problem"]),
-        ("optimizer", lambda r: r["config"]),
-        ("seeds", lambda r: len(r["seeds"])),
-        ("final loss", lambda r: pm(r, "final_loss", ".4g")),
-        ("step time (µs)", lambda r: f"{r['median_step_time_s_mean'] * 1e6:.0f}"),
-        ("state bytes", lambda r: f"{r['optimizer_state_bytes_mean']:.0f}"),
-        ("collision", lambda r: pm(r, "collision_score", ".3f")),
-    ])

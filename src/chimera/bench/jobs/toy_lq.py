@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from chimera.bench.report.stats import format_table, pm, summarize
 from chimera.bench.suite.execute import run_calls
 from chimera.data.toy_lq import make_toy_lq, toy_lq_loss
 from chimera.registry import Registry
@@ -111,25 +110,3 @@ def run_toy_lq(rules: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1,
         raise ValueError("run_toy_lq writes its own identity fields; pass a plain RecordWriter")
     calls = [(_run_into, (path, v, s, steps, w_std)) for v in variants for s in seeds]
     return run_calls(calls, workers, progress, desc="toy-lq")
-
-
-def toy_lq_table(finals: list[dict[str, Any]]) -> str:
-    """docs/algorithms.md#toy-lq table: mean ± std over seeds of costate cosine, perturbation rho,
-    nudging, plus
-    the bridge residual and wall time per run; a last line gives the reference cosine of
-    broadcasting the exact terminal costate λ_L to every layer."""
-    rows = summarize(finals, ["variant"], ["costate_cosine", "perturbation_rho", "nudging",
-                                           "bridge_residual", "train_time_s",
-                                           "terminal_broadcast_cosine"])
-    table = format_table(rows, [
-        ("rule", lambda r: r["variant"]),
-        ("seeds", lambda r: len(r["seeds"])),
-        ("costate cosine", lambda r: pm(r, "costate_cosine", ".3f")),
-        ("perturbation rho", lambda r: pm(r, "perturbation_rho", ".3f")),
-        ("nudging", lambda r: pm(r, "nudging", ".3f")),
-        ("bridge residual", lambda r: pm(r, "bridge_residual", ".2g")),
-        ("time/run (s)", lambda r: f"{r['train_time_s_mean']:.0f}"),
-    ])
-    ref = [r["terminal_broadcast_cosine_mean"] for r in rows]
-    return table + f"\nreference: a_l = λ_L (exact terminal costate) gives costate cosine " \
-                   f"{sum(ref) / len(ref):.3f}"
