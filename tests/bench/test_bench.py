@@ -1,7 +1,7 @@
 from chimera.bench.jobs.bench import bench_suite, run_bench
 from chimera.bench.jobs.stress import STRESS_CONFIGS
-from chimera.bench.suite.execute import run_specs
-from chimera.bench.suite.schema import build_suite
+from chimera.bench.suite.execute import run_calls, spec_call
+from chimera.bench.suite.schema import load_suite
 from chimera.cli import main
 from chimera.data.stress import STRESS
 from chimera.run.records import read_records
@@ -14,7 +14,7 @@ def test_bench_smoke_writes_records_summary_and_report(tmp_path):
     stress = read_records(tmp_path / "stress.jsonl", record_type="final")
     assert len(stress) == len(STRESS.names()) * len(STRESS_CONFIGS.names())
     assert {r["steps"] for r in stress} == {12}
-    suite = build_suite(bench_suite())
+    suite = load_suite(bench_suite())
     for grid in suite.grids:  # one record file per run of one seed, in the grid's folder
         finals = read_records(tmp_path / grid.name, record_type="final")
         assert len(finals) == len({s.config_id for s in grid.specs})
@@ -56,8 +56,10 @@ def test_bench_command_runs_another_suite(tmp_path, capsys):
 def test_worker_pool_gives_the_same_results_as_one_process(tmp_path):
     specs = [RunSpec("digits", "mlp", "adamw", seed=s, epochs=1, batch_size=64,
                      optimizer_hparams={"lr": 1e-2}) for s in (0, 1)]
-    serial = run_specs(specs, tmp_path / "a", workers=1, progress=False)
-    pooled = run_specs(specs, tmp_path / "b", workers=2, progress=False)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    serial = run_calls([spec_call(s, tmp_path / "a") for s in specs], workers=1, progress=False)
+    pooled = run_calls([spec_call(s, tmp_path / "b") for s in specs], workers=2, progress=False)
     assert [r["test_loss"] for r in serial] == [r["test_loss"] for r in pooled]
     assert [r["seed"] for r in pooled] == [0, 1]
     assert len(list((tmp_path / "b").glob("*.jsonl"))) == 2

@@ -1,6 +1,8 @@
 """Multi-grid suites: [[grid]] sections, [stress] and [toy_lq], the packaged bench suite."""
 
+import hashlib
 import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +11,9 @@ from chimera.bench.jobs.bench import bench_suite, override_suite
 from chimera.bench.jobs.compare_quant import quant_specs
 from chimera.bench.jobs.toy_lq import DEFAULT_VARIANTS
 from chimera.bench.report.write import write_report
-from chimera.bench.suite import execute as pool
-from chimera.bench.suite.schema import build_suite, read_suite, run_suite, run_sweep
+from chimera.bench.suite import execute
+from chimera.bench.suite.execute import run_suite, run_sweep
+from chimera.bench.suite.schema import load_suite
 from chimera.run.records import read_records
 
 TINY_RESMLP = {"d_hidden": 8, "num_blocks": 1}
@@ -78,7 +81,7 @@ def suite_file(tmp_path, text=MULTI):
 
 
 def test_packaged_bench_suite_validates_and_keeps_the_bench_runs():
-    suite = build_suite(bench_suite())
+    suite = load_suite(bench_suite())
     grids = {g.name: g for g in suite.grids}
     assert list(grids) == ["digits", "mnist1d", "quant", "rules"]
     for name, ids in BENCH_CONFIG_IDS.items():
@@ -93,8 +96,22 @@ def test_packaged_bench_suite_validates_and_keeps_the_bench_runs():
     assert suite.toy_lq.rules == DEFAULT_VARIANTS and suite.toy_lq.seeds == (0, 1, 2)
 
 
+def test_bench_suite_keeps_the_run_ids_of_the_hand_written_validator():
+    """Run ids computed by the validator before the typed schema (same specs, same ids)."""
+    ids = [s.run_id for s in load_suite(bench_suite()).specs]
+    assert len(ids) == 45
+    assert hashlib.sha1("\n".join(ids).encode()).hexdigest() == (
+        "3b32252308b324114ad391979b7f62cae6e018a1")
+    assert {"digits-mlp-adamw-4459a905-s0", "mnist1d-cnn-adamw-04ef176c-s1",
+            "mnist1d-mlp-adamw-dccec14d-s2", "mnist1d-cnn-scaled_optum-710a5bb3-s2",
+            "mnist1d-resmlp-adamw-f5d1f101-s0"} <= set(ids)
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    assert load_suite(configs / "cifar10_resnet20.toml").specs[0].run_id == (
+        "cifar10-resnet20-adamw-c9cf4a4f-s0")
+
+
 def test_grids_inherit_top_level_groups_and_share_sections_by_name(tmp_path):
-    suite = read_suite(suite_file(tmp_path))
+    suite = load_suite(suite_file(tmp_path))
     assert [(g.name, g.title) for g in suite.grids] == [("opt", "Optimizers"), ("rules", "rules")]
     opt, rules = suite.grids
     assert [(s.model, s.optimizer, s.optimizer_hparams, s.epochs) for s in opt.specs] == [
@@ -107,26 +124,37 @@ def test_grids_inherit_top_level_groups_and_share_sections_by_name(tmp_path):
 
 
 @pytest.mark.parametrize(("old", "new", "message"), [
-    ('name = "opt"\ntitle', "title", r"\[\[grid\]\] #1: every \[\[grid\]\] needs a name"),
+    ('name = "opt"\ntitle', "title", r"\[\[grid\]\] #1: name: Field required$"),
+    ('name = "opt"\ntitle', 'name = "o pt"\ntitle', r"\[\[grid\]\] #1 'o pt': name: a \[\[grid\]\] "
+     r"name is letters, digits, '_', '.', '-'"),
     ('name = "rules"\nmodel = "resmlp"', 'name = "rules"\nmodels = []',
-     r"\[\[grid\]\] #3 'rules': models must be a non-empty list"),
-    ('name = "opt"\nmodel =', 'name = "opt"\nmodle =', r"\['modle'\] in .*\]\] #2 'opt'; allowed"),
+     r"\[\[grid\]\] #3 'rules': models: List should have at least 1 item"),
+    ('name = "opt"\nmodel =', 'name = "opt"\nmodle =',
+     r"\]\] #2 'opt': unknown key\(s\) \['modle'\]; allowed"),
+    ("epochs = 2", 'epochs = "2"',
+     r"\]\] #2 'opt': epochs: Input should be a valid integer, got '2'"),
+    ("epochs = 2", 'device = "gpu"', r"\]\] #2 'opt': device: device must be 'cpu', 'cuda' or"),
+    ("d_hidden = 8, num_blocks = 1 }\nepochs", "d_hidden = 8.0, num_blocks = 1 }\nepochs",
+     r"\]\] #2 'opt': model_hparams: d_hidden of model 'resmlp': Input should be a valid integer"),
+    ("[stress]", "[stress]\nseeds = [1, 1]", r"\[stress\]: seeds: entries must be distinct"),
+    ('configs = ["sgd", "adamw"]', "configs = []", r"\[stress\]: configs: List should have at"),
     ('"rules"\nmodel = "resmlp"\nmodel_hparams = { d_hidden = 8, num_blocks = 1 }', '"rules"',
      "#3 'rules': run digits-mlp-adamw-.*-s0: a learning rule needs a residual model"),
-    ('"regression"]', '"ridge"]', r"problems in \[stress\].*unknown stress problem 'ridge'"),
-    ('rules = ["dfa"]', 'rules = ["hebb"]', r"rules in \[toy_lq\].*unknown toy LQ variant"),
-    ("steps = 3", "steps = 0", r"steps in \[toy_lq\].* must be a positive integer, got 0"),
-    ("[toy_lq]", "[toy_lq]\nsteps_ = 1", r"unknown key\(s\) \['steps_'\] in \[toy_lq\]"),
+    ('"regression"]', '"ridge"]', r"\[stress\]: problems.0: unknown stress problem 'ridge'"),
+    ('rules = ["dfa"]', 'rules = ["hebb"]', r"\[toy_lq\]: rules.0: unknown toy LQ variant"),
+    ("steps = 3", "steps = 0", r"\[toy_lq\]: steps: Input should be greater than or equal to 1"),
+    ("[toy_lq]", "[toy_lq]\nsteps_ = 1", r"\[toy_lq\]: unknown key\(s\) \['steps_'\]; allowed"),
 ])
 def test_multi_grid_rejections_name_the_section(old, new, message, tmp_path, monkeypatch):
     def no_run(*args, **kwargs):
         raise AssertionError("a run started")
 
-    monkeypatch.setattr(pool, "_run_one", no_run)
+    monkeypatch.setattr(execute, "_run_one", no_run)
     assert old in MULTI
-    with pytest.raises(ValueError, match=message):
-        run_sweep(suite_file(tmp_path, MULTI.replace(old, new, 1)), tmp_path / "out",
-                  workers=1, progress=False)
+    path = suite_file(tmp_path, MULTI.replace(old, new, 1))
+    with pytest.raises(ValueError, match=message) as error:
+        run_sweep(path, tmp_path / "out", workers=1, progress=False)
+    assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)
     assert not (tmp_path / "out").exists()
 
 
@@ -134,8 +162,8 @@ def test_conflicting_titles_and_files_without_grids():
     data = tomllib.loads(MULTI)
     data["grid"][1]["title"] = "Other"
     with pytest.raises(ValueError, match="grids named 'opt' have different titles"):
-        build_suite(data)
-    only = build_suite({"seeds": [0, 1], "stress": {"steps": 5}})
+        load_suite(data)
+    only = load_suite({"seeds": [0, 1], "stress": {"steps": 5}})
     assert only.grids == () and only.stress.seeds == (0, 1) and only.toy_lq is None
 
 
@@ -180,7 +208,7 @@ def test_multi_grid_suite_runs_end_to_end_and_resumes(tmp_path, one_thread):
 def test_sections_are_rewritten_without_resume(tmp_path, one_thread):
     data = tomllib.loads(MULTI)
     data["grid"] = data["grid"][:1]
-    suite = build_suite(data)
+    suite = load_suite(data)
     run_suite(suite, tmp_path, workers=1, progress=False, resume=False)
     run_suite(suite, tmp_path, workers=1, progress=False, resume=False)
     assert len(read_records(tmp_path / "stress.jsonl", record_type="final")) == 2
@@ -191,14 +219,15 @@ def test_sections_are_rewritten_without_resume(tmp_path, one_thread):
 def test_override_suite_sets_seeds_epochs_and_steps():
     data = override_suite(bench_suite(), seeds=[4], epochs=2, quant_epochs=3, rule_epochs=5,
                           stress_steps=7, toy_lq_steps=9)
-    suite = build_suite(data)
+    suite = load_suite(data)
     epochs = {g.name: {s.epochs for s in g.specs} for g in suite.grids}
     assert epochs == {"digits": {2}, "mnist1d": {2}, "quant": {3}, "rules": {5}}
     assert {s.seed for s in suite.specs} == {4}
     assert (suite.stress.steps, suite.stress.seeds) == (7, (4,))
     assert (suite.toy_lq.steps, suite.toy_lq.seeds) == (9, (4,))
-    kept = build_suite(override_suite(bench_suite(), quant_epochs=3))
+    kept = load_suite(override_suite(bench_suite(), quant_epochs=3))
     assert {g.name: g.specs[0].epochs for g in kept.grids} == {
         "digits": 20, "mnist1d": 50, "quant": 3, "rules": 10}
-    with pytest.raises(ValueError, match="epochs must be a positive integer"):
-        build_suite(override_suite(bench_suite(), epochs=0))
+    with pytest.raises(ValueError, match=r"\[\[grid\]\] #1 'digits': epochs: Input should be "
+                       "greater than or equal to 1, got 0"):
+        load_suite(override_suite(bench_suite(), epochs=0))

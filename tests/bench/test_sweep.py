@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from chimera.bench.suite import execute as pool
-from chimera.bench.suite.schema import expand_suite, load_suite, run_sweep
+from chimera.bench.suite import execute
+from chimera.bench.suite.execute import run_sweep
+from chimera.bench.suite.schema import load_suite
 from chimera.models import MODELS
 from chimera.run.records import read_records
 
@@ -56,28 +57,28 @@ def write(tmp_path, text, name="suite.toml"):
 
 
 def test_grid_expansion(tmp_path):
-    specs = load_suite(write(tmp_path, SUITE))
+    specs = load_suite(write(tmp_path, SUITE)).specs
     assert [(s.quantizer, s.seed, s.epochs, s.batch_size) for s in specs] == [
         ("fp32", 0, 8, 32), ("chimera", 0, 8, 32)]
     assert specs[1].controller["target_bits"] == 1.32 and specs[0].controller is None
     assert specs[0].optimizer_hparams == {"lr": 1e-2} and specs[0].lr_schedule == "cosine"
-    grid = expand_suite({"tasks": ["digits", "mnist1d"], "models": ["mlp", "cnn"],
-                         "optimizers": ["adamw", {"name": "sgd", "lr": 0.1, "momentum": 0.9}],
-                         "quantizers": ["fp32", "strict_bitnet"], "seeds": [0, 1, 2]})
+    grid = load_suite({"tasks": ["digits", "mnist1d"], "models": ["mlp", "cnn"],
+                       "optimizers": ["adamw", {"name": "sgd", "lr": 0.1, "momentum": 0.9}],
+                       "quantizers": ["fp32", "strict_bitnet"], "seeds": [0, 1, 2]}).specs
     assert len(grid) == 2 * 2 * 2 * 2 * 3 == len({s.run_id for s in grid})
 
 
 def test_rule_axis_expands_with_its_hyper_parameters():
     tiny = {"d_hidden": 8, "num_blocks": 1}
-    specs = expand_suite({**BASE, "model": "resmlp", "model_hparams": tiny, "seeds": [0, 1],
-                          "rules": ["backprop", {"name": "state_bridge", "K": 2}, "dfa"]})
+    specs = load_suite({**BASE, "model": "resmlp", "model_hparams": tiny, "seeds": [0, 1],
+                        "rules": ["backprop", {"name": "state_bridge", "K": 2}, "dfa"]}).specs
     assert [(s.rule, s.rule_hparams, s.seed) for s in specs] == [
         ("backprop", {}, 0), ("backprop", {}, 1), ("state_bridge", {"K": 2}, 0),
         ("state_bridge", {"K": 2}, 1), ("dfa", {}, 0), ("dfa", {}, 1)]
-    shared = expand_suite({**BASE, "model": "resmlp", "model_hparams": tiny,
-                           "rules": ["state_bridge", "credit_bridge"], "rule_hparams": {"K": 2}})
-    assert [s.rule_hparams for s in shared] == [{"K": 2}, {"K": 2}]
-    assert expand_suite(BASE)[0].rule == "backprop"  # no rule: backprop
+    shared = load_suite({**BASE, "model": "resmlp", "model_hparams": tiny,
+                         "rules": ["state_bridge", "credit_bridge"], "rule_hparams": {"K": 2}})
+    assert [s.rule_hparams for s in shared.specs] == [{"K": 2}, {"K": 2}]
+    assert load_suite(BASE).specs[0].rule == "backprop"  # no rule: backprop
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
@@ -85,49 +86,117 @@ def test_shipped_configs_parse(path):
     model = tomllib.loads(path.read_text(encoding="utf-8"))["model"]
     if model not in MODELS.names():
         pytest.skip(f"model {model!r} is not registered yet")
-    specs = load_suite(path)
+    specs = load_suite(path).specs
     assert {s.quantizer for s in specs} == {"fp32", "chimera"} and len(specs) == 6
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"optimiser": "adamw"}, r"unknown key\(s\) \['optimiser'\].*allowed: name, task"),
-    ({"quantizers": [{"mode": "chimera", "alpha": 1}]}, r"unknown key\(s\) \['alpha'\]"),
-    ({"task": "imagenet"}, "unknown task 'imagenet'; known:"),
-    ({"model": "vit"}, "unknown model 'vit'"),
-    ({"optimizer": "adamx"}, "unknown optimizer 'adamx'"),
-    ({"quantizer": "binary"}, "unknown quantizer 'binary'"),
+    ({"optimiser": "adamw"}, r"suite.toml: unknown key\(s\) \['optimiser'\]; allowed: name, title"),
+    ({"quantizers": [{"mode": "chimera", "alpha": 1}]},
+     r"quantizers.0: unknown key\(s\) \['alpha'\]; allowed: mode, quant_hparams, controller"),
+    ({"task": "imagenet"}, "task: unknown task 'imagenet'; known:"),
+    ({"model": "vit"}, "model: unknown model 'vit'"),
+    ({"optimizer": "adamx"}, "optimizer: unknown optimizer 'adamx'"),
+    ({"quantizer": "binary"}, "quantizer: unknown quantizer 'binary'"),
     ({"rule": "dfa"}, "needs a residual model .*MLP has no stem"),
     ({"rule": "hebb"}, "rule: unknown learning rule 'hebb'; known:"),
-    ({"rules": ["backprop", "hebb"]}, "rules: unknown learning rule 'hebb'"),
+    ({"rules": ["backprop", "hebb"]}, "rules.1: unknown learning rule 'hebb'"),
     ({"rule": "backprop", "rule_hparams": {"K": 2}}, "'backprop' takes no rule_hparams"),
     ({"model": "resmlp", "rule": "dfa", "rule_hparams": {"K": 2}}, "no hyper-parameter K"),
     ({"model": "resmlp", "rules": [{"name": "state_bridge", "K": 0}]}, "K must be an integer"),
-    ({"precision": "fp16"}, "precision must be one of"),
-    ({"epochs": 0}, "epochs must be a positive integer"),
-    ({"batch_size": 0}, "batch_size must be a positive integer"),
-    ({"seeds": [0, 0]}, "seeds must be"),
-    ({"seeds": [-1]}, "seeds must be"),
-    ({"seeds": "0"}, "seeds must be"),
-    ({"lr_schedule": "step"}, "lr_schedule must be one of"),
+    ({"precision": "fp16"}, "precision: Input should be 'fp32' or 'bf16', got 'fp16'"),
+    ({"epochs": 0}, "epochs: Input should be greater than or equal to 1, got 0"),
+    ({"batch_size": 0}, "batch_size: Input should be greater than or equal to 1"),
+    ({"seeds": [0, 0]}, r"seeds: entries must be distinct, got \[0, 0\]"),
+    ({"seeds": [-1]}, "seeds.0: Input should be greater than or equal to 0, got -1"),
+    ({"seeds": "0"}, "seeds: Input should be a valid list, got '0'"),
+    ({"lr_schedule": "step"}, "lr_schedule: Input should be 'constant' or 'cosine'"),
     ({"optimizer_hparams": {"lr": 1e-3, "gamma": 2}}, "gamma"),
     ({"optimizer_hparams": {"lr": -1.0}}, "(?i)invalid learning rate"),
-    ({"model_hparams": {"width": 3}}, r"unknown key\(s\) \['width'\] in model_hparams"),
+    ({"model_hparams": {"width": 3}},
+     r"model_hparams: unknown key\(s\) \['width'\] for model 'mlp'; allowed: hidden: int"),
     ({"quantizer": "fp32", "controller": {"target_bits": 1.32}}, "BitLinear"),
     ({"quantizer": "int_ternary"}, "scaled_optum"),
-    ({"task": None, "tasks": []}, "tasks must be a non-empty list"),
+    ({"task": None, "tasks": []}, "tasks: List should have at least 1 item"),
     ({"task": None}, "exactly one of 'task' and 'tasks'"),
 ])
 def test_rejections_raise_before_any_run(change, message, tmp_path, monkeypatch):
     def no_run(*args, **kwargs):
         raise AssertionError("a run started")
 
-    monkeypatch.setattr(pool, "_run_one", no_run)
+    monkeypatch.setattr(execute, "_run_one", no_run)
     suite = {**BASE, **change}
     lines = [f"{k} = {_toml(v)}" for k, v in suite.items() if v is not None]
     path = write(tmp_path, "\n".join(lines))
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as error:
         run_sweep(path, tmp_path / "out", workers=1, progress=False)
+    assert str(error.value).startswith(f"{path}") and "\n" not in str(error.value)
     assert not (tmp_path / "out").exists()
+
+
+# new rejections of the typed schema: each names its key, in one line
+@pytest.mark.parametrize(("change", "message"), [
+    ({"epochs": "3"}, "^suite.toml: epochs: Input should be a valid integer, got '3'$"),
+    ({"epochs": 3.0}, "^suite.toml: epochs: Input should be a valid integer, got 3.0$"),
+    ({"log_every": True}, "^suite.toml: log_every: Input should be a valid integer, got True$"),
+    ({"task": 1}, "^suite.toml: task: Input should be a valid string, got 1$"),
+    ({"title": ["a"]}, "^suite.toml: title: Input should be a valid string$"),
+    ({"seeds": [0, 1, 0]}, r"^suite.toml: seeds: entries must be distinct, got \[0, 1, 0\]$"),
+    ({"seeds": []}, "^suite.toml: seeds: List should have at least 1 item after validation"),
+    ({"seeds": [0.0]}, "^suite.toml: seeds.0: Input should be a valid integer, got 0.0$"),
+    ({"task": None, "tasks": ["digits", "digits"]}, "^suite.toml: tasks: entries must be distinct"),
+    ({"model": None, "models": []}, "^suite.toml: models: List should have at least 1 item"),
+    ({"optimizer": None, "optimizers": []}, "^suite.toml: optimizers: List should have at least"),
+    ({"quantizers": []}, "^suite.toml: quantizers: List should have at least 1 item"),
+    ({"rules": []}, "^suite.toml: rules: List should have at least 1 item"),
+    ({"device": "tpu"},
+     "^suite.toml: device: device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'$"),
+    ({"device": "cuda:x"}, "^suite.toml: device: device must be 'cpu', 'cuda' or 'cuda:N'"),
+    ({"device": "cpu:0"}, "^suite.toml: device: device must be 'cpu', 'cuda' or 'cuda:N'"),
+    ({"device": "mps"}, "^suite.toml: device: device must be 'cpu', 'cuda' or 'cuda:N'"),
+    ({"device": 0}, "^suite.toml: device: Input should be a valid string, got 0$"),
+    ({"model_hparams": {"hidden": "3"}},
+     "^suite.toml: model_hparams: hidden of model 'mlp': Input should be a valid integer, got '3' "
+     r"\(allowed: hidden: int, depth: int\)$"),
+    ({"model_hparams": {"depth": 1.5}},
+     "^suite.toml: model_hparams: depth of model 'mlp': Input should be a valid integer, got 1.5"),
+    ({"model": None, "models": ["mlp", "cnn"], "model_hparams": {"hidden": 8}},
+     r"^suite.toml: model_hparams: unknown key\(s\) \['hidden'\] for model 'cnn'; allowed: "
+     "channels: int$"),
+    ({"model": "resnet20", "model_hparams": {"width": 2}},
+     r"model_hparams: unknown key\(s\) \['width'\] for model 'resnet20'; allowed: none$"),
+    ({"optimizer_hparams": {"lr": float("inf")}},
+     "^suite.toml: optimizer_hparams: lr must be a finite number, got inf$"),
+    ({"optimizer": None, "optimizers": [{"name": "sgd", "lr": float("nan")}]},
+     "^suite.toml: optimizers.0: lr must be a finite number, got nan$"),
+    ({"quantizer": "chimera", "controller": {"target_bits": float("inf")}},
+     "^suite.toml: controller: target_bits must be a finite number, got inf$"),
+    ({"optimizer": None, "optimizers": [{"lr": 1e-3}]}, "^suite.toml: optimizers.0.name: Field "
+                                                        "required$"),
+    ({"optimizer": None, "optimizers": [3]},
+     "^suite.toml: optimizers.0: must be a name or a table {name, <hyper-parameters>}$"),
+    ({"quantizers": [{"quant_hparams": {}}]}, "^suite.toml: quantizers.0.mode: Field required$"),
+    ({"quantizers": ["fp32", {"mode": "chimera", "controller": 3}]},
+     "^suite.toml: quantizers.1.controller: Input should be a table, got 3$"),
+    ({"quantizer": "chimera", "quant_hparams": {"warmup_steps": "x"}},
+     "^suite.toml: quant_hparams: warmup_steps must be an integer"),
+    ({"optimizer_hparams": 0.1},
+     "^suite.toml: optimizer_hparams: Input should be a table, got 0.1$"),
+    ({"stress": 3}, r"^suite.toml \[stress\]: Input should be a table, got 3$"),
+])
+def test_typed_schema_rejections_name_the_key(change, message):
+    suite = {k: v for k, v in {**BASE, **change}.items() if v is not None}
+    with pytest.raises(ValueError, match=message) as error:
+        load_suite(suite, "suite.toml")
+    assert "\n" not in str(error.value)
+
+
+def test_model_hparams_of_the_right_types_pass():
+    spec = load_suite({**BASE, "model": "resmlp", "device": "cpu",
+                       "model_hparams": {"d_hidden": 8, "num_blocks": 1}}).specs[0]
+    assert spec.model_hparams == {"d_hidden": 8, "num_blocks": 1}
+    cuda = load_suite({**BASE, "device": "cuda:1"}).specs[0]  # validated, not run
+    assert cuda.device == "cuda:1"
 
 
 def _toml(value):

@@ -10,6 +10,7 @@ written beside them.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import tomllib
 from collections.abc import Sequence
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from chimera.bench.report.write import write_report
-from chimera.bench.suite.schema import build_suite, read_toml, run_suite
+from chimera.bench.suite.execute import run_suite
+from chimera.bench.suite.schema import load_suite
 
 BENCH_SUITE = ("suites", "bench.toml")  # inside the chimera.bench package
 # The grids whose epochs --quant-epochs and --rule-epochs set (--epochs sets the others').
@@ -38,11 +40,14 @@ def override_suite(
 ) -> dict[str, Any]:
     """A copy of the parsed suite ``data`` with the bench's overrides (None: keep the suite's):
     ``seeds`` everywhere, ``quant_epochs`` / ``rule_epochs`` of the grids named ``quant`` /
-    ``rules``, ``epochs`` of the other grids, and the steps of ``[stress]`` / ``[toy_lq]``."""
+    ``rules``, ``epochs`` of the other grids, and the steps of ``[stress]`` / ``[toy_lq]``.
+    Tables of the wrong type are left for :func:`load_suite` to reject."""
     data = copy.deepcopy(data)
     grids = data.get("grid", [data])
+    grids = [g for g in grids if isinstance(g, dict)] if isinstance(grids, list) else []
+    sections = {k: data[k] for k in ("stress", "toy_lq") if isinstance(data.get(k), dict)}
     if seeds is not None:
-        for table in [data, *grids, *(data[k] for k in ("stress", "toy_lq") if k in data)]:
+        for table in [data, *grids, *sections.values()]:
             table.pop("seeds", None)
         data["seeds"] = list(seeds)
     for grid in grids:
@@ -51,8 +56,8 @@ def override_suite(
         if grid_epochs is not None:
             grid["epochs"] = grid_epochs
     for key, steps in (("stress", stress_steps), ("toy_lq", toy_lq_steps)):
-        if steps is not None and key in data:
-            data[key]["steps"] = steps
+        if steps is not None and key in sections:
+            sections[key]["steps"] = steps
     return data
 
 
@@ -75,12 +80,14 @@ def run_bench(
     Everything runs on one pool of ``workers`` processes (default: the cores available), one
     torch thread each; every record file is rewritten.
     """
-    data = bench_suite() if suite is None else read_toml(suite)
-    where = "the bench suite (chimera/bench/suites/bench.toml)" if suite is None else str(suite)
-    data = override_suite(data, seeds=seeds, epochs=epochs, quant_epochs=quant_epochs,
-                          rule_epochs=rule_epochs, stress_steps=stress_steps,
-                          toy_lq_steps=toy_lq_steps)
-    built = build_suite(data, where)
+    edit = functools.partial(override_suite, seeds=seeds, epochs=epochs,
+                             quant_epochs=quant_epochs, rule_epochs=rule_epochs,
+                             stress_steps=stress_steps, toy_lq_steps=toy_lq_steps)
+    if suite is None:
+        built = load_suite(bench_suite(), "the bench suite (chimera/bench/suites/bench.toml)",
+                           edit=edit)
+    else:
+        built = load_suite(suite, edit=edit)
     summary = run_suite(built, out, workers, progress, resume=False, desc=built.name or "bench")
     write_report(Path(out))
     return summary

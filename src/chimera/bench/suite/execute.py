@@ -1,4 +1,5 @@
-"""Run many jobs on a pool of worker processes; training runs get one record file each.
+"""Running suites: :func:`run_sweep` (``chimera sweep``) and :func:`run_suite` put every job of a
+suite on one pool of worker processes; training runs get one record file each.
 
 Each worker uses one torch thread (the models here are small: processes scale better than
 threads). Every run writes ``<out>/<run_id>.jsonl``. By default an existing file for that run is
@@ -15,14 +16,18 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
+from chimera.bench.report.tables import runs_table
 from chimera.run.records import RecordWriter, read_records
 from chimera.run.spec import RunSpec
 from chimera.run.trainer import train
+
+if TYPE_CHECKING:
+    from chimera.bench.suite.expand import Suite
 
 Call = tuple[Callable[..., Any], tuple[Any, ...]]  # (module-level function, its arguments)
 
@@ -61,7 +66,10 @@ def _run_one(spec_dict: dict[str, Any], path: str, checkpoint: str | None) -> di
 
 
 def spec_call(spec: RunSpec, out: str | os.PathLike, resume: bool = False) -> Call:
-    """The job that trains ``spec`` into ``<out>/<run_id>.jsonl`` (see :func:`run_specs`)."""
+    """The job that trains ``spec`` into ``<out>/<run_id>.jsonl`` (the folder must exist); with
+    ``resume`` it skips a finished run and continues an unfinished one from
+    ``<out>/checkpoints/<run_id>.pt``. Its result: the spec's fields merged with the final
+    metrics."""
     out = Path(out)
     checkpoint = str(out / "checkpoints" / f"{spec.run_id}.pt") if resume else None
     return _run_one, (spec.to_dict(), str(out / f"{spec.run_id}.jsonl"), checkpoint)
@@ -91,12 +99,56 @@ def run_calls(
     return results
 
 
-def run_specs(
-    specs: Sequence[RunSpec], out: str | os.PathLike, workers: int | None = None,
-    progress: bool = True, desc: str = "runs", resume: bool = False,
-) -> list[dict[str, Any]]:
-    """Train every spec (``workers`` processes; 1 = in this process) and return, in spec order,
-    each spec's fields merged with its final metrics. ``resume``: skip finished runs, continue
-    unfinished ones from ``<out>/checkpoints/<run_id>.pt``."""
-    Path(out).mkdir(parents=True, exist_ok=True)
-    return run_calls([spec_call(s, out, resume) for s in specs], workers, progress, desc)
+def _summary(suite: Suite, one_file: dict[str, list[dict[str, Any]]],
+             grid_results: list[list[dict[str, Any]]]) -> str:
+    """Per section a ``## heading`` and its table, in the order stress, grids, toy LQ."""
+    parts: list[tuple[str | None, str]] = []
+    if suite.stress is not None:
+        parts.append((suite.stress.heading(), suite.stress.table(one_file[suite.stress.file])))
+    parts += [(grid.heading(), runs_table(results))
+              for grid, results in zip(suite.grids, grid_results, strict=True)]
+    if suite.toy_lq is not None:
+        parts.append((suite.toy_lq.heading(), suite.toy_lq.table(one_file[suite.toy_lq.file])))
+    return "\n\n".join(table if heading is None else f"## {heading}\n\n{table}"
+                        for heading, table in parts) + "\n"
+
+
+def run_suite(
+    suite: Suite, out: str | os.PathLike, workers: int | None = None, progress: bool = True,
+    resume: bool = True, desc: str = "runs",
+) -> str:
+    """Run ``suite`` (from :func:`chimera.bench.suite.schema.load_suite`) into ``out`` on one
+    pool of ``workers`` processes (the stress and toy LQ sections as one job each, started
+    first) and return the summary (markdown: per section a ``## heading`` and its table), also
+    written to ``out/summary.md``.
+
+    ``resume``: skip finished training runs, continue interrupted ones from their checkpoints,
+    and reuse a stress / toy LQ file holding every final record of its section; otherwise every
+    record file is rewritten.
+    """
+    workers = resolve_workers(workers)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    one_file = [s for s in (suite.stress, suite.toy_lq) if s is not None]
+    done = {s.file: s.finished(out / s.file) if resume else None for s in one_file}
+    calls: list[Call] = [(s.run, (str(out / s.file),)) for s in one_file if done[s.file] is None]
+    for grid in suite.grids:
+        (out / grid.name).mkdir(parents=True, exist_ok=True)
+        calls += [spec_call(spec, out / grid.name, resume) for spec in grid.specs]
+    results = iter(run_calls(calls, workers, progress, desc))
+    finals = {s.file: done[s.file] or next(results) for s in one_file}
+    summary = _summary(suite, finals, [[next(results) for _ in g.specs] for g in suite.grids])
+    (out / "summary.md").write_text(summary, encoding="utf-8")
+    return summary
+
+
+def run_sweep(
+    path: str | os.PathLike, out: str | os.PathLike, workers: int | None = None,
+    progress: bool = True,
+) -> str:
+    """Run (or finish) the suite file at ``path`` into ``out`` (``chimera sweep``); returns the
+    summary, which is also written to ``out/summary.md``."""
+    # imported here: the suite schema imports the jobs, and a job (toy LQ) imports this pool
+    from chimera.bench.suite.schema import load_suite
+
+    return run_suite(load_suite(path), out, workers, progress, resume=True, desc=Path(path).stem)

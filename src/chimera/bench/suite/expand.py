@@ -1,0 +1,339 @@
+"""Expansion of a validated suite (:mod:`chimera.bench.suite.schema`) into its sections: the
+``[[grid]]`` tables inherit the top-level keys by groups, every grid becomes the run specs of
+tasks x models x optimizers x quantizers x rules x seeds, and every configuration is built once
+on a probe model, before anything runs (docs/suites.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch.nn.functional as F
+from torch import nn
+
+from chimera.bench.jobs.stress import run_stress
+from chimera.bench.jobs.toy_lq import run_toy_lq
+from chimera.bench.report.tables import stress_table, toy_lq_table
+from chimera.models import build_model
+from chimera.nn.quantize import AlphaControl, quantize_, quantizer_config
+from chimera.optim import build_optimizer
+from chimera.rules import build_rule
+from chimera.run.records import RecordWriter, read_records
+from chimera.run.spec import RunSpec
+
+if TYPE_CHECKING:
+    from chimera.bench.suite.schema import SuiteTable
+
+BUDGET_KEYS = ("epochs", "batch_size", "eval_batch_size", "lr_schedule", "device", "log_every",
+               "precision")
+# A [[grid]] that sets any key of a group replaces the whole top-level group: a choice and its
+# hyper-parameters go together. ``name`` and ``title`` are never inherited.
+INHERITED_GROUPS = (
+    ("task", "tasks"),
+    ("model", "models", "model_hparams"),
+    ("optimizer", "optimizers", "optimizer_hparams"),
+    ("quantizer", "quantizers", "quant_hparams", "controller"),
+    ("rule", "rules", "rule_hparams"),
+)
+PROBE_SHAPES = ((40,), (3, 8, 8))  # probe inputs for the real model: a sequence, then an image
+
+
+# --- sections ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GridSection:
+    """Training runs written to ``<out>/<name>/`` (``name`` '' for a one-grid suite: ``<out>``)."""
+
+    name: str
+    title: str | None
+    specs: tuple[RunSpec, ...]
+
+    def heading(self) -> str | None:
+        """``title (budget)``, or None for an untitled one-grid suite."""
+        if self.title is None:
+            return None
+
+        def values(field: str) -> str:
+            return "/".join(str(v) for v in dict.fromkeys(getattr(s, field) for s in self.specs))
+
+        epochs = values("epochs")
+        parts = [f"{epochs} epoch{'s' * (epochs != '1')}", f"batch {values('batch_size')}",
+                 f"{values('lr_schedule')} lr"]
+        if values("precision") != "fp32":
+            parts.append(values("precision"))
+        parts.append(f"seeds {sorted({s.seed for s in self.specs})}")
+        return f"{self.title} ({', '.join(parts)})"
+
+
+@dataclass(frozen=True)
+class OneFileSection:
+    """Generated problems run as one job into one record file (rewritten when rerun)."""
+
+    title: str
+    seeds: tuple[int, ...]
+    steps: int
+
+    file = ""
+
+    def run(self, path: str) -> list[dict[str, Any]]:
+        """Run the section into a fresh ``path``; returns its final records."""
+        Path(path).unlink(missing_ok=True)
+        with RecordWriter(path) as writer:
+            return self._run(writer)
+
+    def finished(self, path: Path) -> list[dict[str, Any]] | None:
+        """The final records of a complete earlier run of this section in ``path``, else None."""
+        finals = read_records(path, record_type="final") if path.exists() else []
+        same = Counter(self._key(f) for f in finals) == Counter(self._expected())
+        return finals if same else None
+
+    def heading(self) -> str:
+        return f"{self.title} ({self.steps} steps, seeds {list(self.seeds)})"
+
+    def _run(self, writer: RecordWriter) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def _key(self, final: dict[str, Any]) -> tuple:
+        raise NotImplementedError
+
+    def _expected(self) -> list[tuple]:
+        raise NotImplementedError
+
+    def table(self, finals: list[dict[str, Any]]) -> str:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class StressSection(OneFileSection):
+    """``[stress]``: problems x optimizer configurations x seeds (``chimera stress``)."""
+
+    problems: tuple[str, ...] = ()
+    configs: tuple[str, ...] = ()
+
+    file = "stress.jsonl"
+
+    def _run(self, writer: RecordWriter) -> list[dict[str, Any]]:
+        return run_stress(self.problems, self.configs, seeds=self.seeds, steps=self.steps,
+                          writer=writer, progress=False)
+
+    def _key(self, final: dict[str, Any]) -> tuple:
+        return final.get("problem"), final.get("config"), final.get("seed"), final.get("steps")
+
+    def _expected(self) -> list[tuple]:
+        return [(*k, self.steps) for k in itertools.product(self.problems, self.configs,
+                                                             self.seeds)]
+
+    def table(self, finals: list[dict[str, Any]]) -> str:
+        return stress_table(finals)
+
+
+@dataclass(frozen=True)
+class ToyLQSection(OneFileSection):
+    """``[toy_lq]``: the rules' credit quality on the toy LQ problem (``chimera toy-lq``)."""
+
+    rules: tuple[str, ...] = ()
+
+    file = "toy_lq.jsonl"
+
+    def _run(self, writer: RecordWriter) -> list[dict[str, Any]]:
+        return run_toy_lq(list(self.rules), seeds=list(self.seeds), steps=self.steps,
+                          writer=writer, progress=False)
+
+    def _key(self, final: dict[str, Any]) -> tuple:
+        return final.get("variant"), final.get("seed"), final.get("steps")
+
+    def _expected(self) -> list[tuple]:
+        return [(r, s, self.steps) for r in self.rules for s in self.seeds]
+
+    def table(self, finals: list[dict[str, Any]]) -> str:
+        return toy_lq_table(finals)
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A validated suite: its grid sections and optional stress and toy LQ sections."""
+
+    name: str | None
+    grids: tuple[GridSection, ...]
+    stress: StressSection | None = None
+    toy_lq: ToyLQSection | None = None
+
+    @property
+    def specs(self) -> list[RunSpec]:
+        """Every training run of the suite, in order."""
+        return [s for g in self.grids for s in g.specs]
+
+
+# --- probes ------------------------------------------------------------------------------------
+
+def _rule_probe(spec: RunSpec) -> None:
+    """Build the run's learning rule on its own model (the model's structure matters: a rule
+    needs stem / blocks / head), built on the first probe input it accepts."""
+    error = ValueError(f"model '{spec.model}' takes none of the probe inputs {PROBE_SHAPES}")
+    for shape in PROBE_SHAPES:
+        try:
+            model = build_model(spec.model, shape, 2, **spec.model_hparams)
+            break
+        except ValueError as e:
+            error = e
+    else:
+        raise error
+    build_rule(spec.rule, model, None, loss_fn=F.cross_entropy, out_dim=2, total_steps=1,
+               **spec.rule_hparams)
+
+
+def _probe(spec: RunSpec) -> None:
+    """Build the run's quantizer, optimizer and controller on a tiny MLP, and its learning rule
+    on its model: bad hyper-parameter names or values, or a rule on a model without stem /
+    blocks / head, raise here, before any run starts."""
+    probe = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    try:
+        model = quantize_(probe, dataclasses.replace(spec.quant_config, skip=()))
+        build_optimizer(spec.optimizer, model, **spec.optimizer_hparams)
+        if spec.controller is not None:
+            AlphaControl(model, spec.controller)
+        if spec.rule != "backprop":
+            _rule_probe(spec)
+        elif spec.rule_hparams:
+            raise ValueError(f"rule 'backprop' takes no rule_hparams, got {spec.rule_hparams}")
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"run {spec.run_id}: {e}") from None
+
+
+# --- grids -------------------------------------------------------------------------------------
+
+def _one_or_many(grid: dict[str, Any], one: str, many: str) -> list[Any]:
+    """``grid[one]`` as a one-item list, or the list ``grid[many]``; exactly one must be set."""
+    if (one in grid) == (many in grid):
+        raise ValueError(f"set exactly one of '{one}' and '{many}'")
+    return [grid[one]] if one in grid else list(grid[many])
+
+
+def _named(
+    grid: dict[str, Any], one: str, many: str, hparams_key: str
+) -> list[tuple[str, dict[str, Any]]]:
+    """(name, hyper-parameters) of every entry: names share ``hparams_key``, tables carry
+    their own."""
+    entries = _one_or_many(grid, one, many)
+    if hparams_key in grid and not all(isinstance(e, str) for e in entries):
+        raise ValueError(f"{hparams_key} goes with names; in {many} tables put the "
+                         "hyper-parameters in each table")
+    shared = grid.get(hparams_key, {})
+    return [(e, dict(shared)) if isinstance(e, str) else (e.name, e.hparams) for e in entries]
+
+
+def _quantizers(grid: dict[str, Any]) -> list[dict[str, Any]]:
+    """The RunSpec quantizer fields of every entry: names (default ``fp32``) share the grid's
+    ``quant_hparams`` and ``controller``; ``[[quantizers]]`` tables carry their own."""
+    if "quantizer" not in grid and "quantizers" not in grid:
+        grid = {**grid, "quantizer": "fp32"}
+    out = []
+    for i, e in enumerate(_one_or_many(grid, "quantizer", "quantizers")):
+        if isinstance(e, str):
+            key, fields = "quant_hparams", {"quantizer": e, "controller": grid.get("controller"),
+                                            "quant_hparams": grid.get("quant_hparams", {})}
+        else:
+            key, fields = f"quantizers.{i}.quant_hparams", {
+                "quantizer": e.mode, "quant_hparams": e.quant_hparams, "controller": e.controller}
+        try:
+            quantizer_config(fields["quantizer"], **fields["quant_hparams"])
+        except ValueError as err:
+            raise ValueError(f"{key}: {err}") from None
+        out.append(fields)
+    return out
+
+
+def expand_grid(grid: dict[str, Any]) -> list[RunSpec]:
+    """The run specs of one grid (its validated keys, top-level ones already inherited), each
+    configuration probed once."""
+    tasks = _one_or_many(grid, "task", "tasks")
+    models = _one_or_many(grid, "model", "models")
+    if "rule" not in grid and "rules" not in grid:
+        grid = {**grid, "rule": "backprop"}
+    rules = _named(grid, "rule", "rules", "rule_hparams")
+    optimizers = _named(grid, "optimizer", "optimizers", "optimizer_hparams")
+    budget = {k: grid[k] for k in BUDGET_KEYS if k in grid}
+    product = itertools.product(tasks, models, optimizers, _quantizers(grid), rules,
+                                grid.get("seeds", [0]))
+    specs, probed = [], set()
+    for task, model, (opt, opt_hp), quant, (rule, rule_hp), seed in product:
+        spec = RunSpec(task=task, model=model, optimizer=opt, optimizer_hparams=opt_hp,
+                       model_hparams=grid.get("model_hparams", {}), rule=rule,
+                       rule_hparams=rule_hp, seed=seed, **quant, **budget)
+        if spec.config_id not in probed:
+            _probe(spec)
+            probed.add(spec.config_id)
+        specs.append(spec)
+    return specs
+
+
+def inherit(defaults: dict[str, Any], grid: dict[str, Any]) -> dict[str, Any]:
+    """``grid`` over the top-level ``defaults``: a group set in the grid replaces the group."""
+    merged = dict(defaults)
+    for group in INHERITED_GROUPS:
+        if any(k in grid for k in group):
+            for k in group:
+                merged.pop(k, None)
+    return {**merged, **grid}
+
+
+def grid_label(where: str, number: int, name: Any) -> str:
+    """How errors name the ``number``-th ``[[grid]]`` table of ``where``."""
+    return f"{where} [[grid]] #{number}" + (f" '{name}'" if isinstance(name, str) else "")
+
+
+def _grid_sections(table: SuiteTable, where: str) -> list[GridSection]:
+    """``[[grid]]`` tables grouped by name (first-seen order), or the top level as one grid."""
+    defaults = table.set_fields()
+    if table.grid is None:
+        if "task" not in defaults and "tasks" not in defaults and (
+                table.stress is not None or table.toy_lq is not None):
+            return []
+        try:
+            return [GridSection("", table.title, tuple(expand_grid(defaults)))]
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    sections: dict[str, tuple[str | None, list[RunSpec]]] = {}
+    for i, grid in enumerate(table.grid, 1):
+        label = grid_label(where, i, grid.name)
+        title, specs = sections.setdefault(grid.name, (grid.title, []))
+        try:
+            if grid.title is not None and grid.title != title:
+                raise ValueError(f"grids named '{grid.name}' have different titles")
+            specs += expand_grid(inherit(defaults, grid.set_fields()))
+        except ValueError as e:
+            raise ValueError(f"{label}: {e}") from None
+    return [GridSection(name, title or name, tuple(specs))
+            for name, (title, specs) in sections.items()]
+
+
+def expand(table: SuiteTable, where: str) -> Suite:
+    """The sections of the validated suite ``table`` (``where`` names it in errors); a grid
+    configuration that fails its probe build, a suite without runs and a section that names the
+    same run twice raise ``ValueError``."""
+    seeds = tuple(table.seeds or (0,))
+    stress = toy_lq = None
+    if table.stress is not None:
+        s = table.stress
+        stress = StressSection(title=s.title, seeds=tuple(s.seeds or seeds), steps=s.steps,
+                               problems=tuple(s.problems), configs=tuple(s.configs))
+    if table.toy_lq is not None:
+        t = table.toy_lq
+        toy_lq = ToyLQSection(title=t.title, seeds=tuple(t.seeds or seeds), steps=t.steps,
+                              rules=tuple(t.rules))
+    suite = Suite(name=table.name, grids=tuple(_grid_sections(table, where)), stress=stress,
+                  toy_lq=toy_lq)
+    if not suite.specs and suite.stress is None and suite.toy_lq is None:
+        raise ValueError(f"{where} declares no runs")
+    for grid in suite.grids:  # sections write to their own folders; a run may recur across
+        ids = [s.run_id for s in grid.specs]
+        if len(set(ids)) != len(ids):
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            section = f" (section '{grid.name}')" if grid.name else ""
+            raise ValueError(f"{where}{section} declares the same run twice: {twice}")
+    return suite
