@@ -1,7 +1,8 @@
 from chimera.bench.jobs.bench import bench_suite, run_bench
 from chimera.bench.jobs.stress import STRESS_CONFIGS
-from chimera.bench.suite.execute import run_calls, spec_call
+from chimera.bench.suite.execute import spec_call
 from chimera.bench.suite.schema import load_suite
+from chimera.bench.workers import run_calls
 from chimera.cli import main
 from chimera.data.stress import STRESS
 from chimera.run.records import read_records

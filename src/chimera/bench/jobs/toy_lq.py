@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from chimera.bench.suite.execute import run_calls
+from chimera.bench.workers import run_calls
 from chimera.data.toy_lq import make_toy_lq, toy_lq_loss
 from chimera.registry import Registry
 from chimera.rules import build_rule, costate_cosine, credit_diagnostics, exact_costates

@@ -12,42 +12,16 @@ feedback networks included).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import torch
-from tqdm.auto import tqdm
+from typing import Any
 
 from chimera.bench.report.tables import runs_table
+from chimera.bench.suite.expand import Suite
+from chimera.bench.suite.schema import load_suite
+from chimera.bench.workers import Call, resolve_workers, run_calls
 from chimera.run.records import RecordWriter, read_records
 from chimera.run.spec import RunSpec
 from chimera.run.trainer import train
-
-if TYPE_CHECKING:
-    from chimera.bench.suite.expand import Suite
-
-Call = tuple[Callable[..., Any], tuple[Any, ...]]  # (module-level function, its arguments)
-
-
-def default_workers() -> int:
-    """The cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def resolve_workers(workers: int | None) -> int:
-    """``workers``, or the cores available when None; ``ValueError`` below 1."""
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
-                                or workers < 1):
-        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
-    return workers or default_workers()
-
-
-def _one_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    torch.set_num_threads(1)
-    return fn(*args)
 
 
 def _run_one(spec_dict: dict[str, Any], path: str, checkpoint: str | None) -> dict[str, Any]:
@@ -73,30 +47,6 @@ def spec_call(spec: RunSpec, out: str | os.PathLike, resume: bool = False) -> Ca
     out = Path(out)
     checkpoint = str(out / "checkpoints" / f"{spec.run_id}.pt") if resume else None
     return _run_one, (spec.to_dict(), str(out / f"{spec.run_id}.jsonl"), checkpoint)
-
-
-def run_calls(
-    calls: Sequence[Call], workers: int | None = None, progress: bool = True,
-    desc: str = "runs",
-) -> list[Any]:
-    """``fn(*args)`` of every call, with one torch thread, on ``workers`` spawned processes
-    (default: the cores available; 1 = in this process), started in the given order; returns
-    the results in that order."""
-    workers = resolve_workers(workers)
-    bar = tqdm(total=len(calls), desc=desc, disable=not progress)
-    results: list[Any] = [None] * len(calls)
-    if workers == 1:
-        for i, (fn, args) in enumerate(calls):
-            results[i] = _one_thread(fn, *args)
-            bar.update()
-    else:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(_one_thread, fn, *args): i for i, (fn, args) in enumerate(calls)}
-            for fut in as_completed(futures):
-                results[futures[fut]] = fut.result()
-                bar.update()
-    bar.close()
-    return results
 
 
 def _summary(suite: Suite, one_file: dict[str, list[dict[str, Any]]],
@@ -148,7 +98,4 @@ def run_sweep(
 ) -> str:
     """Run (or finish) the suite file at ``path`` into ``out`` (``chimera sweep``); returns the
     summary, which is also written to ``out/summary.md``."""
-    # imported here: the suite schema imports the jobs, and a job (toy LQ) imports this pool
-    from chimera.bench.suite.schema import load_suite
-
     return run_suite(load_suite(path), out, workers, progress, resume=True, desc=Path(path).stem)
