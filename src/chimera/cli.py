@@ -175,19 +175,6 @@ def _cmd_perf(args: argparse.Namespace) -> None:
     PERF_TARGETS.get(args.target).run(args)
 
 
-def _add_perf_parser(sub: Any) -> argparse.ArgumentParser:
-    from chimera.bench.perf import PERF_TARGETS
-
-    perf = sub.add_parser("perf", help="ours vs the PyTorch baseline: optim | layers | rules")
-    targets = perf.add_subparsers(dest="target", required=True)
-    for name in PERF_TARGETS.names():
-        target = PERF_TARGETS.get(name)
-        tp = targets.add_parser(name, help=target.help)
-        target.add_arguments(tp)
-        tp.set_defaults(func=_cmd_perf)
-    return perf
-
-
 def _cmd_list(args: argparse.Namespace) -> None:
     from chimera.bench.jobs.stress import STRESS_CONFIGS
     from chimera.data import TASKS
@@ -199,128 +186,108 @@ def _cmd_list(args: argparse.Namespace) -> None:
         print(f"{reg.kind}s: {', '.join(reg.names())}")
 
 
-def _add_train(sub: Any) -> argparse.ArgumentParser:
-    t = sub.add_parser("train", help="train one configuration over one or more seeds")
-    add_spec_options(t)
-    t.add_argument("--lr", type=float, default=None, help="the optimizer's lr (an --opt-arg)")
-    t.add_argument("--data-dir", default=None,
-                   help="local data folder for cifar10 (default: $CHIMERA_DATA)")
-    t.add_argument("--checkpoint", default=None,
-                   help="save the trained run here (may contain {run_id} and {seed})")
-    t.add_argument("--out", default="runs.jsonl", help="JSONL record file (appended)")
-    t.set_defaults(func=_cmd_train)
-    return t
+def _add_train(parser: argparse.ArgumentParser) -> None:
+    add_spec_options(parser)
+    parser.add_argument("--lr", type=float, default=None, help="the optimizer's lr (an --opt-arg)")
+    parser.add_argument("--data-dir", default=None,
+                        help="local data folder for cifar10 (default: $CHIMERA_DATA)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="save the trained run here (may contain {run_id} and {seed})")
+    parser.add_argument("--out", default="runs.jsonl", help="JSONL record file (appended)")
 
 
-def _add_compare_quant(sub: Any) -> argparse.ArgumentParser:
-    q = sub.add_parser("compare-quant", help="the same task and budget in each quantizer mode")
-    q.add_argument("--task", default="mnist1d")
-    q.add_argument("--model", default="cnn")
-    q.add_argument("--modes", default="fp32,strict_bitnet,chimera,int_ternary")
-    q.add_argument("--seeds", type=int, default=3)
-    q.add_argument("--epochs", type=int, default=100)
-    q.add_argument("--out", default="compare-quant.jsonl")
-    q.set_defaults(func=_cmd_compare_quant)
-    return q
+def _add_perf_targets(parser: argparse.ArgumentParser) -> None:
+    from chimera.bench.perf import PERF_TARGETS
+
+    targets = parser.add_subparsers(dest="target", required=True)
+    for name in PERF_TARGETS.names():
+        target = PERF_TARGETS.get(name)
+        target.add_arguments(targets.add_parser(name, help=target.help))
 
 
-def _add_export(sub: Any) -> argparse.ArgumentParser:
-    e = sub.add_parser("export", help="pack a trained ternary run into one safetensors file")
-    e.add_argument("checkpoint", help="a checkpoint written by `chimera train --checkpoint`")
-    e.add_argument("out", help="the .safetensors file to write")
-    e.add_argument("--format", default="base3", choices=["base3", "2bit"],
-                   help="base3: 5 weights per byte (1.6 bits); 2bit: 4 per byte")
-    e.set_defaults(func=_cmd_export)
-    return e
+def _o(*flags: str, **kwargs: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """One option: ``add_argument``'s arguments."""
+    return flags, kwargs
 
 
-def _add_stress(sub: Any) -> argparse.ArgumentParser:
-    s = sub.add_parser("stress", help="stress problems x optimizer configurations x seeds")
-    s.add_argument("--problems", default="", help="comma-separated (default: all)")
-    s.add_argument("--optimizers", default="", help="comma-separated configurations "
-                   "(default: all; see `chimera list`)")
-    s.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
-    s.add_argument("--steps", type=int, default=300)
-    s.add_argument("--out", default="stress.jsonl")
-    s.set_defaults(func=_cmd_stress)
-    return s
-
-
-def _add_bench(sub: Any) -> argparse.ArgumentParser:
-    b = sub.add_parser("bench", help="the main job on embedded data")
-    b.add_argument("--out", default="bench-out")
-    b.add_argument("--suite", default=None,
-                   help="run this suite file instead of the packaged bench suite (docs/suites.md)")
-    overrides = [
-        ("--seeds", "number of seeds (0..N-1) of every section (default: the suite's, 3)"),
-        ("--stress-steps", "steps of the stress section (default: the suite's, 300)"),
-        ("--toy-lq-steps", "steps of the toy LQ section (default: the suite's, 300)"),
-        ("--epochs", "epochs of every grid but 'quant' and 'rules' (default: the suite's: "
-                     "digits 20, MNIST-1D optimizers 50)"),
-        ("--quant-epochs", "epochs of the grids named 'quant' (default: the suite's 100)"),
-        ("--rule-epochs", "epochs of the grids named 'rules' (default: the suite's 10)"),
-        ("--workers", "training processes (default: the cores available)"),
-    ]
-    for flag, help in overrides:
-        b.add_argument(flag, type=int, default=None, help=help)
-    b.set_defaults(func=_cmd_bench)
-    return b
-
-
-def _add_sweep(sub: Any) -> argparse.ArgumentParser:
-    w = sub.add_parser("sweep", help="run (or finish) a TOML suite of runs; resumable")
-    w.add_argument("suite", help="the suite file (docs/suites.md)")
-    w.add_argument("--out", required=True, help="output folder: <run_id>.jsonl, checkpoints/")
-    w.add_argument("--workers", type=int, default=None,
-                   help="training processes (default: the cores available)")
-    w.set_defaults(func=_cmd_sweep)
-    return w
-
-
-def _add_toy_lq(sub: Any) -> argparse.ArgumentParser:
-    lq = sub.add_parser("toy-lq", help="credit quality of each learning rule on the toy LQ "
-                        "problem")
-    lq.add_argument("--rules", default="", help="comma-separated variants (default: dfa, "
-                    "state_bridge, credit_bridge, credit_bridge_tgw0)")
-    lq.add_argument("--seeds", type=int, default=3)
-    lq.add_argument("--steps", type=int, default=8000)
-    lq.add_argument("--w-std", type=float, default=None,
-                    help="scale of the residual weights W_l (entries N(0, w_std^2/d)); default "
-                         "0.3 (at the library's 0.03 the costates barely change with depth)")
-    lq.add_argument("--workers", type=int, default=None,
-                    help="processes, one run each (default: the cores available)")
-    lq.add_argument("--out", default="toy-lq.jsonl")
-    lq.set_defaults(func=_cmd_toy_lq)
-    return lq
-
-
-def _add_report(sub: Any) -> argparse.ArgumentParser:
-    r = sub.add_parser("report", help="report.md, report.csv and PNG plots from records only")
-    r.add_argument("directory", help="a folder of *.jsonl records (searched recursively)")
-    r.add_argument("--out", default=None, help="output folder (default: the records folder)")
-    r.set_defaults(func=_cmd_report)
-    return r
-
-
-def _add_list(sub: Any) -> argparse.ArgumentParser:
-    ls = sub.add_parser("list", help="list registered optimizers, tasks, models, problems")
-    ls.set_defaults(func=_cmd_list)
-    return ls
-
-
-# sub-commands with progress bars (they take --quiet) and those without
-WITH_PROGRESS = (_add_train, _add_compare_quant, _add_stress, _add_bench, _add_sweep, _add_toy_lq)
-QUIET = (_add_export, _add_report, _add_perf_parser, _add_list)
+_SEEDS = "number of seeds (0..N-1)"
+_OUT = "JSONL record file (appended)"
+_WORKERS = "processes, one job each (default: the cores available)"
+# name -> (handler, help, options or a function adding them, takes --quiet)
+COMMANDS: dict[str, tuple[Any, str, Any, bool]] = {
+    "train": (_cmd_train, "train one configuration over one or more seeds", _add_train, True),
+    "compare-quant": (_cmd_compare_quant, "the same task and budget in each quantizer mode", [
+        _o("--task", default="mnist1d"), _o("--model", default="cnn"),
+        _o("--modes", default="fp32,strict_bitnet,chimera,int_ternary"),
+        _o("--seeds", type=int, default=3, help=_SEEDS),
+        _o("--epochs", type=int, default=100),
+        _o("--out", default="compare-quant.jsonl", help=_OUT),
+    ], True),
+    "export": (_cmd_export, "pack a trained ternary run into one safetensors file", [
+        _o("checkpoint", help="a checkpoint written by `chimera train --checkpoint`"),
+        _o("out", help="the .safetensors file to write"),
+        _o("--format", default="base3", choices=["base3", "2bit"],
+           help="base3: 5 weights per byte (1.6 bits); 2bit: 4 per byte"),
+    ], False),
+    "stress": (_cmd_stress, "stress problems x optimizer configurations x seeds", [
+        _o("--problems", default="", help="comma-separated (default: all)"),
+        _o("--optimizers", default="",
+           help="comma-separated configurations (default: all; see `chimera list`)"),
+        _o("--seeds", type=int, default=3, help=_SEEDS), _o("--steps", type=int, default=300),
+        _o("--out", default="stress.jsonl", help=_OUT),
+    ], True),
+    "bench": (_cmd_bench, "the main job on embedded data", [
+        _o("--out", default="bench-out"),
+        _o("--suite", default=None,
+           help="run this suite file instead of the packaged bench suite (docs/suites.md)"),
+        *(_o(flag, type=int, default=None, help=help) for flag, help in (
+            ("--seeds", "number of seeds (0..N-1) of every section (default: the suite's, 3)"),
+            ("--stress-steps", "steps of the stress section (default: the suite's, 300)"),
+            ("--toy-lq-steps", "steps of the toy LQ section (default: the suite's, 300)"),
+            ("--epochs", "epochs of every grid but 'quant' and 'rules' (default: the suite's: "
+                         "digits 20, MNIST-1D optimizers 50)"),
+            ("--quant-epochs", "epochs of the grids named 'quant' (default: the suite's 100)"),
+            ("--rule-epochs", "epochs of the grids named 'rules' (default: the suite's 10)"),
+            ("--workers", _WORKERS))),
+    ], True),
+    "sweep": (_cmd_sweep, "run (or finish) a TOML suite of runs; resumable", [
+        _o("suite", help="the suite file (docs/suites.md)"),
+        _o("--out", required=True, help="output folder: <run_id>.jsonl, checkpoints/"),
+        _o("--workers", type=int, default=None, help=_WORKERS),
+    ], True),
+    "toy-lq": (_cmd_toy_lq, "credit quality of each learning rule on the toy LQ problem", [
+        _o("--rules", default="", help="comma-separated variants (default: dfa, state_bridge, "
+                                       "credit_bridge, credit_bridge_tgw0)"),
+        _o("--seeds", type=int, default=3, help=_SEEDS), _o("--steps", type=int, default=8000),
+        _o("--w-std", type=float, default=None,
+           help="scale of the residual weights W_l (entries N(0, w_std^2/d)); default 0.3 (at "
+                "the library's 0.03 the costates barely change with depth)"),
+        _o("--workers", type=int, default=None, help=_WORKERS),
+        _o("--out", default="toy-lq.jsonl", help=_OUT),
+    ], True),
+    "report": (_cmd_report, "report.md, report.csv and PNG plots from records only", [
+        _o("directory", help="a folder of *.jsonl records (searched recursively)"),
+        _o("--out", default=None, help="output folder (default: the records folder)"),
+    ], False),
+    "perf": (_cmd_perf, "ours vs the PyTorch baseline: optim | layers | rules",
+             _add_perf_targets, False),
+    "list": (_cmd_list, "list registered optimizers, tasks, models, problems", [], False),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``chimera`` command."""
+    """The argument parser of the ``chimera`` command (one sub-command per ``COMMANDS`` entry)."""
     p = argparse.ArgumentParser(prog="chimera", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    for add in WITH_PROGRESS:
-        add(sub).add_argument("--quiet", action="store_true", help="no progress bars")
-    for add in QUIET:
-        add(sub)
+    for name, (handler, help, options, quiet) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help)
+        if callable(options):
+            options(sp)
+        for flags, kwargs in options if not callable(options) else ():
+            sp.add_argument(*flags, **kwargs)
+        if quiet:
+            sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        sp.set_defaults(func=handler)
     return p
 
 
