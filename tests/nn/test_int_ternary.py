@@ -232,7 +232,7 @@ def test_get_last_stats():
 def test_from_float(float_layer, input_shape):
     torch.manual_seed(0)
     layer = IntTernaryModule.from_float(float_layer, group_size=16)
-    assert type(layer)._float_type is type(float_layer) and layer.group_size == 16
+    assert type(layer)._FLOAT_TYPE is type(float_layer) and layer.group_size == 16
     assert type(type(layer).from_float(float_layer)) is type(layer)
     w = float_layer.weight.detach()
     t = quantize_weight_chimera(w, w.abs().mean(), 0.7)
@@ -264,7 +264,7 @@ def test_from_float_rejects_other_modules():
     [
         (lambda: IntTernaryLinear(4, 2, group_size=0), "group_size"),
         (lambda: IntTernaryLinear(4, 2, act_quant="int4"), "act_quant"),
-        (lambda: IntTernaryLinear(0, 2), "shape"),
+        (lambda: IntTernaryLinear(0, 2), "in_features must be an integer >= 1, got 0"),
         (lambda: IntTernaryConv2d(3, 4, 3, groups=2), "groups"),
     ],
 )

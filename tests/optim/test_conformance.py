@@ -288,3 +288,29 @@ def test_fast_path_matches_for_loop_path(name, fast):
         for k in s1:
             torch.testing.assert_close(torch.as_tensor(s1[k]), torch.as_tensor(s2[k]),
                                        rtol=1e-6, atol=1e-7, msg=k)
+
+
+@pytest.mark.parametrize(("name", "multi_tensor"), [
+    ("chimera21", "chimera.optim.chimera21._multi_tensor_chimera21"),
+    ("stac", "chimera.optim.stac._multi_tensor_stac_trunk"),
+])
+def test_foreach_none_follows_one_policy(name, multi_tensor, monkeypatch):
+    """``foreach=None`` picks the foreach path where torch would: every tensor of the group on
+    one device of a foreach-capable type, with one dtype (here CPU is declared capable)."""
+    import chimera.optim._common as common
+
+    calls = []
+    module, fn = multi_tensor.rsplit(".", 1)
+    real = getattr(__import__(module, fromlist=[fn]), fn)
+    monkeypatch.setattr(f"{module}.{fn}", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    monkeypatch.setattr(common, "_get_foreach_kernels_supported_devices", lambda: ["cpu"])
+    for mixed_dtypes, expected in ((False, 1), (True, 0)):
+        calls.clear()
+        model, _, _ = make_problem()
+        if mixed_dtypes:
+            model.lin1.double()
+        opt = build(name, model, last_n_layers=0) if name == "stac" else build(name, model)
+        opt.zero_grad()
+        (model.lin1.weight.sum() + model.lin2.weight.sum()).backward()
+        opt.step()
+        assert len(calls) == expected, mixed_dtypes

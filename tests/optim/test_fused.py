@@ -252,14 +252,14 @@ def test_state_dict_without_fused_key_loads():
 @pytest.mark.parametrize("bad", ["yes", 1, 0.0])
 def test_bad_fused_values_raise(bad):
     model = Net()
-    with pytest.raises(ValueError, match="Invalid fused"):
+    with pytest.raises(ValueError, match="fused must be None, True or False"):
         Chimera21(model.parameters(), fused=bad)
-    with pytest.raises(ValueError, match="Invalid fused"):
+    with pytest.raises(ValueError, match="fused must be None, True or False"):
         STAC(model, fused=bad)
-    with pytest.raises(ValueError, match="Invalid fused"):
+    with pytest.raises(ValueError, match="fused must be None, True or False"):
         ScaledOptum(model.parameters(), fused=bad)
     opt = Chimera21(model.lin1.parameters())
-    with pytest.raises(ValueError, match="Invalid fused"):
+    with pytest.raises(ValueError, match="fused must be None, True or False"):
         opt.add_param_group({"params": model.lin2.parameters(), "fused": bad})
 
 

@@ -99,7 +99,7 @@ def test_shape_mismatches_are_errors(setup):
         costate_cosine(lam[:3], lam)
     with pytest.raises(ValueError, match="credit a_1 has shape \\(32, 5\\)"):
         nudging(model, x, c, [lam[0], lam[1][:, :5], *lam[2:]], F.cross_entropy)
-    with pytest.raises(ValueError, match="num_perturbations must be at least 2"):
+    with pytest.raises(ValueError, match="num_perturbations must be an integer >= 2, got 1"):
         perturbation_rho(model, x, c, lam, F.cross_entropy, num_perturbations=1)
 
 

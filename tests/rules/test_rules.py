@@ -96,7 +96,7 @@ def test_head_must_output_out_dim_and_sizes_are_checked():
                       total_steps=1)
     with pytest.raises(ValueError, match=r"head outputs shape \(8, 5\).*out_dim is 6"):
         rule.credits(*batch())
-    with pytest.raises(ValueError, match="total_steps must be a positive integer"):
+    with pytest.raises(ValueError, match="total_steps must be an integer >= 1, got 0"):
         build_rule("dfa", tiny_model(), None, loss_fn=F.cross_entropy, out_dim=5, total_steps=0)
     with pytest.raises(ValueError, match="use train_feedback"):
         rule.train_step(*batch())

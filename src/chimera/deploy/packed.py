@@ -21,14 +21,21 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from chimera.nn.bit_layers import WEIGHT_QUANTIZERS, BitConv1d, BitConv2d, BitLayer, BitLinear
+from chimera._validate import choice, integer, number, optional_integer, optional_number
+from chimera.nn.bit_layers import (
+    WEIGHT_QUANTIZERS,
+    BitConv1d,
+    BitConv2d,
+    BitLayer,
+    BitLinear,
+    ConvGeometry,
+)
 from chimera.nn.int_ternary import (
     IntTernaryConv1d,
     IntTernaryConv2d,
@@ -41,19 +48,9 @@ from chimera.quant.functions import ACT_QUANT_MODES, quantize_activations
 _DEFAULT_EPS_BETA = inspect.signature(quantize_activations).parameters["eps_beta"].default
 
 
-def _tuple(value: Any) -> Any:
-    """JSON lists back to tuples (``padding`` may also be a string)."""
-    return tuple(value) if isinstance(value, list | tuple) else value
-
-
-def _positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return float(value)
-
-
 class PackedTernaryModule(nn.Module):
-    """Shared inference logic; subclasses set ``KIND``, ``SOURCES``, ``GEOMETRY`` and ``_op``."""
+    """Shared inference logic; subclasses set ``KIND``, ``SOURCES``, ``GEOMETRY`` and
+    ``_project``."""
 
     KIND: str
     SOURCES: tuple[type[nn.Module], ...]  # the training layers this layer replaces
@@ -70,14 +67,10 @@ class PackedTernaryModule(nn.Module):
         clip: float | None = None,
     ) -> None:
         super().__init__()
-        if act_quant not in ACT_QUANT_MODES:
-            raise ValueError(f"act_quant must be one of {ACT_QUANT_MODES}, got {act_quant!r}")
-        if group_size is not None and (isinstance(group_size, bool)
-                                       or not isinstance(group_size, int) or group_size < 1):
-            raise ValueError(f"group_size must be None or a positive integer, got {group_size!r}")
-        self.group_size, self.act_quant = group_size, act_quant
-        self.eps_beta = _positive("eps_beta", eps_beta)
-        self.clip = None if clip is None else _positive("clip", clip)
+        self.act_quant = choice("act_quant", act_quant, ACT_QUANT_MODES)
+        self.group_size = optional_integer("group_size", group_size, 1)
+        self.eps_beta = number("eps_beta", eps_beta, 0, low_open=True)
+        self.clip = optional_number("clip", clip, 0, low_open=True)
         out, fan_in = weight_shape[0], math.prod(weight_shape[1:])
         scale_shape = () if group_size is None else (out, -(-fan_in // group_size))
         self.register_buffer("T", torch.zeros(weight_shape, dtype=torch.int8))
@@ -136,12 +129,12 @@ class PackedTernaryModule(nn.Module):
         s = self.scale.repeat_interleave(self.group_size, dim=1)[:, :fan_in]
         return (w.reshape(rows, fan_in) * s).reshape(w.shape)
 
-    def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def _project(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         x_q = quantize_activations(x, self.act_quant, self.eps_beta)
-        return self._op(x_q, self.weight().to(x.dtype), self.bias)
+        return self._project(x_q, self.weight().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.config().items())
@@ -156,52 +149,31 @@ class PackedTernaryLinear(PackedTernaryModule):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  **quant: Any) -> None:
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features = integer("in_features", in_features, 1)
+        self.out_features = integer("out_features", out_features, 1)
         super().__init__((out_features, in_features), bias, **quant)
 
-    def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def _project(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
 
 
-class _PackedTernaryConvNd(PackedTernaryModule):
-    """Inference convolution (zero padding); ``_CONV`` is ``F.conv1d`` or ``F.conv2d``."""
+class _PackedTernaryConvNd(ConvGeometry, PackedTernaryModule):
+    """Inference convolution (zero padding); ``_DIMS`` and ``_CONV`` set the geometry. Besides
+    the geometry it takes the keyword arguments of :class:`PackedTernaryModule`."""
 
-    GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-                "groups")
-    _CONV: Callable[..., Tensor]
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: tuple[int, ...],
-        stride: tuple[int, ...],
-        padding: tuple[int, ...] | str,
-        dilation: tuple[int, ...],
-        groups: int,
-        bias: bool = True,
-        **quant: Any,
-    ) -> None:
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride = _tuple(kernel_size), _tuple(stride)
-        self.padding, self.dilation = _tuple(padding), _tuple(dilation)
-        super().__init__((out_channels, in_channels // groups, *self.kernel_size), bias, **quant)
-
-    def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return type(self)._CONV(x, weight, bias, self.stride, self.padding, self.dilation,
-                                self.groups)
+    extra_repr = PackedTernaryModule.extra_repr  # the config, geometry included
 
 
 class PackedTernaryConv1d(_PackedTernaryConvNd):
     """Inference ``BitConv1d`` / ``IntTernaryConv1d``."""
 
-    KIND, SOURCES, _CONV = "conv1d", (BitConv1d, IntTernaryConv1d), F.conv1d
+    KIND, SOURCES, _DIMS, _CONV = "conv1d", (BitConv1d, IntTernaryConv1d), 1, F.conv1d
 
 
 class PackedTernaryConv2d(_PackedTernaryConvNd):
     """Inference ``BitConv2d`` / ``IntTernaryConv2d``."""
 
-    KIND, SOURCES, _CONV = "conv2d", (BitConv2d, IntTernaryConv2d), F.conv2d
+    KIND, SOURCES, _DIMS, _CONV = "conv2d", (BitConv2d, IntTernaryConv2d), 2, F.conv2d
 
 
 PACKED_LAYERS: dict[str, type[PackedTernaryModule]] = {

@@ -1,5 +1,6 @@
 """Ternary-weight layers with int8 activations (docs/algorithms.md#bit-layers): BitLinear,
-BitConv1d, BitConv2d.
+BitConv1d, BitConv2d; and :class:`ConvGeometry`, the convolution geometry that the Bit, the
+integer-ternary and the packed convolutions share.
 
 Forward (all quantization logic lives in :class:`BitLayer`; subclasses only add geometry):
 
@@ -47,20 +48,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from chimera.compile_support import compile_usable
-from chimera.quant.functions import (
-    ACT_QUANT_MODES,
-    STAT_MODES,
-    abs_stat,
-    quantize_activations,
-    quantize_weight_chimera,
-    quantize_weight_strict_bitnet,
+from chimera._validate import (
+    choice,
+    integer,
+    number,
+    optional_bool,
+    optional_number,
+    require,
 )
+from chimera.compile_support import compile_usable
+from chimera.quant import functions
+from chimera.quant.functions import ACT_QUANT_MODES, STAT_MODES, abs_stat, quantize_activations
 from chimera.quant.stats import stats_from_counts, ternary_counts
 
 WEIGHT_QUANTIZERS: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
-    "strict_bitnet": lambda w, gamma, alpha: quantize_weight_strict_bitnet(w, gamma),
-    "chimera": quantize_weight_chimera,
+    "strict_bitnet": lambda w, gamma, alpha: functions.quantize_weight_strict_bitnet(w, gamma),
+    "chimera": functions.quantize_weight_chimera,
 }
 QUANT_MODES = tuple(WEIGHT_QUANTIZERS)
 # torch.compile backend of the fast path; "aot_eager" traces and partitions like inductor but
@@ -116,27 +119,6 @@ def compiled_operands(config: tuple[Any, ...], backend: str) -> Callable[..., tu
     return torch.compile(fn, dynamic=True, backend=backend)
 
 
-def _number(name: str, value: Any, low: float, high: float = math.inf, *, open_low=False) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, int | float)
-    ok = ok and (low < value if open_low else low <= value) and value <= high
-    if not ok:
-        bracket = "(" if open_low else "["
-        raise ValueError(f"{name} must be a number in {bracket}{low}, {high}], got {value!r}")
-    return float(value)
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    return value
-
-
 class BitLayer(nn.Module):
     """Shared ternary quantization logic; subclasses define ``_FLOAT_TYPE``, ``_float_args`` and
     ``_project(x, weight, bias)`` (the float op applied to the scaled ternary weight).
@@ -165,21 +147,18 @@ class BitLayer(nn.Module):
         compiled: bool | None = None,
     ) -> None:
         super().__init__()
-        if compiled is not None and not isinstance(compiled, bool):
-            raise ValueError(f"compiled must be None, True or False, got {compiled!r}")
-        self.compiled = compiled
-        self.stat_mode = _choice("stat_mode", stat_mode, STAT_MODES)
-        self.quant_mode = _choice("quant_mode", quant_mode, QUANT_MODES)
-        self.act_quant = _choice("act_quant", act_quant, ACT_QUANT_MODES)
-        self.rho_s = _number("rho_s", rho_s, 0.0, 1.0)
-        self.alpha_min = _number("alpha_min", alpha_min, 0.0)
+        self.compiled = optional_bool("compiled", compiled)
+        self.stat_mode = choice("stat_mode", stat_mode, STAT_MODES)
+        self.quant_mode = choice("quant_mode", quant_mode, QUANT_MODES)
+        self.act_quant = choice("act_quant", act_quant, ACT_QUANT_MODES)
+        self.rho_s = number("rho_s", rho_s, 0, 1)
+        self.alpha_min = number("alpha_min", alpha_min, 0)
         self.alpha_target = alpha_target
         self.alpha_override: float | None = None
-        self.warmup_steps = _positive_int("warmup_steps", warmup_steps, minimum=0)
-        self.eps_gamma = _number("eps_gamma", eps_gamma, 0.0, open_low=True)
-        self.eps_beta = _number("eps_beta", eps_beta, 0.0, open_low=True)
-        self.ste_clip = None if ste_clip is None else _number("ste_clip", ste_clip, 0.0,
-                                                              open_low=True)
+        self.warmup_steps = integer("warmup_steps", warmup_steps, 0)
+        self.eps_gamma = number("eps_gamma", eps_gamma, 0, low_open=True)
+        self.eps_beta = number("eps_beta", eps_beta, 0, low_open=True)
+        self.ste_clip = optional_number("ste_clip", ste_clip, 0, low_open=True)
         fp32 = torch.float32
         self.weight_master = nn.Parameter(torch.empty(weight_shape, dtype=fp32))
         self.bias = nn.Parameter(torch.empty(weight_shape[:1], dtype=fp32)) if bias else None
@@ -196,7 +175,7 @@ class BitLayer(nn.Module):
 
     @alpha_target.setter
     def alpha_target(self, value: float) -> None:
-        self._alpha_target = _number("alpha_target", value, 0.0)
+        self._alpha_target = number("alpha_target", value, 0)
 
     @property
     def alpha_override(self) -> float | None:
@@ -205,7 +184,7 @@ class BitLayer(nn.Module):
 
     @alpha_override.setter
     def alpha_override(self, value: float | None) -> None:
-        self._alpha_override = None if value is None else _number("alpha_override", value, 0.0)
+        self._alpha_override = optional_number("alpha_override", value, 0)
 
     def current_alpha(self) -> float:
         """``alpha_override``, else the linear warm-up from alpha_min to alpha_target."""
@@ -321,8 +300,8 @@ class BitLinear(BitLayer):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  **quant_kwargs: Any) -> None:
-        self.in_features = _positive_int("in_features", in_features)
-        self.out_features = _positive_int("out_features", out_features)
+        self.in_features = integer("in_features", in_features, 1)
+        self.out_features = integer("out_features", out_features, 1)
         super().__init__((out_features, in_features), bias, **quant_kwargs)
 
     @classmethod
@@ -338,9 +317,17 @@ class BitLinear(BitLayer):
                 + super().extra_repr())
 
 
-class _BitConvNd(BitLayer):
-    """Ternary N-d convolution (zero padding only); ``_DIMS`` and ``_CONV`` set the geometry."""
+class ConvGeometry:
+    """The geometry every ternary N-d convolution shares (Bit, integer-ternary and packed
+    layers): ``nn.Conv1d``/``nn.Conv2d``'s constructor arguments, validated (zero padding only).
 
+    Mixed in before the layer's base class, whose constructor receives ``(weight_shape, bias,
+    *layer_args, **layer_kwargs)``; the concrete class sets ``_DIMS`` and ``_CONV``
+    (``F.conv1d``/``F.conv2d``), which ``_project`` applies with this geometry.
+    """
+
+    GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                "groups")
     _DIMS: int
     _CONV: Callable[..., Tensor]
 
@@ -354,42 +341,40 @@ class _BitConvNd(BitLayer):
         dilation: int | tuple[int, ...] = 1,
         groups: int = 1,
         bias: bool = True,
-        **quant_kwargs: Any,
+        *layer_args: Any,
+        **layer_kwargs: Any,
     ) -> None:
-        self.in_channels = _positive_int("in_channels", in_channels)
-        self.out_channels = _positive_int("out_channels", out_channels)
-        self.groups = _positive_int("groups", groups)
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"groups ({groups}) must divide in_channels ({in_channels}) and "
-                             f"out_channels ({out_channels})")
-        self.kernel_size = self._tuple("kernel_size", kernel_size, 1)
-        self.stride = self._tuple("stride", stride, 1)
-        self.dilation = self._tuple("dilation", dilation, 1)
+        self.in_channels = integer("in_channels", in_channels, 1)
+        self.out_channels = integer("out_channels", out_channels, 1)
+        self.groups = integer("groups", groups, 1)
+        require(in_channels % groups == 0 and out_channels % groups == 0, "groups", groups,
+                f"a divisor of in_channels ({in_channels}) and out_channels ({out_channels})")
+        self.kernel_size = self._ints("kernel_size", kernel_size, 1)
+        self.stride = self._ints("stride", stride, 1)
+        self.dilation = self._ints("dilation", dilation, 1)
+        self.padding: tuple[int, ...] | str
         if isinstance(padding, str):
-            _choice("padding", padding, ("same", "valid"))
-            if padding == "same" and any(s != 1 for s in self.stride):
-                raise ValueError("padding='same' requires stride 1")
-            self.padding: tuple[int, ...] | str = padding
+            self.padding = choice("padding", padding, ("same", "valid"))
+            require(padding == "valid" or all(s == 1 for s in self.stride), "padding", padding,
+                    f"'valid' or ints with stride {self.stride} ('same' needs stride 1)")
         else:
-            self.padding = self._tuple("padding", padding, 0)
-        super().__init__((out_channels, in_channels // groups, *self.kernel_size), bias,
-                         **quant_kwargs)
+            self.padding = self._ints("padding", padding, 0)
+        weight_shape = (out_channels, in_channels // groups, *self.kernel_size)
+        super().__init__(weight_shape, bias, *layer_args, **layer_kwargs)
 
     @classmethod
-    def _tuple(cls, name: str, value: int | tuple[int, ...], minimum: int) -> tuple[int, ...]:
+    def _ints(cls, name: str, value: int | tuple[int, ...], minimum: int) -> tuple[int, ...]:
+        """An int or ``_DIMS`` ints (a list too) as a tuple of ``_DIMS`` ints >= ``minimum``."""
         values = (value,) * cls._DIMS if isinstance(value, int) else tuple(value)
-        if len(values) != cls._DIMS:
-            raise ValueError(f"{name} must be an int or {cls._DIMS} ints, got {value!r}")
-        return tuple(_positive_int(name, v, minimum) for v in values)
+        require(len(values) == cls._DIMS, name, value, f"an int or {cls._DIMS} ints")
+        return tuple(integer(name, v, minimum) for v in values)
 
     @classmethod
     def _float_args(cls, module: nn.Module) -> dict[str, Any]:
-        if module.padding_mode != "zeros":
-            raise ValueError(f"only padding_mode='zeros' can be ternarized, got "
-                             f"{module.padding_mode!r}")
-        names = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-                 "groups")
-        return {**{n: getattr(module, n) for n in names}, "bias": module.bias is not None}
+        """The constructor arguments of the layer replacing the float convolution ``module``."""
+        mode = module.padding_mode
+        require(mode == "zeros", "padding_mode", mode, "'zeros' (ternary layers pad with zeros)")
+        return {**{n: getattr(module, n) for n in cls.GEOMETRY}, "bias": module.bias is not None}
 
     def _project(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return type(self)._CONV(x, weight, bias, self.stride, self.padding, self.dilation,
@@ -399,6 +384,10 @@ class _BitConvNd(BitLayer):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
                 f"groups={self.groups}, " + super().extra_repr())
+
+
+class _BitConvNd(ConvGeometry, BitLayer):
+    """Ternary N-d convolution (zero padding only); ``_DIMS`` and ``_CONV`` set the geometry."""
 
 
 class BitConv1d(_BitConvNd):

@@ -41,12 +41,14 @@ Eval mode and ``torch.no_grad()`` forwards mutate nothing.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.utils import _pair, _single
 
+from chimera._validate import choice, integer, require
+from chimera.nn.bit_layers import ConvGeometry
 from chimera.quant.functions import (
     ACT_QUANT_MODES,
     abs_stat,
@@ -66,7 +68,7 @@ class IntTernaryModule(nn.Module):
     ``weight_shape`` is (out, *fan_in_dims). ``act_quant`` in {per_tensor, per_token, none}.
     """
 
-    _float_type: type[nn.Module]  # the float layer that ``from_float`` converts
+    _FLOAT_TYPE: type[nn.Module]  # the float layer that ``from_float`` converts
 
     def __init__(
         self,
@@ -76,14 +78,9 @@ class IntTernaryModule(nn.Module):
         act_quant: str = "per_tensor",
     ) -> None:
         super().__init__()
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
-        if act_quant not in ACT_QUANT_MODES:
-            raise ValueError(f"act_quant must be one of {ACT_QUANT_MODES}, got {act_quant!r}")
-        if any(d <= 0 for d in weight_shape):
-            raise ValueError(f"weight shape must be positive, got {weight_shape}")
-        self.group_size = group_size
-        self.act_quant = act_quant
+        self.group_size = integer("group_size", group_size, 1)
+        self.act_quant = choice("act_quant", act_quant, ACT_QUANT_MODES)
+        require(all(d > 0 for d in weight_shape), "weight_shape", weight_shape, "positive")
         out, fan_in = weight_shape[0], math.prod(weight_shape[1:])
         self.fan_in = fan_in
         num_groups = -(-fan_in // group_size)
@@ -153,7 +150,7 @@ class IntTernaryModule(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------
 
-    def _apply_weight(self, x: Tensor, w: Tensor) -> Tensor:
+    def _project(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
@@ -164,7 +161,7 @@ class IntTernaryModule(nn.Module):
         with torch.no_grad():
             self._last_counts = ternary_counts(self.T)
             self._last_gamma = self.group_scale().mean()
-        return self._apply_weight(quantize_activations(x, self.act_quant), w)
+        return self._project(quantize_activations(x, self.act_quant), w, self.bias)
 
     def get_last_stats(self) -> dict[str, float] | None:
         """``{gamma, zero_ratio, plus_ratio, minus_ratio, effective_bits, num_weights}`` of the
@@ -205,10 +202,7 @@ class IntTernaryModule(nn.Module):
         """``pressure += increment`` (int16, weight shape); where ``|pressure| >= threshold``:
         ``T = clamp(T + sign(pressure), -1, 1)`` and ``pressure = 0`` (so it stays int8).
         """
-        if (isinstance(threshold, bool) or not isinstance(threshold, int)
-                or not 1 <= threshold <= MAX_THRESHOLD):
-            raise ValueError(f"threshold must be an integer in [1, {MAX_THRESHOLD}], "
-                             f"got {threshold!r}")
+        integer("threshold", threshold, 1, MAX_THRESHOLD)
         p = self.pressure.to(torch.int16) + increment
         fire = p.abs() >= threshold
         moved = (self.T.to(torch.int16) + p.sign()).clamp_(-1, 1)
@@ -232,6 +226,9 @@ class IntTernaryModule(nn.Module):
         self.corr_accum.copy_(torch.where(down, 2 * self.corr_accum + n, self.corr_accum))
         self.E += up.to(torch.int8) - down.to(torch.int8)
 
+    def extra_repr(self) -> str:
+        return f"bias={self.bias is not None}, group_size={self.group_size}"
+
     def state_bytes(self) -> int:
         """Bytes of integer training state (everything but the weight ``T`` itself)."""
         return sum(b.numel() * b.element_size() for b in (self.pressure, self.corr_accum,
@@ -240,7 +237,8 @@ class IntTernaryModule(nn.Module):
     # ---- conversion -----------------------------------------------------------------------
 
     @classmethod
-    def _geometry(cls, module: nn.Module) -> dict:
+    def _float_args(cls, module: nn.Module) -> dict[str, Any]:
+        """The constructor arguments of the layer replacing the float layer ``module``."""
         raise NotImplementedError
 
     @classmethod
@@ -249,11 +247,11 @@ class IntTernaryModule(nn.Module):
         :meth:`load_float_weight`, bias copied). On this base class it picks the subclass."""
         if cls is IntTernaryModule:
             for sub in (IntTernaryLinear, IntTernaryConv1d, IntTernaryConv2d):
-                if type(module) is sub._float_type:
+                if type(module) is sub._FLOAT_TYPE:
                     return sub.from_float(module, **kwargs)
-        if type(module) is not getattr(cls, "_float_type", None):
+        if type(module) is not getattr(cls, "_FLOAT_TYPE", None):
             raise TypeError(f"{cls.__name__}.from_float cannot convert {type(module).__name__}")
-        layer = cls(**cls._geometry(module), bias=module.bias is not None, **kwargs)
+        layer = cls(**cls._float_args(module), **kwargs)
         layer.to(module.weight.device)
         layer.load_float_weight(module.weight)
         if module.bias is not None:
@@ -265,7 +263,7 @@ class IntTernaryModule(nn.Module):
 class IntTernaryLinear(IntTernaryModule):
     """Integer-ternary ``nn.Linear``: ``y = x_q @ (T * S)^T + bias``."""
 
-    _float_type = nn.Linear
+    _FLOAT_TYPE = nn.Linear
 
     def __init__(
         self,
@@ -275,84 +273,35 @@ class IntTernaryLinear(IntTernaryModule):
         group_size: int = 32,
         act_quant: str = "per_tensor",
     ) -> None:
+        self.in_features = integer("in_features", in_features, 1)
+        self.out_features = integer("out_features", out_features, 1)
         super().__init__((out_features, in_features), bias, group_size, act_quant)
-        self.in_features, self.out_features = in_features, out_features
 
-    def _apply_weight(self, x: Tensor, w: Tensor) -> Tensor:
-        return F.linear(x, w, self.bias)
+    def _project(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
 
     @classmethod
-    def _geometry(cls, module: nn.Linear) -> dict:
-        return {"in_features": module.in_features, "out_features": module.out_features}
+    def _float_args(cls, module: nn.Linear) -> dict[str, Any]:
+        return {"in_features": module.in_features, "out_features": module.out_features,
+                "bias": module.bias is not None}
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, group_size={self.group_size}")
+                + super().extra_repr())
 
 
-class _IntTernaryConvNd(IntTernaryModule):
-    """Integer-ternary convolution (zeros padding); the subclass sets ``_conv`` and ``_tuple``."""
-
-    _conv: staticmethod  # F.conv1d / F.conv2d
-    _tuple: staticmethod  # int -> tuple of the layer's dimensionality
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, ...],
-        stride: int | tuple[int, ...] = 1,
-        padding: int | tuple[int, ...] | str = 0,
-        dilation: int | tuple[int, ...] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        group_size: int = 32,
-        act_quant: str = "per_tensor",
-    ) -> None:
-        if groups < 1 or in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"groups must be a positive divisor of in_channels ({in_channels}) and "
-                f"out_channels ({out_channels}), got {groups}"
-            )
-        kernel_size = self._tuple(kernel_size)
-        super().__init__((out_channels, in_channels // groups, *kernel_size), bias, group_size,
-                         act_quant)
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = kernel_size
-        self.stride, self.dilation = self._tuple(stride), self._tuple(dilation)
-        self.padding = padding if isinstance(padding, str) else self._tuple(padding)
-
-    def _apply_weight(self, x: Tensor, w: Tensor) -> Tensor:
-        return self._conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-    @classmethod
-    def _geometry(cls, module: nn.Module) -> dict:
-        if module.padding_mode != "zeros":
-            raise ValueError(f"padding_mode must be 'zeros', got {module.padding_mode!r}")
-        return {
-            "in_channels": module.in_channels, "out_channels": module.out_channels,
-            "kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding,
-            "dilation": module.dilation, "groups": module.groups,
-        }
-
-    def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"groups={self.groups}, bias={self.bias is not None}, "
-                f"group_size={self.group_size}")
+class _IntTernaryConvNd(ConvGeometry, IntTernaryModule):
+    """Integer-ternary convolution (zero padding); the subclass sets ``_DIMS`` and ``_CONV``.
+    Besides the geometry it takes ``group_size`` and ``act_quant`` (after ``bias``)."""
 
 
 class IntTernaryConv1d(_IntTernaryConvNd):
     """Integer-ternary ``nn.Conv1d``; groups run along the flattened (in/groups)*k fan-in."""
 
-    _float_type = nn.Conv1d
-    _conv = staticmethod(F.conv1d)
-    _tuple = staticmethod(_single)
+    _DIMS, _CONV, _FLOAT_TYPE = 1, F.conv1d, nn.Conv1d
 
 
 class IntTernaryConv2d(_IntTernaryConvNd):
     """Integer-ternary ``nn.Conv2d``; groups run along the flattened (in/groups)*k*k fan-in."""
 
-    _float_type = nn.Conv2d
-    _conv = staticmethod(F.conv2d)
-    _tuple = staticmethod(_pair)
+    _DIMS, _CONV, _FLOAT_TYPE = 2, F.conv2d, nn.Conv2d

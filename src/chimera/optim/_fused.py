@@ -1,8 +1,8 @@
 """Compiled (``torch.compile``) fast paths of the optimizers: the plumbing they share.
 
 ``Chimera21``, ``STAC`` and ``ScaledOptum`` take ``fused: bool | None``. ``check_fused``
-validates it, ``use_fused`` decides per group and step whether the compiled step runs, and
-``run_compiled`` runs it.
+validates it (with ``foreach``), ``use_fused`` decides per group and step whether the compiled
+step runs, and ``run_compiled`` runs it.
 
 ``run_compiled(fn, *args, key=..., device=..., scalars=..., **static)`` calls
 ``torch.compile(fn, fullgraph=True, dynamic=False)`` compiled on a *private copy* of ``fn``'s
@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from chimera._validate import optional_bool, require
 from chimera.compile_support import compile_usable
 
 MAX_ENTRIES = 32
@@ -41,15 +42,12 @@ _INDUCTOR_OPTIONS = {"size_asserts": False, "alignment_asserts": False}
 
 
 def check_fused(fused: Any, foreach: Any = None) -> None:
-    """``ValueError`` unless ``fused`` is None/True/False and not True together with
-    ``foreach=True`` (the two name different implementations; ``fused=True`` with
-    ``foreach=False`` is allowed and runs the compiled step, as in ``torch.optim.Adam``)."""
-    if fused is not None and not isinstance(fused, bool):
-        raise ValueError(f"Invalid fused: {fused!r} (allowed: None, True or False)")
-    if fused is True and foreach is True:
-        raise ValueError(
-            "Invalid fused: True together with foreach=True (allowed: at most one of them True)"
-        )
+    """``ValueError`` unless ``foreach`` and ``fused`` are None/True/False and not both True (the
+    two name different implementations; ``fused=True`` with ``foreach=False`` is allowed and runs
+    the compiled step, as in ``torch.optim.Adam``)."""
+    optional_bool("foreach", foreach)
+    optional_bool("fused", fused)
+    require(not (fused and foreach), "fused", fused, "None or False together with foreach=True")
 
 
 def use_fused(fused: bool | None, tensors: Sequence[Tensor], foreach: bool | None = None) -> bool:

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
 
-from chimera.optim._common import evaluate_closure
+from chimera._validate import choice, number, require
+from chimera.optim._common import FusableOptimizer, evaluate_closure, use_foreach
 from chimera.optim._fused import check_fused, run_compiled, use_fused
 
 ZERO_GRAD_POLICIES = ("standard", "freeze", "decay", "inertia")
@@ -69,35 +69,23 @@ DIAGNOSTIC_KEYS = (
 )
 
 
-def _require(name: str, value: Any, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
-
-
-def _validate(hp: dict[str, Any]) -> None:
+def _check_hyperparameters(hp: dict[str, Any]) -> None:
     """Raise ``ValueError`` naming the first hyper-parameter of ``hp`` outside its domain."""
-    _require("lr", hp["lr"], hp["lr"] >= 0, ">= 0")
+    number("lr", hp["lr"], 0)
     for name in ("beta1", "beta2"):
-        _require(name, hp[name], 0 <= hp[name] < 1, "[0, 1)")
-    _require("eps_opt", hp["eps_opt"], hp["eps_opt"] > 0, "> 0")
-    _require("weight_decay", hp["weight_decay"], hp["weight_decay"] >= 0, ">= 0")
-    _require("rho_psi", hp["rho_psi"], 0 <= hp["rho_psi"] <= 1, "[0, 1]")
-    _require("kappa_min", hp["kappa_min"], hp["kappa_min"] > 0, "> 0")
-    kmax = hp["kappa_max"]
-    _require("kappa_max", kmax, kmax >= hp["kappa_min"], f">= kappa_min = {hp['kappa_min']!r}")
-    policy = hp["zero_grad_policy"]
-    _require(
-        "zero_grad_policy", policy, policy in ZERO_GRAD_POLICIES, ", ".join(ZERO_GRAD_POLICIES)
-    )
-    _require("idle_decay", hp["idle_decay"], 0 <= hp["idle_decay"] <= 1, "[0, 1]")
-    mode = hp["kappa_gate_mode"]
-    _require("kappa_gate_mode", mode, mode in KAPPA_GATE_MODES, ", ".join(KAPPA_GATE_MODES))
-    _require("gate_sharpness", hp["gate_sharpness"], hp["gate_sharpness"] >= 0, ">= 0")
-    storage = hp["psi_storage"]
-    _require("psi_storage", storage, storage in PSI_STORAGES, ", ".join(PSI_STORAGES))
-    foreach = hp["foreach"]
-    _require("foreach", foreach, foreach in (None, True, False), "None, True or False")
-    check_fused(hp["fused"], foreach)
+        number(name, hp[name], 0, 1, high_open=True)
+    number("eps_opt", hp["eps_opt"], 0, low_open=True)
+    number("weight_decay", hp["weight_decay"], 0)
+    number("rho_psi", hp["rho_psi"], 0, 1)
+    number("kappa_min", hp["kappa_min"], 0, low_open=True)
+    kmin, kmax = hp["kappa_min"], number("kappa_max", hp["kappa_max"])
+    require(kmax >= kmin, "kappa_max", hp["kappa_max"], f"a number >= kappa_min = {kmin!r}")
+    choice("zero_grad_policy", hp["zero_grad_policy"], ZERO_GRAD_POLICIES)
+    number("idle_decay", hp["idle_decay"], 0, 1)
+    choice("kappa_gate_mode", hp["kappa_gate_mode"], KAPPA_GATE_MODES)
+    number("gate_sharpness", hp["gate_sharpness"], 0)
+    choice("psi_storage", hp["psi_storage"], PSI_STORAGES)
+    check_fused(hp["fused"], hp["foreach"])
 
 
 def _resolve_aliases(hp: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -110,7 +98,7 @@ def _resolve_aliases(hp: dict[str, Any], defaults: dict[str, Any]) -> dict[str, 
     aliased: dict[str, Any] = {}
     if hp.get("betas") is not None:
         betas = tuple(hp["betas"])
-        _require("betas", hp["betas"], len(betas) == 2, "a pair (beta1, beta2)")
+        require(len(betas) == 2, "betas", hp["betas"], "a pair (beta1, beta2)")
         aliased.update(beta1=betas[0], beta2=betas[1])
     if hp.get("eps") is not None:
         aliased["eps_opt"] = hp["eps"]
@@ -483,20 +471,7 @@ def _static_items(hp: dict[str, Any]) -> list[tuple[str, Any]]:
     return [(k, v) for k, v in hp.items() if k not in ("lr", "weight_decay")]
 
 
-def _use_foreach(foreach: bool | None, params: list[Tensor]) -> bool:
-    """``None``: the foreach kernels when all parameters and gradients share one dtype and one
-    device of a type with native foreach kernels (CUDA, XPU, ...), as torch decides."""
-    if foreach is not None:
-        return foreach
-    tensors = [*params, *(p.grad for p in params)]
-    return (
-        bool(params)
-        and len({(t.device, t.dtype) for t in tensors}) == 1
-        and params[0].device.type in _get_foreach_kernels_supported_devices()
-    )
-
-
-class Chimera21(torch.optim.Optimizer):
+class Chimera21(FusableOptimizer):
     r"""Agreement-gated Adam (docs/algorithms.md#chimera21).
 
     For each parameter p with gradient g, t the step count after the increment::
@@ -557,6 +532,8 @@ class Chimera21(torch.optim.Optimizer):
     Without any logging group ``last_diagnostics`` is ``{}`` and no diagnostic work is done.
     """
 
+    _PICKLED_ATTRIBUTES = ("last_diagnostics",)
+
     def __init__(
         self,
         params: Iterable,
@@ -603,23 +580,15 @@ class Chimera21(torch.optim.Optimizer):
             fused=fused,
         )
         defaults = _resolve_aliases({**defaults, "betas": betas, "eps": eps}, _CONSTRUCTOR_DEFAULTS)
-        _validate(defaults)
+        _check_hyperparameters(defaults)
         super().__init__(params, defaults)
         self.last_diagnostics: dict[str, float] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its hyper-parameters (aliases included) are validated first."""
         group = _resolve_aliases(param_group, self.defaults)
-        _validate({**self.defaults, **group})
+        _check_hyperparameters({**self.defaults, **group})
         super().add_param_group(group)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "last_diagnostics": self.last_diagnostics}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:  # states saved before ``fused`` existed
-            group.setdefault("fused", None)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's loading, except that an int8 ``psi`` stays int8 (torch casts floating state
@@ -668,9 +637,7 @@ class Chimera21(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One Chimera21 step; returns the closure's loss when a closure is given."""
         loss = evaluate_closure(closure)
-        active = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
-        if any(p.grad.is_sparse for _, params in active for p in params):
-            raise RuntimeError("Chimera21 does not support sparse gradients")
+        active = self._groups_with_grads()
         rows: list[Tensor] | None = None
         compiled: dict[torch.device, list[tuple]] = {}  # device -> (params, lists, hp) of groups
         for group, params in active:
@@ -686,7 +653,7 @@ class Chimera21(torch.optim.Optimizer):
                 _single_tensor_chimera21(params, *lists, **hp, diagnostics=rows)
             elif fused:
                 compiled.setdefault(params[0].device, []).append((params, lists, hp))
-            elif _use_foreach(group["foreach"], params):
+            elif use_foreach(group["foreach"], params):
                 _multi_tensor_chimera21(params, *lists, **hp)
             else:
                 _single_tensor_chimera21(params, *lists, **hp)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
+from chimera._validate import number
 from chimera.optim._common import evaluate_closure, sign_keep_nan
 
 
@@ -40,13 +41,10 @@ class Lion(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         maximize: bool = False,
     ) -> None:
-        if lr < 0:
-            raise ValueError(f"Invalid lr: {lr} (allowed: >= 0)")
+        number("lr", lr, 0)
         for i, b in enumerate(betas):
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"Invalid betas[{i}]: {b} (allowed: [0, 1))")
-        if weight_decay < 0:
-            raise ValueError(f"Invalid weight_decay: {weight_decay} (allowed: >= 0)")
+            number(f"betas[{i}]", b, 0, 1, high_open=True)
+        number("weight_decay", weight_decay, 0)
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
 

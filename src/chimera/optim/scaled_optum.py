@@ -41,16 +41,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from chimera._validate import choice, integer, number
 from chimera.nn.int_ternary import MAX_THRESHOLD, IntTernaryModule
-from chimera.optim._common import evaluate_closure, sign_keep_nan
+from chimera.optim._common import FusableOptimizer, evaluate_closure, sign_keep_nan
 from chimera.optim._fused import check_fused, foreach_add_, run_compiled, use_fused
 
 E_POLICIES = ("fixed", "track")
-
-
-def _check_int(name: str, value: Any, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"Invalid {name}: {value!r} (allowed: an integer in [{low}, {high}])")
 
 
 def pressure_increment(grad: Tensor, rate: float | Tensor, threshold: int) -> Tensor:
@@ -100,7 +96,7 @@ def _compiled_scaled_optum(
         _update_ternary_modules(modules, scalars[-1], threshold, track)
 
 
-class ScaledOptum(torch.optim.Optimizer):
+class ScaledOptum(FusableOptimizer):
     """Integer-state training of int-ternary modules and sign-SGD for float parameters.
 
     Args:
@@ -115,6 +111,8 @@ class ScaledOptum(torch.optim.Optimizer):
             CUDA only). Stored in every param group, the ternary group included.
     """
 
+    _PICKLED_ATTRIBUTES = ("default_group_size", "_ternary_defaults", "ternary_modules")
+
     def __init__(
         self,
         params: Iterable,
@@ -126,14 +124,11 @@ class ScaledOptum(torch.optim.Optimizer):
         *,
         fused: bool | None = None,
     ) -> None:
-        if not lr >= 0:
-            raise ValueError(f"Invalid lr: {lr} (allowed: >= 0)")
-        _check_int("default_group_size", default_group_size, 1, 2**16)
-        _check_int("threshold", threshold, 1, MAX_THRESHOLD)
-        if not ternary_lr >= 0:
-            raise ValueError(f"Invalid ternary_lr: {ternary_lr} (allowed: >= 0)")
-        if e_policy not in E_POLICIES:
-            raise ValueError(f"Invalid e_policy: {e_policy!r} (allowed: {E_POLICIES})")
+        number("lr", lr, 0)
+        integer("default_group_size", default_group_size, 1, 2**16)
+        integer("threshold", threshold, 1, MAX_THRESHOLD)
+        number("ternary_lr", ternary_lr, 0)
+        choice("e_policy", e_policy, E_POLICIES)
         check_fused(fused)
         params = list(params)
         super().__init__(params or [{"params": []}], dict(lr=lr, fused=fused))
@@ -142,15 +137,6 @@ class ScaledOptum(torch.optim.Optimizer):
             lr=ternary_lr, threshold=threshold, e_policy=e_policy, ternary=True, fused=fused
         )
         self.ternary_modules: list[IntTernaryModule] = []
-
-    def __getstate__(self) -> dict[str, Any]:  # torch keeps only defaults/state/param_groups
-        extra = ("default_group_size", "_ternary_defaults", "ternary_modules")
-        return {**super().__getstate__(), **{k: self.__dict__[k] for k in extra}}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:  # states saved before ``fused`` existed
-            group.setdefault("fused", None)
 
     @property
     def ternary_group(self) -> dict[str, Any] | None:
@@ -189,9 +175,7 @@ class ScaledOptum(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One integer update of every registered module and a sign-SGD step of the floats."""
         loss = evaluate_closure(closure)
-        active = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
-        if any(p.grad.is_sparse for _, params in active for p in params):
-            raise RuntimeError("ScaledOptum does not support sparse gradients")
+        active = self._groups_with_grads()
         batches: dict[torch.device, tuple[list, list]] = {}  # device -> (float groups, modules)
         group, modules = self.ternary_group, self.ternary_modules
         if modules and use_fused(group["fused"], [m.T for m in modules]):

@@ -18,13 +18,13 @@ import torch
 from torch import Tensor, nn
 from torch.optim.adamw import adamw
 
-from chimera.optim._common import evaluate_closure
+from chimera._validate import integer, number, require
+from chimera.optim._common import FusableOptimizer, evaluate_closure, use_foreach
 from chimera.optim._fused import check_fused, foreach_add_, run_compiled, use_fused
 
 TRUNK = "trunk"
 CAP = "cap"
 ROOT_LAYER = "<root>"
-_FOREACH_DEVICES = ("cuda", "xpu")  # where torch defaults to its foreach kernels
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,8 +82,7 @@ def partition_trainable_layers(model: nn.Module, *, last_n_layers: int = 1) -> S
     a shared parameter belongs to its first owner; the root's own parameters are ``"<root>"``.
     ``last_n_layers=0`` puts everything in the trunk, more than exist everything in the cap.
     """
-    if isinstance(last_n_layers, bool) or not isinstance(last_n_layers, int) or last_n_layers < 0:
-        raise ValueError(f"Invalid last_n_layers: {last_n_layers!r} (allowed: an int >= 0)")
+    integer("last_n_layers", last_n_layers, 0)
     layers = list(_trainable_layers(model))
     if not layers:
         raise ValueError(
@@ -171,13 +170,6 @@ def _foreach_stac_trunk(
     foreach_add_(params, torch._foreach_sign(directions), neg_lr)
 
 
-def _use_foreach(foreach: bool | None, params: list[Tensor]) -> bool:
-    """``foreach=None`` picks the foreach kernels when every tensor lives on an accelerator."""
-    if foreach is not None:
-        return foreach
-    return bool(params) and all(p.device.type in _FOREACH_DEVICES for p in params)
-
-
 def _all_finite(grads: list[Tensor]) -> bool:
     """Whether no gradient holds NaN or +-Inf: one foreach max-norm ``max|g|`` per tensor (NaN
     and Inf propagate; a single multi-tensor kernel on CUDA) and a single host sync."""
@@ -194,12 +186,7 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def _require(name: str, value: Any, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
-
-
-class STAC(torch.optim.Optimizer):
+class STAC(FusableOptimizer):
     r"""Sign-momentum trunk, AdamW cap.
 
     Trunk parameter p with gradient g, momentum ``mu = trunk_momentum``::
@@ -221,7 +208,8 @@ class STAC(torch.optim.Optimizer):
     A step first checks every gradient: sparse ones raise ``RuntimeError``; a non-finite one
     raises with ``error_if_nonfinite=True``, otherwise the whole step is skipped (no parameter
     or state moves) and ``nonfinite_skipped_steps`` (saved in ``state_dict``) is incremented.
-    ``foreach=None`` uses the foreach kernels when all tensors of a group are on CUDA/XPU.
+    ``foreach=None`` uses the foreach kernels where torch would (all parameters and gradients of
+    a group on one CUDA/XPU device with one dtype; see ``chimera.optim._common.use_foreach``).
 
     ``fused``: True runs the trunk update compiled by ``torch.compile`` (the foreach equations
     above, fused by inductor into few kernels; triton on CUDA, C++ on CPU) and the cap with
@@ -234,6 +222,8 @@ class STAC(torch.optim.Optimizer):
     ``foreach``, ``load_state_dict`` restores the saved groups' ``fused``; a state saved by any
     path continues on any other.
     """
+
+    _PICKLED_ATTRIBUTES = ("partition", "nonfinite_skipped_steps")
 
     def __init__(
         self,
@@ -257,14 +247,13 @@ class STAC(torch.optim.Optimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"STAC needs the model (an nn.Module), got {type(model).__name__}")
-        _require("lr", lr, lr >= 0, ">= 0")
-        _require("trunk_momentum", trunk_momentum, 0 <= trunk_momentum < 1, "[0, 1)")
-        _require("betas", betas, len(betas) == 2, "a pair (beta1, beta2)")
+        number("lr", lr, 0)
+        number("trunk_momentum", trunk_momentum, 0, 1, high_open=True)
+        require(len(betas) == 2, "betas", betas, "a pair (beta1, beta2)")
         for i, beta in enumerate(betas):
-            _require(f"betas[{i}]", beta, 0 <= beta < 1, "[0, 1)")
-        _require("eps", eps, eps > 0, "> 0")
-        _require("weight_decay", weight_decay, weight_decay >= 0, ">= 0")
-        _require("foreach", foreach, foreach in (None, True, False), "None, True or False")
+            number(f"betas[{i}]", beta, 0, 1, high_open=True)
+        number("eps", eps, 0, low_open=True)
+        number("weight_decay", weight_decay, 0)
         check_fused(fused, foreach)
         partition = partition_trainable_layers(model, last_n_layers=last_n_layers)
 
@@ -278,8 +267,8 @@ class STAC(torch.optim.Optimizer):
         groups = []
         for role, layers, role_lr, role_wd in roles:
             role_wd = weight_decay if role_wd is None else role_wd
-            _require(f"{role}_lr", role_lr, role_lr >= 0, ">= 0")
-            _require(f"{role}_weight_decay", role_wd, role_wd >= 0, ">= 0")
+            number(f"{role}_lr", role_lr, 0)
+            number(f"{role}_weight_decay", role_wd, 0)
             if layers:
                 groups.append(
                     {
@@ -314,17 +303,8 @@ class STAC(torch.optim.Optimizer):
             )
         super().add_param_group(param_group)
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {
-            **super().__getstate__(),
-            "partition": self.partition,
-            "nonfinite_skipped_steps": self.nonfinite_skipped_steps,
-        }
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:  # states saved before ``fused`` existed
-            group.setdefault("fused", None)
+    def _group_label(self, index: int, group: dict[str, Any]) -> str:
+        return f"the {group['stac_role']}"
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict plus ``nonfinite_skipped_steps``."""
@@ -375,12 +355,7 @@ class STAC(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One all-or-nothing STAC step; returns the closure's loss when a closure is given."""
         loss = evaluate_closure(closure)
-        active = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
-        for group, params in active:
-            if any(p.grad.is_sparse for p in params):
-                raise RuntimeError(
-                    f"STAC does not support sparse gradients (found in the {group['stac_role']})"
-                )
+        active = self._groups_with_grads()
         if not _all_finite([p.grad for _, params in active for p in params]):
             if any(group["error_if_nonfinite"] for group in self.param_groups):
                 raise RuntimeError(
@@ -395,7 +370,7 @@ class STAC(torch.optim.Optimizer):
             if use_fused(group["fused"], params, group["foreach"]):
                 path = "fused"
             else:
-                path = "foreach" if _use_foreach(group["foreach"], params) else "loop"
+                path = "foreach" if use_foreach(group["foreach"], params) else "loop"
             update = self._trunk_update if group["stac_role"] == TRUNK else self._cap_update
             update(group, params, path)
         return loss

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from chimera._validate import choice, integer, number, require
 from chimera.registry import Registry
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -45,29 +46,27 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # name -> (type, low, high, low is open); every hyper-parameter a rule may take
 _HPARAM_RANGES: dict[str, tuple[type, float, float, bool]] = {
-    "sigma_bridge": (float, 0.0, math.inf, False),
-    "lam": (float, 0.0, math.inf, True),
+    "sigma_bridge": (float, 0, math.inf, False),
+    "lam": (float, 0, math.inf, True),
     "K": (int, 1, math.inf, False),
-    "term_grad_weight": (float, 0.0, math.inf, False),
-    "slope_weight": (float, 0.0, math.inf, False),
-    "ema_momentum": (float, 0.0, 1.0, False),
-    "lr_fb": (float, 0.0, math.inf, False),
-    "warmup_frac": (float, 0.0, 1.0, False),
+    "term_grad_weight": (float, 0, math.inf, False),
+    "slope_weight": (float, 0, math.inf, False),
+    "ema_momentum": (float, 0, 1, False),
+    "lr_fb": (float, 0, math.inf, False),
+    "warmup_frac": (float, 0, 1, False),
     "bridge_hidden": (int, 1, math.inf, False),
     "emb_dim": (int, 2, math.inf, False),
 }
 
 
 def _check_hparam(name: str, value: Any) -> Any:
-    kind, low, high, open_low = _HPARAM_RANGES[name]
-    ok_type = isinstance(value, int if kind is int else int | float) and not isinstance(value, bool)
-    if not ok_type or value < low or value > high or (open_low and value == low):
-        bound = "(" if open_low else "["
-        raise ValueError(f"{name} must be a{'n integer' if kind is int else ' number'} in "
-                         f"{bound}{low}, {high}], got {value!r}")
-    if name == "emb_dim" and value % 2:
-        raise ValueError(f"emb_dim must be even (sin and cos pairs), got {value}")
-    return kind(value)
+    kind, low, high, low_open = _HPARAM_RANGES[name]
+    if kind is int:
+        value = integer(name, value, low, high)
+    else:
+        value = number(name, value, low, high, low_open=low_open)
+    require(name != "emb_dim" or value % 2 == 0, name, value, "even (sin and cos pairs)")
+    return value
 
 
 # -- residual models -------------------------------------------------------------------------
@@ -228,17 +227,15 @@ class LearningRule:
                  loss_fn: LossFn, out_dim: int, total_steps: int,
                  preset: str = "classification", **hparams: Any) -> None:
         check_residual_model(model)
-        for name, value in (("out_dim", out_dim), ("total_steps", total_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        integer("out_dim", out_dim, 1)
+        integer("total_steps", total_steps, 1)
         if not callable(loss_fn):
             raise ValueError("loss_fn must be a callable loss_fn(y, c) -> batch-mean loss")
         unknown = sorted(set(hparams) - set(self.hparam_names))
         if unknown:
             raise ValueError(f"rule '{self.name}' has no hyper-parameter {', '.join(unknown)}; "
                              f"allowed: {', '.join(self.hparam_names) or 'none'}")
-        if preset not in PRESETS:
-            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        choice("preset", preset, PRESETS)
         values = {**{k: PRESETS[preset][k] for k in self.hparam_names}, **hparams}
         self.hparams = {k: _check_hparam(k, v) for k, v in values.items()}
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from chimera._validate import integer
 from chimera.rules.base import (
     LearningRule,
     LossFn,
@@ -70,8 +71,7 @@ def perturbation_rho(model: nn.Module, x: Tensor, c: Tensor, credits: Sequence[T
                      generator: torch.Generator | None = None) -> float:
     """Pearson(predicted ``<a_l, δ>``, actual loss change) per example over
     ``num_perturbations`` draws, mean over examples and layers (see the module docstring)."""
-    if num_perturbations < 2:
-        raise ValueError(f"num_perturbations must be at least 2, got {num_perturbations}")
+    integer("num_perturbations", num_perturbations, 2)
     with frozen(model):
         hs = residual_states(model, x)
         _check_credits(credits, hs)

@@ -26,14 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from chimera.rules.base import (
-    RULES,
-    BridgeNet,
-    LearningRule,
-    Terminal,
-    frozen,
-    normalised_sq_error,
-)
+from chimera.rules.base import RULES, BridgeNet, LearningRule, Terminal, frozen, normalised_sq_error
 
 
 @RULES.register("state_bridge")

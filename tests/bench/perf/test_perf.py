@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from chimera.bench.perf import PERF_TARGETS
-from chimera.bench.perf.common import goal, top_ops
-from chimera.bench.perf.core import time_cases, time_fn
 from chimera.bench.perf.optim import GPT2_SMALL, bytes_per_param, gpt2_parameters
+from chimera.bench.perf.results import goal
+from chimera.bench.perf.timing import milliseconds, time_cases, top_ops
 from chimera.cli import main
 from chimera.optim import STAC, Chimera21
 from chimera.run.records import read_records
@@ -119,7 +119,8 @@ def test_profile_option_records_top_ops(tmp_path, capsys):
 @pytest.mark.parametrize(("argv", "message"), [
     (["optim", "--shapes", "vit"], "--shapes must be one of gpt2, resnet20, both"),
     (["optim", "--repeats", "0"], "--repeats must be >= 1"),
-    (["optim", "--optimizers", "adam"], "--optimizers must name some of adamw, chimera21"),
+    (["optim", "--optimizers", "adam"],
+     "--optimizers must be a comma-separated subset of adamw, chimera21"),
     (["layers", "--warmup", "-1"], "--warmup must be >= 0"),
     (["layers", "--batch", "0"], "--batch must be >= 1"),
     (["rules", "--d-hidden", "0"], "--d-hidden must be >= 1"),
@@ -137,13 +138,15 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
     assert "CUDA is not available" in capsys.readouterr().err
 
 
-def test_time_fn_runs_setup_before_every_call_and_reports_the_first():
+def test_time_cases_runs_setups_before_every_call_and_reports_the_first():
     calls = []
-    t = time_fn(lambda: calls.append("fn"), "cpu", warmup=2, repeats=3,
-                setup=lambda: calls.append("setup"))
+    (t,) = time_cases([lambda: calls.append("fn")], "cpu", warmup=2, repeats=3,
+                      setups=[lambda: calls.append("setup")])
     assert calls == ["setup", "fn"] * 5
     assert set(t) == {"median_s", "min_s", "max_s", "first_s"}
     assert 0 <= t["min_s"] <= t["median_s"] <= t["max_s"]
+    assert milliseconds(t) == {"median_ms": t["median_s"] * 1e3, "min_ms": t["min_s"] * 1e3,
+                               "max_ms": t["max_s"] * 1e3}
 
 
 def test_time_cases_interleaves_rounds():
@@ -151,17 +154,17 @@ def test_time_cases_interleaves_rounds():
     out = time_cases([lambda: calls.append("a"), lambda: calls.append("b")], "cpu", warmup=1,
                      repeats=2, setups=[None, lambda: calls.append("setup b")])
     assert calls == ["a", "setup b", "b"] * 3 and len(out) == 2
-    with pytest.raises(ValueError, match="setups must have one entry per case"):
+    with pytest.raises(ValueError, match=r"setups must have one entry per case \(1\), got 0"):
         time_cases([lambda: None], "cpu", setups=[])
 
 
 @pytest.mark.parametrize(("warmup", "repeats", "message"), [
-    (-1, 3, "warmup must be an integer >= 0"), (0, 0, "repeats must be an integer >= 1"),
+    (-1, 3, "warmup must be an integer >= 0, got -1"), (0, 0, "repeats must be an integer >= 1"),
     (True, 3, "warmup must be"), (1, 2.5, "repeats must be"),
 ])
-def test_time_fn_rejects_bad_counts(warmup, repeats, message):
+def test_time_cases_rejects_bad_counts(warmup, repeats, message):
     with pytest.raises(ValueError, match=message):
-        time_fn(lambda: None, "cpu", warmup=warmup, repeats=repeats)
+        time_cases([lambda: None], "cpu", warmup=warmup, repeats=repeats)
 
 
 def test_top_ops_excludes_setup():

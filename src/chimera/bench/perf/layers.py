@@ -25,18 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chimera.bench.perf.common import (
-    Setup,
-    add_common_arguments,
-    fmt,
-    goal,
-    profile_case,
-    report,
-    resolve,
-)
-from chimera.bench.perf.core import PERF_TARGETS, PerfTarget, time_cases
+from chimera.bench.perf.results import fmt, goal, report
+from chimera.bench.perf.target import Setup, perf_target
+from chimera.bench.perf.timing import milliseconds, profile_case, time_cases
+from chimera.compile_support import compile_usable
 from chimera.models import ChimeraResNet20, resnet20
-from chimera.nn.bit_layers import QUANT_MODES, BitLinear, compile_usable
+from chimera.nn.bit_layers import QUANT_MODES, BitLinear
 
 # (warmup, repeats) by (device type, case); --quick: (1, 1)
 COUNTS = {("cpu", "linear"): (3, 20), ("cpu", "resnet20"): (2, 5),
@@ -98,10 +92,8 @@ def measure(setup: Setup, case: str, entries: list[tuple[dict[str, Any], Callabl
     rows = []
     for (fields, fn), t in zip(entries, times, strict=True):
         label = f"{case} {fields['layer']} {fields['quant']} {fields['fast_path']}"
-        rows.append({"case": case, **fields, "median_ms": t["median_s"] * 1e3,
-                     "min_ms": t["min_s"] * 1e3, "max_ms": t["max_s"] * 1e3,
-                     "first_call_s": t["first_s"], **counts,
-                     **profile_case(setup, label, fn)})
+        rows.append({"case": case, **fields, **milliseconds(t), "first_call_s": t["first_s"],
+                     **counts, **profile_case(setup, label, fn)})
     return rows
 
 
@@ -149,13 +141,20 @@ def resnet_rows(setup: Setup, batch: int) -> list[dict[str, Any]]:
     return measure(setup, "resnet20", entries, counts)
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    setup = resolve(args)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``chimera perf layers`` beyond the common ones."""
+    parser.add_argument("--features", type=int, default=1024,
+                        help="BitLinear in = out features (default 1024)")
+    parser.add_argument("--batch", type=int, default=256, help="BitLinear batch (default 256)")
+    parser.add_argument("--resnet-batch", type=int, default=None,
+                        help="ResNet-20 batch (default: 512 on CUDA, 64 on CPU)")
+
+
+@perf_target("layers", help="BitLinear and ternary ResNet-20 training steps vs nn.Linear / fp",
+             out="perf-layers.jsonl", options=add_arguments,
+             positive=("batch", "features", "resnet_batch"))
+def run(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any]]:
     cuda = setup.device.type == "cuda"
-    for name in ("batch", "features", "resnet_batch"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     features, batch = (32, 8) if setup.quick else (args.features, args.batch)
     resnet_batch = 2 if setup.quick else (args.resnet_batch or (512 if cuda else 64))
     rows = linear_rows(setup, features, batch) + resnet_rows(setup, resnet_batch)
@@ -190,16 +189,3 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     notes = [f"settings: {where}; ratios are step-time ratios to the float row of the same case"]
     report("perf-layers", setup, rows, columns, goals, notes)
     return rows
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, out="perf-layers.jsonl")
-    parser.add_argument("--features", type=int, default=1024,
-                        help="BitLinear in = out features (default 1024)")
-    parser.add_argument("--batch", type=int, default=256, help="BitLinear batch (default 256)")
-    parser.add_argument("--resnet-batch", type=int, default=None,
-                        help="ResNet-20 batch (default: 512 on CUDA, 64 on CPU)")
-
-
-PERF_TARGETS.register("layers")(PerfTarget(
-    add_arguments, run, help="BitLinear and ternary ResNet-20 training steps vs nn.Linear / fp"))

@@ -47,16 +47,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from chimera.bench.perf.common import (
-    Setup,
-    add_common_arguments,
-    fmt,
-    goal,
-    profile_case,
-    report,
-    resolve,
-)
-from chimera.bench.perf.core import PERF_TARGETS, PerfTarget, time_cases
+from chimera._validate import choice, require
+from chimera.bench.perf.results import fmt, goal, report
+from chimera.bench.perf.target import Setup, perf_target
+from chimera.bench.perf.timing import milliseconds, profile_case, time_cases
 from chimera.models import build_model
 from chimera.nn.int_ternary import IntTernaryLinear, IntTernaryModule
 from chimera.nn.quantize import ternarize
@@ -196,9 +190,9 @@ def _row(v: Variant, opt: torch.optim.Optimizer, t: dict[str, float], numel: int
     state = optimizer_state_memory_summary(opt)
     bpp = bytes_per_param(opt, v.optimizer)
     return {"optimizer": v.optimizer, "variant": v.variant, "compiled": v.compiled,
-            "num_params": numel, "num_tensors": tensors, "median_ms": t["median_s"] * 1e3,
-            "min_ms": t["min_s"] * 1e3, "max_ms": t["max_s"] * 1e3, "first_step_s": t["first_s"],
-            "bytes_per_param": bpp, "achieved_gbps": bpp * numel / t["median_s"] / 1e9,
+            "num_params": numel, "num_tensors": tensors, **milliseconds(t),
+            "first_step_s": t["first_s"], "bytes_per_param": bpp,
+            "achieved_gbps": bpp * numel / t["median_s"] / 1e9,
             "state_bytes_per_param": state["total"] / numel, "state": state}
 
 
@@ -236,19 +230,27 @@ def measure_set(name: str, setup: Setup, chosen: list[Variant], nbytes: int
     return rows
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    setup = resolve(args)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``chimera perf optim`` beyond the common ones."""
+    parser.add_argument("--shapes", default=None,
+                        help="gpt2 | resnet20 | both (default: both on CUDA, resnet20 on CPU, "
+                             "where a GPT-2 step takes seconds)")
+    parser.add_argument("--optimizers", default=None,
+                        help="comma-separated subset of adamw, chimera21, stac, lion, "
+                             "scaled_optum (default: all; fused AdamW always runs)")
+
+
+@perf_target("optim", help="one optimizer step (GPT-2 small and ResNet-20 shapes) vs fused AdamW",
+             out="perf-optim.jsonl", options=add_arguments)
+def run(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any]]:
     shapes = args.shapes or ("both" if setup.device.type == "cuda" else "resnet20")
-    if shapes not in (*SHAPES, "both"):
-        raise ValueError(f"--shapes must be one of {', '.join((*SHAPES, 'both'))}, "
-                         f"got {shapes!r}")
+    choice("--shapes", shapes, (*SHAPES, "both"))
     names = SHAPES if shapes == "both" else (shapes,)
     chosen = variants(setup.compile)
     known = list(dict.fromkeys(v.optimizer for v in chosen))
     wanted = [o for o in (args.optimizers or "").split(",") if o]
-    if set(wanted) - set(known):
-        raise ValueError(f"--optimizers must name some of {', '.join(known)}, got "
-                         f"{args.optimizers!r}")
+    require(set(wanted) <= set(known), "--optimizers", args.optimizers,
+            f"a comma-separated subset of {', '.join(known)}")
     if wanted:  # the fused AdamW baseline is always measured
         chosen = [v for v in chosen
                   if v.optimizer in wanted or (v.optimizer, v.variant) == ("adamw", "fused")]
@@ -282,18 +284,3 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         notes.append("the step-time goals are set for an H100/H200; this run is on CPU")
     report("perf-optim", setup, rows, columns, goals, notes)
     return rows
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, out="perf-optim.jsonl")
-    parser.add_argument("--shapes", default=None,
-                        help="gpt2 | resnet20 | both (default: both on CUDA, resnet20 on CPU, "
-                             "where a GPT-2 step takes seconds)")
-    parser.add_argument("--optimizers", default=None,
-                        help="comma-separated subset of adamw, chimera21, stac, lion, "
-                             "scaled_optum (default: all; fused AdamW always runs)")
-
-
-PERF_TARGETS.register("optim")(PerfTarget(
-    add_arguments, run,
-    help="one optimizer step (GPT-2 small and ResNet-20 shapes) vs fused AdamW"))

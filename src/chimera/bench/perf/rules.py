@@ -25,16 +25,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from chimera.bench.perf.common import (
-    Setup,
-    add_common_arguments,
-    fmt,
-    goal,
-    profile_case,
-    report,
-    resolve,
-)
-from chimera.bench.perf.core import PERF_TARGETS, PerfTarget, synchronize, time_cases
+from chimera.bench.perf.results import fmt, goal, report
+from chimera.bench.perf.target import Setup, perf_target
+from chimera.bench.perf.timing import milliseconds, profile_case, synchronize, time_cases
 from chimera.models import ResMLP
 from chimera.rules import RULES, LearningRule, build_rule
 
@@ -86,11 +79,17 @@ def breakdown(rule: LearningRule, step: Callable[[], Any], device: torch.device,
     return {**ms, "rest_ms": total / calls * 1e3 - sum(ms.values())}
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    setup = resolve(args)
-    for name in ("d_hidden", "blocks", "batch"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``chimera perf rules`` beyond the common ones."""
+    parser.add_argument("--d-hidden", type=int, default=512, help="ResMLP width (default 512)")
+    parser.add_argument("--blocks", type=int, default=12, help="ResMLP blocks (default 12)")
+    parser.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
+
+
+@perf_target("rules", help="one training step of each learning rule vs backprop (ResMLP)",
+             out="perf-rules.jsonl", options=add_arguments,
+             positive=("d_hidden", "blocks", "batch"))
+def run(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any]]:
     d_hidden, blocks, batch, shape = ((16, 2, 8, (3, 4, 4)) if setup.quick
                                       else (args.d_hidden, args.blocks, args.batch, (3, 32, 32)))
     counts = setup.counts(*(1, 1) if setup.quick else COUNTS.get(setup.device.type, (2, 10)))
@@ -102,8 +101,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for name, rule, step, t in zip(RULE_NAMES, rules, steps, times, strict=True):
         rows.append({"rule": name, "d_hidden": d_hidden, "blocks": blocks, "batch": batch,
-                     "median_ms": t["median_s"] * 1e3, "min_ms": t["min_s"] * 1e3,
-                     "max_ms": t["max_s"] * 1e3, **counts,
+                     **milliseconds(t), **counts,
                      **breakdown(rule, step, setup.device, counts["repeats"]),
                      **profile_case(setup, name, step)})
     base = rows[0]["median_ms"]
@@ -122,14 +120,3 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
              "backward, optimizer step)"]
     report("perf-rules", setup, rows, columns, goals, notes)
     return rows
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, out="perf-rules.jsonl")
-    parser.add_argument("--d-hidden", type=int, default=512, help="ResMLP width (default 512)")
-    parser.add_argument("--blocks", type=int, default=12, help="ResMLP blocks (default 12)")
-    parser.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
-
-
-PERF_TARGETS.register("rules")(PerfTarget(
-    add_arguments, run, help="one training step of each learning rule vs backprop (ResMLP)"))

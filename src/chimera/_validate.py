@@ -1,0 +1,105 @@
+"""Argument checks shared by the whole library (optimizers, layers, rules, export, benchmarks).
+
+Every check raises one ``ValueError`` line that names the argument, says what is allowed and
+shows what was given: ``<name> must be <allowed>, got <value!r>``. Numbers are ints or floats
+(numpy scalars included), never bools; NaN lies in no range.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+from typing import Any, NoReturn, TypeVar
+
+T = TypeVar("T")
+
+
+def fail(name: str, value: Any, allowed: str) -> NoReturn:
+    """Raise the one-line ``ValueError``: ``<name> must be <allowed>, got <value!r>``."""
+    raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    """:func:`fail` unless ``ok``."""
+    if not ok:
+        fail(name, value, allowed)
+
+
+def _range_text(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    if low == -math.inf and high == math.inf:
+        return ""
+    if high == math.inf:
+        return f" {'>' if low_open else '>='} {low}"
+    if low == -math.inf:
+        return f" {'<' if high_open else '<='} {high}"
+    return f" in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def _check_real(
+    kind: str,
+    integral: bool,
+    name: str,
+    value: Any,
+    bounds: tuple[float, float, bool, bool],
+    optional: bool,
+) -> None:
+    low, high, low_open, high_open = bounds
+    base = numbers.Integral if integral else numbers.Real
+    ok = isinstance(value, base) and not isinstance(value, bool)
+    ok = ok and (low < value if low_open else low <= value)
+    ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        fail(name, value, ("None or " if optional else "") + kind + _range_text(*bounds))
+
+
+def number(
+    name: str,
+    value: Any,
+    low: float = -math.inf,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """``value`` as a float when it is a number in the range (closed ends unless ``*_open``),
+    e.g. ``number("rho", 1.5, 0, 1)`` raises ``rho must be a number in [0, 1], got 1.5``."""
+    _check_real("a number", False, name, value, (low, high, low_open, high_open), False)
+    return float(value)
+
+
+def integer(name: str, value: Any, low: float = -math.inf, high: float = math.inf) -> int:
+    """``value`` when it is an integer (not a bool) in ``[low, high]``,
+    e.g. ``integer("K", 0, 1)`` raises ``K must be an integer >= 1, got 0``."""
+    _check_real("an integer", True, name, value, (low, high, False, False), False)
+    return int(value)
+
+
+def optional_number(name: str, value: Any, low: float = -math.inf, *, low_open: bool = False
+                    ) -> float | None:
+    """None, or :func:`number` ``>= low`` (``> low`` with ``low_open``)."""
+    if value is None:
+        return None
+    _check_real("a number", False, name, value, (low, math.inf, low_open, False), True)
+    return float(value)
+
+
+def optional_integer(name: str, value: Any, low: float = -math.inf) -> int | None:
+    """None, or :func:`integer` ``>= low``."""
+    if value is None:
+        return None
+    _check_real("an integer", True, name, value, (low, math.inf, False, False), True)
+    return int(value)
+
+
+def choice(name: str, value: T, allowed: Iterable[Any]) -> T:
+    """``value`` when it is one of ``allowed``: ``mode must be one of a, b, got 'c'``."""
+    options = tuple(allowed)
+    require(value in options, name, value, f"one of {', '.join(map(str, options))}")
+    return value
+
+
+def optional_bool(name: str, value: Any) -> bool | None:
+    """``value`` when it is None, True or False (not 0, 1 or any other stand-in)."""
+    require(value is None or isinstance(value, bool), name, value, "None, True or False")
+    return value
