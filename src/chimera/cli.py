@@ -178,7 +178,7 @@ def _cmd_perf(args: argparse.Namespace) -> None:
 def _cmd_list(args: argparse.Namespace) -> None:
     from chimera.bench.jobs.stress import STRESS_CONFIGS
     from chimera.data import TASKS
-    from chimera.data.stress import STRESS
+    from chimera.data.stress_problems import STRESS
     from chimera.models import MODELS
     from chimera.optim import OPTIMIZERS
 

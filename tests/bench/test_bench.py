@@ -4,7 +4,7 @@ from chimera.bench.suite.execute import spec_call
 from chimera.bench.suite.schema import load_suite
 from chimera.bench.workers import run_calls
 from chimera.cli import main
-from chimera.data.stress import STRESS
+from chimera.data.stress_problems import STRESS
 from chimera.run.records import read_records
 from chimera.run.spec import RunSpec
 

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from chimera.data.base import TASKS, load_task
 from chimera.data.cifar10 import (
     MEAN,
     STD,
@@ -15,6 +14,7 @@ from chimera.data.cifar10 import (
     load_cifar10,
     write_cifar10_fixture,
 )
+from chimera.data.tasks import TASKS, load_task
 
 N = 3  # images per batch file
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chimera.data.stress import STRESS, make_stress_problem
+from chimera.data.stress_problems import STRESS, make_stress_problem
 
 NAMES = ["regression", "sparse_relu", "noisy_quadratic", "saddle"]
 

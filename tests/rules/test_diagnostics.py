@@ -13,7 +13,7 @@ from chimera.rules import (
     nudging,
     perturbation_rho,
 )
-from chimera.rules.base import residual_states
+from chimera.rules.learning_rule import residual_states
 
 
 @pytest.fixture(scope="module")

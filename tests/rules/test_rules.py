@@ -12,8 +12,8 @@ from chimera.nn.bit_layers import BitLinear
 from chimera.nn.quantize import ternarize
 from chimera.optim import build_optimizer
 from chimera.rules import RULES, build_rule, normalize_credit
-from chimera.rules.base import normalised_sq_error, residual_states
 from chimera.rules.credit_bridge import soft_min
+from chimera.rules.learning_rule import normalised_sq_error, residual_states
 
 NON_BP = ("dfa", "state_bridge", "credit_bridge")
 SMALL = {"bridge_hidden": 32}

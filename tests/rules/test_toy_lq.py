@@ -5,9 +5,9 @@ import torch
 
 from chimera.bench.jobs.toy_lq import DEFAULT_W_STD, run_toy_lq
 from chimera.bench.report.tables import toy_lq_table
-from chimera.data.toy_lq import make_toy_lq, toy_lq_loss
+from chimera.data.toy_lq_problem import make_toy_lq, toy_lq_loss
 from chimera.rules import exact_costates
-from chimera.rules.base import residual_states
+from chimera.rules.learning_rule import residual_states
 from chimera.run.records import RecordWriter, read_records
 
 

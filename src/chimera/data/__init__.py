@@ -2,6 +2,6 @@
 ``.stress``."""
 
 from chimera.data import cifar10, digits, mnist1d, synthetic  # noqa: F401  (registers tasks)
-from chimera.data.base import TASKS, TaskData, load_task
+from chimera.data.tasks import TASKS, TaskData, load_task
 
 __all__ = ["TASKS", "TaskData", "load_task"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chimera.data.base import TASKS, TaskData
+from chimera.data.tasks import TASKS, TaskData
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)

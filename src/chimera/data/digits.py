@@ -10,7 +10,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from chimera.data.base import TASKS, TaskData
+from chimera.data.tasks import TASKS, TaskData
 
 
 @TASKS.register("digits")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from mnist1d.data import get_dataset_args, make_dataset
 
-from chimera.data.base import TASKS, TaskData
+from chimera.data.tasks import TASKS, TaskData
 
 _KEYS = ("x", "y", "x_test", "y_test")
 

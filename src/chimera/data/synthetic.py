@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from chimera.data.base import TASKS, TaskData
+from chimera.data.tasks import TASKS, TaskData
 
 
 @TASKS.register("synthetic_images")

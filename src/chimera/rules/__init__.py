@@ -2,7 +2,13 @@
 and credit diagnostics."""
 
 from chimera.rules import backprop, credit_bridge, dfa, state_bridge  # noqa: F401  (registers)
-from chimera.rules.base import (
+from chimera.rules.diagnostics import (
+    costate_cosine,
+    credit_diagnostics,
+    nudging,
+    perturbation_rho,
+)
+from chimera.rules.learning_rule import (
     PRESETS,
     RULES,
     LearningRule,
@@ -10,12 +16,6 @@ from chimera.rules.base import (
     check_residual_model,
     exact_costates,
     normalize_credit,
-)
-from chimera.rules.diagnostics import (
-    costate_cosine,
-    credit_diagnostics,
-    nudging,
-    perturbation_rho,
 )
 
 __all__ = [

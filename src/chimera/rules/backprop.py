@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-from chimera.rules.base import RULES, LearningRule, exact_costates, residual_states
+from chimera.rules.learning_rule import RULES, LearningRule, exact_costates, residual_states
 
 
 @RULES.register("backprop")

@@ -15,7 +15,7 @@ norm for (ii)), averaged over examples, summed (ii weighted); the sum is the bri
 
 Design choices (left open by the rule's definition), see docs/rules.md:
 
-- ``V`` is a plain scalar MLP of ``z = [h, emb(l), c]`` (:class:`~chimera.rules.base.BridgeNet`,
+- ``V`` is a plain scalar MLP of ``z = [h, emb(l), c]`` (:class:`BridgeNet`,
   two GELU hidden layers of ``bridge_hidden``; c one-hot for labels, the target vector for the
   toy LQ). On the toy it learned the credit faster than a ``½‖u‖²`` value head or an added
   linear skip (docs/rules.md).
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from chimera.rules.base import (
+from chimera.rules.learning_rule import (
     RULES,
     BridgeNet,
     LearningRule,

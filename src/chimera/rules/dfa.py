@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from chimera.rules.base import RULES, LearningRule, Terminal
+from chimera.rules.learning_rule import RULES, LearningRule, Terminal
 
 
 @RULES.register("dfa")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from chimera._validate import integer
-from chimera.rules.base import (
+from chimera.rules.learning_rule import (
     LearningRule,
     LossFn,
     exact_costates,

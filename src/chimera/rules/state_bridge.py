@@ -7,7 +7,7 @@ through G only, never through the forward net.
 
 Design choices (left open by the rule's definition), see docs/rules.md:
 
-- ``G(h, l) = h + MLP([h, emb(l)])`` (:class:`~chimera.rules.base.BridgeNet`, two GELU hidden
+- ``G(h, l) = h + MLP([h, emb(l)])`` (:class:`BridgeNet`, two GELU hidden
   layers of ``bridge_hidden``, sinusoidal layer embedding of ``emb_dim``) with a zero-initialised
   last layer: a residual network moves its state by a sum of branches, so G starts as the
   identity (credit ``g_L`` at every layer) and learns the correction.
@@ -26,7 +26,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from chimera.rules.base import RULES, BridgeNet, LearningRule, Terminal, frozen, normalised_sq_error
+from chimera.rules.learning_rule import (
+    RULES,
+    BridgeNet,
+    LearningRule,
+    Terminal,
+    frozen,
+    normalised_sq_error,
+)
 
 
 @RULES.register("state_bridge")

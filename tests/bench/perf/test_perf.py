@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from chimera.bench.perf import PERF_TARGETS
-from chimera.bench.perf.optim import GPT2_SMALL, bytes_per_param, gpt2_parameters
+from chimera.bench.perf.optim_step import GPT2_SMALL, bytes_per_param, gpt2_parameters
 from chimera.bench.perf.results import goal
 from chimera.bench.perf.timing import milliseconds, time_cases, top_ops
 from chimera.cli import main

@@ -14,7 +14,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from chimera.data.stress import STRESS, make_stress_problem
+from chimera.data.stress_problems import STRESS, make_stress_problem
 from chimera.optim import build_optimizer, optimizer_state_memory_summary
 from chimera.registry import Registry
 from chimera.run.records import RecordWriter

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from chimera.bench.workers import run_calls
-from chimera.data.toy_lq import make_toy_lq, toy_lq_loss
+from chimera.data.toy_lq_problem import make_toy_lq, toy_lq_loss
 from chimera.registry import Registry
 from chimera.rules import build_rule, costate_cosine, credit_diagnostics, exact_costates
 from chimera.run.records import RecordWriter

@@ -9,7 +9,7 @@ timing, profiling) and ``results`` (goals, table, records).
 
 from __future__ import annotations
 
-from chimera.bench.perf import layers, optim, rules  # noqa: F401  (registers the targets)
+from chimera.bench.perf import layer_step, optim_step, rule_step  # noqa: F401  (registers the targets)
 from chimera.bench.perf.target import PERF_TARGETS, PerfTarget
 
 __all__ = ["PERF_TARGETS", "PerfTarget"]

@@ -42,7 +42,7 @@ from chimera.bench.jobs.stress import STRESS_CONFIGS
 from chimera.bench.jobs.toy_lq import DEFAULT_VARIANTS, TOY_VARIANTS
 from chimera.bench.suite.expand import Suite, expand, grid_label
 from chimera.data import TASKS
-from chimera.data.stress import STRESS
+from chimera.data.stress_problems import STRESS
 from chimera.models import MODELS
 from chimera.nn.quantize import QUANTIZERS
 from chimera.optim import OPTIMIZERS
