@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from chimera.bench.report.stats import STAT_KEYS, seed_stats, summarize
+from chimera.bench.report.aggregate import STAT_KEYS, seed_stats, summarize
 from chimera.bench.report.tables import stress_table
 from chimera.bench.report.write import collect_configurations, record_files, write_report
 from chimera.run.records import RecordWriter, read_records

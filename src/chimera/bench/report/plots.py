@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from chimera.bench.report.stats import group_by, metric_value, seed_stats
+from chimera.bench.report.aggregate import group_by, metric_value, seed_stats
 
 if TYPE_CHECKING:
     from chimera.bench.report.write import Configuration

@@ -1,5 +1,5 @@
 """The harness's one table module: aligned markdown-compatible text tables of statistics rows
-(:mod:`chimera.bench.report.stats`).
+(:mod:`chimera.bench.report.aggregate`).
 
 - summary tables, one row per group of final records (mean ± std over seeds), as printed by
   ``chimera train``, ``compare-quant``, ``stress``, ``toy-lq``, ``sweep`` and ``bench`` and
@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from chimera.bench.report.stats import summarize
+from chimera.bench.report.aggregate import summarize
 
 Row = dict[str, Any]
 Column = tuple[str, Callable[[Row], Any]]  # (header, row -> cell)

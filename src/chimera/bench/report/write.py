@@ -2,7 +2,7 @@
 
 Runs are grouped into configurations by ``config_id`` (the seeds of a configuration share it);
 a metric's statistics over the configuration's finished runs (mean, sample std, n, 95% Student-t
-interval) are those of :mod:`chimera.bench.report.stats`, its tables those of
+interval) are those of :mod:`chimera.bench.report.aggregate`, its tables those of
 :mod:`chimera.bench.report.tables`, its plots those of :mod:`chimera.bench.report.plots`.
 
 A run with no final record is unfinished: it is left out of the statistics and flagged, as is a
@@ -22,8 +22,8 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
+from chimera.bench.report.aggregate import group_by, metric_stats, metric_value
 from chimera.bench.report.plots import draw_plots
-from chimera.bench.report.stats import group_by, metric_stats, metric_value
 from chimera.bench.report.tables import (
     credit_report_table,
     stress_report_table,
