@@ -1,0 +1,31 @@
+"""The library's one validation module: one ``ValueError`` line naming the argument, what is
+allowed and what was given."""
+
+import math
+
+import numpy as np
+import pytest
+
+from chimera import _validate as v
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: v.number("rho", 1.5, 0, 1), "rho must be a number in [0, 1], got 1.5"),
+    (lambda: v.number("lr", math.nan, 0), "lr must be a number >= 0, got nan"),
+    (lambda: v.number("lr", True, 0), "lr must be a number >= 0, got True"),
+    (lambda: v.number("eps", 0.0, 0, low_open=True), "eps must be a number > 0, got 0.0"),
+    (lambda: v.integer("K", 0, 1), "K must be an integer >= 1, got 0"),
+    (lambda: v.integer("K", 2.0, 1), "K must be an integer >= 1, got 2.0"),
+    (lambda: v.choice("mode", "x", ("a", "b")), "mode must be one of"),
+])
+def test_rejections_are_one_line_naming_the_argument(call, message):
+    with pytest.raises(ValueError) as err:
+        call()
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_accepted_values_come_back_typed():
+    assert v.number("lr", np.float32(0.5), 0) == 0.5 and isinstance(v.number("lr", 1, 0), float)
+    assert v.integer("K", np.int64(3), 1) == 3
+    assert v.optional_number("clip", None) is None
+    assert v.choice("mode", "a", ("a", "b")) == "a"
