@@ -93,13 +93,13 @@ def test_train_checkpoint_then_export(capsys, tmp_path):
 
 def test_compare_quant_command(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "compare-quant", "--task", "digits", "--model", "mlp",
-                           "--modes", "fp32,chimera,int_ternary", "--seeds", "1", "--epochs",
+                           "--quantizers", "fp32,chimera,int_ternary", "--seeds", "1", "--epochs",
                            "1", "--out", str(tmp_path / "q.jsonl"), "--quiet")
     assert code == 0
     assert "| digits | mlp   | int_ternary | scaled_optum" in out
-    code, _, err = run_cli(capsys, "compare-quant", "--modes", "fp32,fp8", "--out",
+    code, _, err = run_cli(capsys, "compare-quant", "--quantizers", "fp32,fp8", "--out",
                            str(tmp_path / "q2.jsonl"))
-    assert code == 2 and "unknown quantizer mode 'fp8'" in err
+    assert code == 2 and "unknown quantizer 'fp8'" in err
 
 
 def test_report_command(capsys, tmp_path):

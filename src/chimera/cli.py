@@ -95,7 +95,8 @@ def _cmd_compare_quant(args: argparse.Namespace) -> None:
     from chimera.bench.report.tables import quant_table
     from chimera.run.records import RecordWriter
 
-    specs = quant_specs(args.task, args.model, _csv(args.modes), _seeds(args.seeds), args.epochs)
+    specs = quant_specs(args.task, args.model, _csv(args.quantizers), _seeds(args.seeds),
+                        args.epochs)
     with RecordWriter(args.out) as writer:
         finals = run_compare_quant(specs, writer, progress=not args.quiet)
     print(quant_table(finals))
@@ -216,9 +217,9 @@ _WORKERS = "processes, one job each (default: the cores available)"
 # name -> (handler, help, options or a function adding them, takes --quiet)
 COMMANDS: dict[str, tuple[Any, str, Any, bool]] = {
     "train": (_cmd_train, "train one configuration over one or more seeds", _add_train, True),
-    "compare-quant": (_cmd_compare_quant, "the same task and budget in each quantizer mode", [
+    "compare-quant": (_cmd_compare_quant, "the same task and budget with each quantizer", [
         _o("--task", default="mnist1d"), _o("--model", default="cnn"),
-        _o("--modes", default="fp32,strict_bitnet,chimera,int_ternary"),
+        _o("--quantizers", default="fp32,strict_bitnet,chimera,int_ternary"),
         _o("--seeds", type=int, default=3, help=_SEEDS),
         _o("--epochs", type=int, default=100),
         _o("--out", default="compare-quant.jsonl", help=_OUT),

@@ -32,10 +32,10 @@ name = "adamw"
 lr = 1e-2
 
 [[quantizers]]
-mode = "fp32"
+quantizer = "fp32"
 
 [[quantizers]]
-mode = "chimera"
+quantizer = "chimera"
 quant_hparams = { warmup_steps = 20 }
 controller = { target_bits = 1.32, branch = "sparse", frequency = "batch" }
 """
@@ -92,8 +92,8 @@ def test_shipped_configs_parse(path):
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"optimiser": "adamw"}, r"suite.toml: unknown key\(s\) \['optimiser'\]; allowed: name, title"),
-    ({"quantizers": [{"mode": "chimera", "alpha": 1}]},
-     r"quantizers.0: unknown key\(s\) \['alpha'\]; allowed: mode, quant_hparams, controller"),
+    ({"quantizers": [{"quantizer": "chimera", "alpha": 1}]},
+     r"quantizers.0: unknown key\(s\) \['alpha'\]; allowed: quantizer, quant_hparams, controller"),
     ({"task": "imagenet"}, "task: unknown task 'imagenet'; known:"),
     ({"model": "vit"}, "model: unknown model 'vit'"),
     ({"optimizer": "adamx"}, "optimizer: unknown optimizer 'adamx'"),
@@ -175,8 +175,9 @@ def test_rejections_raise_before_any_run(change, message, tmp_path, monkeypatch)
                                                         "required$"),
     ({"optimizer": None, "optimizers": [3]},
      "^suite.toml: optimizers.0: must be a name or a table {name, <hyper-parameters>}$"),
-    ({"quantizers": [{"quant_hparams": {}}]}, "^suite.toml: quantizers.0.mode: Field required$"),
-    ({"quantizers": ["fp32", {"mode": "chimera", "controller": 3}]},
+    ({"quantizers": [{"quant_hparams": {}}]},
+     "^suite.toml: quantizers.0.quantizer: Field required$"),
+    ({"quantizers": ["fp32", {"quantizer": "chimera", "controller": 3}]},
      "^suite.toml: quantizers.1.controller: Input should be a table, got 3$"),
     ({"quantizer": "chimera", "quant_hparams": {"warmup_steps": "x"}},
      "^suite.toml: quant_hparams: warmup_steps must be an integer"),

@@ -195,12 +195,12 @@ def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
 
 
 def ternarize(
-    model: nn.Module, mode: str, *, skip: Iterable[str] = POSITIONAL_SKIPS, **hparams: Any
+    model: nn.Module, quantizer: str, *, skip: Iterable[str] = POSITIONAL_SKIPS, **hparams: Any
 ) -> nn.Module:
-    """``quantize_(model, quantizer_config(mode, skip=skip, **hparams))``: the one-line form
-    (``mode`` is a quantizer name; ``"fp32"`` returns the model unchanged)."""
+    """``quantize_(model, quantizer_config(quantizer, skip=skip, **hparams))``: the one-line form
+    (``"fp32"`` returns the model unchanged)."""
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
-    return quantize_(model, quantizer_config(mode, skip=skip, **hparams))
+    return quantize_(model, quantizer_config(quantizer, skip=skip, **hparams))
 
 
 CONTROLLER_FREQUENCIES = ("epoch", "batch")

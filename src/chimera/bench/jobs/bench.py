@@ -1,6 +1,6 @@
 """``chimera bench``: the main job on embedded data, declared as a suite shipped with the package
 (``chimera/bench/suites/bench.toml``): the stress problems, digits, MNIST-1D optimizers,
-quantizer modes and learning rules, and the toy LQ check in short form.
+quantizers and learning rules, and the toy LQ check in short form.
 
 Record files in the output folder are rewritten on every run (no resume); the printed tables are
 also saved as ``summary.md`` there, and ``chimera report``'s report.md, report.csv and plots are

@@ -1,6 +1,6 @@
-"""``chimera compare-quant``: the same task and budget trained in each quantizer mode.
+"""``chimera compare-quant``: the same task and budget trained with each quantizer.
 
-Recipes (one budget for all modes: the MNIST-1D recipe of ``chimera bench``):
+Recipes (one budget for all quantizers: the MNIST-1D recipe of ``chimera bench``):
 
 - ``fp32``: AdamW, no quantization;
 - ``strict_bitnet``: AdamW, BitNet b1.58 absmean ternary hidden layers (first/last in fp32);
@@ -20,7 +20,7 @@ from chimera.run.records import RecordWriter
 from chimera.run.spec import RunSpec
 from chimera.run.trainer import train
 
-QUANT_RECIPES: Registry[dict[str, Any]] = Registry("quantizer mode")
+QUANT_RECIPES: Registry[dict[str, Any]] = Registry("quantizer")
 _ADAMW = {"optimizer": "adamw", "optimizer_hparams": {"lr": 2e-2}}
 QUANT_RECIPES.register("fp32")({**_ADAMW, "quantizer": "fp32"})
 QUANT_RECIPES.register("strict_bitnet")({**_ADAMW, "quantizer": "strict_bitnet"})
@@ -36,15 +36,15 @@ QUANT_RECIPES.register("int_ternary")({
 
 
 def quant_specs(
-    task: str, model: str, modes: Sequence[str], seeds: Sequence[int], epochs: int,
+    task: str, model: str, quantizers: Sequence[str], seeds: Sequence[int], epochs: int,
     batch_size: int = 100, lr_schedule: str = "cosine",
 ) -> list[RunSpec]:
-    """One spec per (mode, seed); unknown modes are rejected before anything runs."""
-    recipes = {m: QUANT_RECIPES.get(m) for m in modes}
+    """One spec per (quantizer, seed); unknown quantizers are rejected before anything runs."""
+    recipes = {q: QUANT_RECIPES.get(q) for q in quantizers}
     return [
         RunSpec(task=task, model=model, seed=seed, epochs=epochs, batch_size=batch_size,
-                lr_schedule=lr_schedule, **recipes[m])
-        for m in modes
+                lr_schedule=lr_schedule, **recipes[q])
+        for q in quantizers
         for seed in seeds
     ]
 

@@ -114,7 +114,7 @@ def rule_table(finals: list[Row]) -> str:
 
 
 def quant_table(finals: list[Row]) -> str:
-    """Accuracy, effective bits, zero ratio and optimizer bytes per parameter per quantizer mode
+    """Accuracy, effective bits, zero ratio and optimizer bytes per parameter per quantizer
     (``chimera compare-quant``)."""
     rows = summarize(finals, ["task", "model", "quantizer", "optimizer"],
                      ["test_accuracy", "quant_global_effective_bits", "quant_global_zero_ratio",
@@ -122,7 +122,7 @@ def quant_table(finals: list[Row]) -> str:
     return format_table(rows, [
         ("task", lambda r: r["task"]),
         ("model", lambda r: r["model"]),
-        ("mode", lambda r: r["quantizer"]),
+        ("quantizer", lambda r: r["quantizer"]),
         ("optimizer", lambda r: r["optimizer"]),
         ("seeds", seed_list),
         ("test acc (%)", lambda r: pm(r, "test_accuracy", ".1f", 100)),

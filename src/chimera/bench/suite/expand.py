@@ -239,7 +239,8 @@ def _quantizers(grid: dict[str, Any]) -> list[dict[str, Any]]:
                                             "quant_hparams": grid.get("quant_hparams", {})}
         else:
             key, fields = f"quantizers.{i}.quant_hparams", {
-                "quantizer": e.mode, "quant_hparams": e.quant_hparams, "controller": e.controller}
+                "quantizer": e.quantizer, "quant_hparams": e.quant_hparams,
+                "controller": e.controller}
         try:
             quantizer_config(fields["quantizer"], **fields["quant_hparams"])
         except ValueError as err:

@@ -190,15 +190,15 @@ class RuleEntry(_NamedEntry):
 
 
 class QuantizerEntry(_Table):
-    """A ``[[quantizers]]`` table: a mode with its layer arguments and controller."""
+    """A ``[[quantizers]]`` table: a quantizer with its arguments and controller."""
 
-    mode: _choice(QUANTIZERS)
+    quantizer: _choice(QUANTIZERS)
     quant_hparams: Hparams = Field(default_factory=dict)
     controller: Hparams | None = None
 
 
 OptimizerList = _entries(OPTIMIZERS, OptimizerEntry, "{name, <hyper-parameters>}")
-QuantizerList = _entries(QUANTIZERS, QuantizerEntry, "{mode, quant_hparams, controller}")
+QuantizerList = _entries(QUANTIZERS, QuantizerEntry, "{quantizer, quant_hparams, controller}")
 RuleList = _entries(RULES, RuleEntry, "{name, <hyper-parameters>}")
 
 
