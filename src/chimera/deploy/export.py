@@ -81,8 +81,8 @@ def export_ternary(
 ) -> dict[str, Any]:
     """Write ``model`` to the safetensors file ``path`` (layout in the module docstring).
 
-    ``metadata``: JSON-able values by string key (give ``spec``, ``input_shape`` and
-    ``num_classes`` so that ``load_ternary(path)`` can rebuild the model); ``format``: ``base3``
+    ``metadata``: JSON-able values by string key (a run's export stores its recipe there);
+    ``format``: ``base3``
     (1.6 bits/weight) or ``2bit``. Returns the report ``{format, ternary_layers,
     ternary_weights, packed_bytes, bits_per_weight = 8 * packed_bytes / ternary_weights,
     file_bytes, state_dict_bytes (torch.save size of the model's state_dict: the fp32

@@ -73,7 +73,8 @@ class ChimeraResNet20(ResNet20):
 
     ``mode="fp32_baseline"`` converts nothing; ``first_last_fp32`` keeps the stem convolution and
     the classifier in fp32; ``quant_config`` holds the keyword arguments of the mode's layers.
-    ``int_ternary`` is looked up in ``TERNARY_CONVERTERS`` when the model is built.
+    ``mode`` is a quantizer name (its config is looked up in ``QUANTIZERS`` when the model is
+    built).
     """
 
     def __init__(
