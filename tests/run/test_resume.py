@@ -113,3 +113,24 @@ def test_resume_without_checkpoint_starts_fresh_and_foreign_checkpoint_is_reject
     other = RunSpec("digits", "mlp", "adamw", seed=4, epochs=4, batch_size=128)
     with pytest.raises(ValueError, match="another run spec"):
         run(other, tmp_path / "b.jsonl", tmp_path / "a.pt", digits, resume=True)
+
+
+def test_a_checkpoint_of_the_earlier_layout_resumes_identically(tmp_path, digits):
+    """Before callbacks kept their own state, a checkpoint held the controller and rule states at
+    its top level and the quantizer statistics in its progress."""
+    from chimera.run.checkpoint import save_checkpoint
+
+    spec = RunSpec(**{**RUNS["chimera+controller"].to_dict(), "epochs": 2})
+    full = run(spec, tmp_path / "full.jsonl", tmp_path / "full.pt", digits)
+    short = RunSpec(**{**spec.to_dict(), "epochs": 1})
+    run(short, tmp_path / "old.jsonl", tmp_path / "old.pt", digits)
+    ckpt = load_checkpoint(tmp_path / "old.pt")
+    states = ckpt.pop("callbacks")
+    ckpt["controller"] = states["controller"]
+    ckpt["rule"] = None
+    ckpt["progress"]["quant"] = states["quant"]
+    ckpt["spec"] = spec.to_dict()
+    save_checkpoint(tmp_path / "old.pt", ckpt)
+    resumed = run(spec, tmp_path / "old.jsonl", tmp_path / "old.pt", digits, resume=True)
+    for key in (*METRICS, "quant_global_zero_ratio"):
+        assert resumed[key] == full[key], key

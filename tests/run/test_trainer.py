@@ -112,9 +112,8 @@ def test_bf16_run_trains_and_records_its_precision(tmp_path, digits):
 
 
 def test_precision_default_keeps_existing_run_ids_and_bad_values_are_rejected():
-    old = {"task": "digits", "model": "mlp", "optimizer": "adamw", "batch_size": 128}
-    assert RunSpec(**old).run_id == "digits-mlp-adamw-000ac75b-s0"
-    assert RunSpec(**old, precision="fp32").run_id.endswith("000ac75b-s0")
+    assert RunSpec("digits", "mlp", "adamw").run_id == "digits-mlp-adamw-000ac75b-s0"
+    assert RunSpec("digits", "mlp", "adamw", precision="fp32").run_id.endswith("000ac75b-s0")
     with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16'\)"):
         spec(precision="fp16")
 

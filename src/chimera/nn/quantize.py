@@ -10,8 +10,9 @@ One frozen dataclass config per quantizer, registered by name in ``QUANTIZERS``:
 
 A config validates itself when built (its layer arguments through a probe layer, so the layer's
 own checks are the only ones), and round-trips through plain dicts: ``config.to_dict()`` and
-``quantizer_config(**d)``, which is how run specs, suites and records carry it. Beside it sits the
-wiring of the target-bits controller to the Bit layers (:class:`AlphaControl`).
+``quantizer_config(**d)``. Run specs and suites name a quantizer and its ``quant_hparams``; a
+run's final record and checkpoints carry the resolved ``config.to_dict()`` (defaults included).
+Beside it sits the wiring of the target-bits controller to the Bit layers (:class:`AlphaControl`).
 """
 
 from __future__ import annotations

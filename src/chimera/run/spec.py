@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from chimera.nn.quantize import QuantConfig, quantizer_config
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -20,6 +22,20 @@ PRECISIONS = ("fp32", "bf16")  # bf16: torch.autocast(dtype=torch.bfloat16) arou
 # left the ids of existing runs unchanged.
 OPTIONAL_ID_FIELDS = {"precision": "fp32"}
 HPARAM_FIELDS = ("optimizer_hparams", "model_hparams", "quant_hparams", "rule_hparams")
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def check_device(value: str) -> str:
+    """``value`` when it is ``cpu``, ``cuda`` or ``cuda:N`` as ``torch.device`` parses and prints
+    it; a ``ValueError`` line otherwise (whether a GPU is present is checked when a run starts)."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if (device is None or str(device) != value or device.type not in DEVICE_TYPES
+            or (device.type == "cpu" and device.index is not None)):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+    return value
 
 
 def _opt(help: str, flag: str | None = None) -> dict[str, Any]:
@@ -37,7 +53,7 @@ class RunSpec:
     optimizer: str = field(default="adamw", metadata=_opt("registered optimizer"))
     seed: int = field(default=0, metadata=_opt("one or more seeds, one run each"))
     epochs: int = field(default=10, metadata=_opt("passes over the training split"))
-    batch_size: int = field(default=100, metadata=_opt("training batch size"))
+    batch_size: int = field(default=128, metadata=_opt("training batch size"))
     eval_batch_size: int = field(default=1000, metadata=_opt("evaluation batch size"))
     optimizer_hparams: dict[str, Any] = field(
         default_factory=dict,
@@ -75,6 +91,7 @@ class RunSpec:
             raise ValueError(
                 f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"
             )
+        check_device(self.device)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in HPARAM_FIELDS:

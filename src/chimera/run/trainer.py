@@ -210,6 +210,7 @@ class Trainer:
             "median_optimizer_step_time_s": _median_after_warmup(p.opt_times),
             "num_params": n_params, "optimizer_state_bytes": state["total"],
             "optimizer_state": state, "state_bytes_per_param": state["total"] / max(n_params, 1),
+            "quantizer_config": self.spec.quant_config.to_dict(),
         }
         for cb in self.callbacks:
             final.update(cb.final_fields())
@@ -226,7 +227,8 @@ class Trainer:
         progress = {**dataclasses.asdict(self.progress), "elapsed_s": self._elapsed(),
                     "record_bytes": os.path.getsize(self.writer.path) if self.writer else None}
         save_checkpoint(path, {
-            "spec": self.spec.to_dict(), "input_shape": list(self.data.input_shape),
+            "spec": self.spec.to_dict(), "quantizer_config": self.spec.quant_config.to_dict(),
+            "input_shape": list(self.data.input_shape),
             "num_classes": self.data.num_classes, "epoch": self.progress.epoch,
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -246,28 +248,40 @@ class Trainer:
         if not same:
             raise ValueError(f"checkpoint {path} belongs to another run spec than "
                              f"{self.spec.run_id}")
-        if "progress" not in ckpt or "callbacks" not in ckpt:
-            raise ValueError(f"checkpoint {path} has no training progress to resume from "
-                             "(written by an older version?); rerun it from the start")
+        if "progress" not in ckpt:
+            raise ValueError(f"checkpoint {path} has no training progress to resume from")
+        states = _callback_states(ckpt)
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        missing = [cb.name for cb in self.callbacks if cb.name not in ckpt["callbacks"]]
+        missing = [cb.name for cb in self.callbacks if cb.name not in states]
         if missing:
             raise ValueError(f"checkpoint {path} holds no state of {missing}; rerun it from the "
                              "start")
         for cb in self.callbacks:  # before the RNG: building a rule's state draws from it
-            cb.load_state_dict(ckpt["callbacks"][cb.name])
+            cb.load_state_dict(states[cb.name])
         self.gen.set_state(ckpt["rng"]["generator"])
         torch.set_rng_state(ckpt["rng"]["torch"])
-        saved = dict(ckpt["progress"])
-        size = saved.pop("record_bytes")
+        saved = {k: v for k, v in ckpt["progress"].items() if k in Progress.__dataclass_fields__}
+        size = ckpt["progress"]["record_bytes"]
         self.progress = Progress(**saved)
         if self.writer is not None:
             if size is None or size > os.path.getsize(self.writer.path):
                 raise ValueError(f"record file {self.writer.path} is shorter than checkpoint "
                                  f"{path} says")
             os.truncate(self.writer.path, size)
+
+
+def _callback_states(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The callbacks' states of a checkpoint; one written before callbacks kept them has the
+    quantizer statistics in its progress and the controller and rule states at its top level."""
+    if "callbacks" in ckpt:
+        return ckpt["callbacks"]
+    states = {"quant": ckpt["progress"].get("quant", {}), "optimizer": None}
+    for name in ("controller", "rule"):
+        if ckpt.get(name) is not None:
+            states[name] = ckpt[name]
+    return states
 
 
 def train(spec: RunSpec, writer: RecordWriter | None = None, **options: Any) -> dict[str, Any]:

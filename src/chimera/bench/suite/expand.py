@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch.nn.functional as F
 from torch import nn
 
 from chimera.bench.jobs.stress import run_stress
@@ -22,7 +21,7 @@ from chimera.bench.report.tables import stress_table, toy_lq_table
 from chimera.models import build_model
 from chimera.nn.quantize import AlphaControl, quantize_, quantizer_config
 from chimera.optim import build_optimizer
-from chimera.rules import build_rule
+from chimera.run.build import build_run_rule
 from chimera.run.records import RecordWriter, read_records
 from chimera.run.spec import RunSpec
 
@@ -183,8 +182,7 @@ def _rule_probe(spec: RunSpec) -> None:
             error = e
     else:
         raise error
-    build_rule(spec.rule, model, None, loss_fn=F.cross_entropy, out_dim=2, total_steps=1,
-               **spec.rule_hparams)
+    build_run_rule(spec, model, None, num_classes=2, total_steps=1)
 
 
 def _probe(spec: RunSpec) -> None:
@@ -197,10 +195,7 @@ def _probe(spec: RunSpec) -> None:
         build_optimizer(spec.optimizer, model, **spec.optimizer_hparams)
         if spec.controller is not None:
             AlphaControl(model, spec.controller)
-        if spec.rule != "backprop":
-            _rule_probe(spec)
-        elif spec.rule_hparams:
-            raise ValueError(f"rule 'backprop' takes no rule_hparams, got {spec.rule_hparams}")
+        _rule_probe(spec)
     except (TypeError, ValueError) as e:
         raise ValueError(f"run {spec.run_id}: {e}") from None
 

@@ -23,7 +23,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import torch
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -48,12 +47,11 @@ from chimera.nn.quantize import QUANTIZERS
 from chimera.optim import OPTIMIZERS
 from chimera.registry import Registry
 from chimera.rules import RULES
-from chimera.run.spec import LR_SCHEDULES, PRECISIONS
+from chimera.run.spec import LR_SCHEDULES, PRECISIONS, check_device
 
 SECTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 NAME_TAG, TABLE_TAG = "<name>", "<table>"  # union tags, left out of error locations
 MODEL_ARGS = ("input_shape", "num_classes")  # given by the task, not by model_hparams
-DEVICE_TYPES = ("cpu", "cuda")
 
 
 # --- value checks ------------------------------------------------------------------------------
@@ -88,18 +86,6 @@ def _finite_table(table: dict[str, Any]) -> dict[str, Any]:
     for key, value in table.items():
         check(key, value)
     return table
-
-
-def _device(value: str) -> str:
-    """``cpu``, ``cuda`` or ``cuda:N``, as ``torch.device`` parses and prints it."""
-    try:
-        device = torch.device(value)
-    except (RuntimeError, ValueError):
-        device = None
-    if (device is None or str(device) != value or device.type not in DEVICE_TYPES
-            or (device.type == "cpu" and device.index is not None)):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {value!r}")
-    return value
 
 
 def _section_name(name: str) -> str:
@@ -138,7 +124,7 @@ PositiveInt = Annotated[int, Field(ge=1)]
 Seeds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1),
                   AfterValidator(_distinct)]
 Hparams = Annotated[dict[str, Any], AfterValidator(_finite_table)]
-Device = Annotated[str, AfterValidator(_device)]
+Device = Annotated[str, AfterValidator(check_device)]
 SectionName = Annotated[str, AfterValidator(_section_name)]
 
 
