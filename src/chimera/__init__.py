@@ -34,7 +34,14 @@ from chimera.optim import (
     build_optimizer,
     optimizer_state_memory_summary,
 )
-from chimera.quant import TargetBitsController, model_quant_stats, ternary_stats
+from chimera.quant import (
+    TargetBitsController,
+    model_quant_stats,
+    quantize_activations,
+    quantize_weight_chimera,
+    quantize_weight_strict_bitnet,
+    ternary_stats,
+)
 from chimera.rules import RULES, build_rule, credit_diagnostics
 
 __all__ = [
@@ -69,6 +76,9 @@ __all__ = [
     "model_quant_stats",
     "optimizer_state_memory_summary",
     "quantize_",
+    "quantize_activations",
+    "quantize_weight_chimera",
+    "quantize_weight_strict_bitnet",
     "quantizer_config",
     "read_ternary",
     "ternarize",

@@ -181,9 +181,11 @@ def _cmd_list(args: argparse.Namespace) -> None:
     from chimera.data import TASKS
     from chimera.data.stress_problems import STRESS
     from chimera.models import MODELS
+    from chimera.nn.quantize import QUANTIZERS
     from chimera.optim import OPTIMIZERS
+    from chimera.rules import RULES
 
-    for reg in (OPTIMIZERS, TASKS, MODELS, STRESS, STRESS_CONFIGS):
+    for reg in (OPTIMIZERS, QUANTIZERS, RULES, TASKS, MODELS, STRESS, STRESS_CONFIGS):
         print(f"{reg.kind}s: {', '.join(reg.names())}")
 
 

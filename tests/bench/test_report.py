@@ -196,3 +196,17 @@ def test_missing_or_empty_directory_is_an_error_naming_it(tmp_path):
     (tmp_path / "empty" / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match=r"empty.*no record files"):
         write_report(tmp_path / "empty")
+
+
+def test_records_written_before_the_architecture_change_are_still_reported(tmp_path):
+    """Records of `chimera bench` at commit 12d1073 (digits MLP eval + final records of seeds
+    0-2, and two stress configurations), reported by today's code."""
+    from pathlib import Path
+
+    fixture = Path(__file__).parents[1] / "fixtures" / "records_12d1073"
+    paths = write_report(fixture, tmp_path)
+    text = paths.markdown.read_text(encoding="utf-8")
+    assert "9 runs (9 finished, 0 unfinished), 3 configurations (1 training, 2 stress)" in text
+    assert "| digits/mlp adamw fp32 backprop | 0,1,2 | 3 | 96.76 ± 0.16 |" in text
+    assert "| regression | chimera21 | 0,1,2 | 3 | 0.1308 ± 0.04277 |" in text
+    assert len(paths.csv.read_text(encoding="utf-8").splitlines()) == 4  # header + 3 configs

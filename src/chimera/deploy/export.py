@@ -6,8 +6,8 @@ File layout (``FILE_FORMAT``). For every ternary layer (Bit or integer-ternary) 
 ``packed_to_tensors``), ``L.scale`` (float32: the layer's ``gamma`` or per-group scales ``S``) and
 ``L.bias``; every other entry of the model's ``state_dict`` as is (BatchNorm buffers, fp32 layers).
 Metadata (str -> str): ``chimera_format``, ``layers`` (JSON ``{L: {"kind", "config"}}`` of the
-:mod:`chimera.deploy.packed` inference layers) and each caller metadata value as JSON (a run's
-export stores its recipe there; see :mod:`chimera.run.export_run`). The inference model's
+:mod:`chimera.deploy.packed` inference layers) and each caller metadata value as JSON (for instance
+the recipe that rebuilds the model). The inference model's
 outputs equal the eval-mode outputs of the exported model exactly.
 """
 

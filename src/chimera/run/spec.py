@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from chimera.nn.quantize import QuantConfig, quantizer_config
+from chimera.nn.quantize import QUANTIZERS, QuantConfig, quantizer_config
+from chimera.rules import RULES
 
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")  # bf16: torch.autocast(dtype=torch.bfloat16) around forward + loss
@@ -61,16 +62,15 @@ class RunSpec:
     model_hparams: dict[str, Any] = field(
         default_factory=dict, metadata=_opt("model argument KEY=VALUE (repeatable)", "--model-arg"))
     quantizer: str = field(default="fp32", metadata=_opt(
-        "fp32 | strict_bitnet | chimera | int_ternary (int_ternary trains with --optimizer "
-        "scaled_optum)"))
+        f"{' | '.join(QUANTIZERS.names())} (int_ternary trains with --optimizer scaled_optum)"))
     quant_hparams: dict[str, Any] = field(default_factory=dict, metadata=_opt(
         'quantizer argument, e.g. alpha_target=0.7, skip=["first"] (repeatable)', "--quant-arg"))
     controller: dict[str, Any] | None = field(default=None, metadata=_opt(
         "enables the target-bits controller: target_bits=1.32, branch=sparse, "
         "frequency=epoch|batch, affects=alpha_target|alpha_override, ...", "--controller-arg"))
     rule: str = field(default="backprop", metadata=_opt(
-        "backprop | dfa | state_bridge | credit_bridge (non-backprop rules need a residual "
-        "model, e.g. --model resmlp)"))
+        f"{' | '.join(RULES.names())} (rules but backprop need a residual model, e.g. --model "
+        "resmlp)"))
     rule_hparams: dict[str, Any] = field(default_factory=dict, metadata=_opt(
         "learning-rule hyper-parameter, e.g. K=4, warmup_frac=0.2 (repeatable)", "--rule-arg"))
     device: str = field(default="cpu", metadata=_opt("cpu | cuda | cuda:N"))

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from chimera.bench.report.tables import runs_table
-from chimera.bench.suite.expand import Suite
 from chimera.bench.suite.schema import load_suite
+from chimera.bench.suite.sections import Suite
 from chimera.bench.workers import Call, resolve_workers, run_calls
 from chimera.run.records import RecordWriter, read_records
 from chimera.run.spec import RunSpec

@@ -39,7 +39,8 @@ from pydantic import (
 
 from chimera.bench.jobs.stress import STRESS_CONFIGS
 from chimera.bench.jobs.toy_lq import DEFAULT_VARIANTS, TOY_VARIANTS
-from chimera.bench.suite.expand import Suite, expand, grid_label
+from chimera.bench.suite.expand import expand, grid_label
+from chimera.bench.suite.sections import Suite
 from chimera.data import TASKS
 from chimera.data.stress_problems import STRESS
 from chimera.models import MODELS
