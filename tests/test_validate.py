@@ -29,3 +29,13 @@ def test_accepted_values_come_back_typed():
     assert v.integer("K", np.int64(3), 1) == 3
     assert v.optional_number("clip", None) is None
     assert v.choice("mode", "a", ("a", "b")) == "a"
+
+
+def test_known_keys_names_the_owner_the_unknown_keys_and_the_allowed_ones():
+    v.known_keys("optimizer 'sgd'", ["lr"], ["lr", "momentum"], "hyper-parameter")
+    with pytest.raises(ValueError, match=r"^optimizer 'sgd' has no hyper-parameter 'betas', "
+                                         r"'eps'; allowed: lr, momentum$"):
+        v.known_keys("optimizer 'sgd'", ["eps", "betas", "lr"], ["lr", "momentum"],
+                     "hyper-parameter")
+    with pytest.raises(ValueError, match=r"^no key 'x'; allowed: hidden: int$"):
+        v.known_keys("", {"x": 1}, {"hidden": "int"})

@@ -103,3 +103,18 @@ def optional_bool(name: str, value: Any) -> bool | None:
     """``value`` when it is None, True or False (not 0, 1 or any other stand-in)."""
     require(value is None or isinstance(value, bool), name, value, "None, True or False")
     return value
+
+
+def known_keys(
+    owner: str, given: Iterable[str], allowed: Iterable[str] | dict[str, str], kind: str = "key"
+) -> None:
+    """Every name in ``given`` is ``allowed``; otherwise one line ``<owner> has no <kind> 'x';
+    allowed: a, b`` (``no <kind> ...`` without an owner). A dict ``allowed`` describes each name
+    (``a: int``)."""
+    names = list(allowed)
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        listed = ", ".join(f"{n}: {allowed[n]}" if isinstance(allowed, dict) else n
+                           for n in names) or "none"
+        subject = f"{owner} has no" if owner else "no"
+        raise ValueError(f"{subject} {kind} {', '.join(map(repr, unknown))}; allowed: {listed}")

@@ -91,9 +91,9 @@ def test_shipped_configs_parse(path):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"optimiser": "adamw"}, r"suite.toml: unknown key\(s\) \['optimiser'\]; allowed: name, title"),
+    ({"optimiser": "adamw"}, r"suite.toml: no key 'optimiser'; allowed: name, title"),
     ({"quantizers": [{"quantizer": "chimera", "alpha": 1}]},
-     r"quantizers.0: unknown key\(s\) \['alpha'\]; allowed: quantizer, quant_hparams, controller"),
+     r"quantizers.0: no key 'alpha'; allowed: quantizer, quant_hparams, controller"),
     ({"task": "imagenet"}, "task: unknown task 'imagenet'; known:"),
     ({"model": "vit"}, "model: unknown model 'vit'"),
     ({"optimizer": "adamx"}, "optimizer: unknown optimizer 'adamx'"),
@@ -102,7 +102,7 @@ def test_shipped_configs_parse(path):
     ({"rule": "hebb"}, "rule: unknown learning rule 'hebb'; known:"),
     ({"rules": ["backprop", "hebb"]}, "rules.1: unknown learning rule 'hebb'"),
     ({"rule": "backprop", "rule_hparams": {"K": 2}}, "'backprop' takes no rule_hparams"),
-    ({"model": "resmlp", "rule": "dfa", "rule_hparams": {"K": 2}}, "no hyper-parameter K"),
+    ({"model": "resmlp", "rule": "dfa", "rule_hparams": {"K": 2}}, "no hyper-parameter 'K'"),
     ({"model": "resmlp", "rules": [{"name": "state_bridge", "K": 0}]}, "K must be an integer"),
     ({"precision": "fp16"}, "precision: Input should be 'fp32' or 'bf16', got 'fp16'"),
     ({"epochs": 0}, "epochs: Input should be greater than or equal to 1, got 0"),
@@ -114,7 +114,7 @@ def test_shipped_configs_parse(path):
     ({"optimizer_hparams": {"lr": 1e-3, "gamma": 2}}, "gamma"),
     ({"optimizer_hparams": {"lr": -1.0}}, "(?i)invalid learning rate"),
     ({"model_hparams": {"width": 3}},
-     r"model_hparams: unknown key\(s\) \['width'\] for model 'mlp'; allowed: hidden: int"),
+     r"model_hparams: model 'mlp' has no argument 'width'; allowed: hidden: int"),
     ({"quantizer": "fp32", "controller": {"target_bits": 1.32}}, "BitLinear"),
     ({"quantizer": "int_ternary"}, "scaled_optum"),
     ({"task": None, "tasks": []}, "tasks: List should have at least 1 item"),
@@ -161,10 +161,10 @@ def test_rejections_raise_before_any_run(change, message, tmp_path, monkeypatch)
     ({"model_hparams": {"depth": 1.5}},
      "^suite.toml: model_hparams: depth of model 'mlp': Input should be a valid integer, got 1.5"),
     ({"model": None, "models": ["mlp", "cnn"], "model_hparams": {"hidden": 8}},
-     r"^suite.toml: model_hparams: unknown key\(s\) \['hidden'\] for model 'cnn'; allowed: "
+     r"^suite.toml: model_hparams: model 'cnn' has no argument 'hidden'; allowed: "
      "channels: int$"),
     ({"model": "resnet20", "model_hparams": {"width": 2}},
-     r"model_hparams: unknown key\(s\) \['width'\] for model 'resnet20'; allowed: none$"),
+     r"model_hparams: model 'resnet20' has no argument 'width'; allowed: none$"),
     ({"optimizer_hparams": {"lr": float("inf")}},
      "^suite.toml: optimizer_hparams: lr must be a finite number, got inf$"),
     ({"optimizer": None, "optimizers": [{"name": "sgd", "lr": float("nan")}]},

@@ -131,7 +131,8 @@ def test_every_config_round_trips_through_a_plain_dict(name):
 @pytest.mark.parametrize(("name", "hparams", "message"), [
     ("chimera", {"alpha_target": -0.1}, "alpha_target"),
     ("chimera", {"stat_mode": "mode"}, "stat_mode"),
-    ("strict_bitnet", {"group_size": 8}, r"unknown quant_hparams \['group_size'\]"),
+    ("strict_bitnet", {"group_size": 8},
+     "quantizer 'strict_bitnet' has no hyper-parameter 'group_size'"),
     ("int_ternary", {"group_size": 0}, "group_size"),
     ("int_ternary", {"alpha_target": 0.5}, "allowed: skip, group_size, act_quant"),
     ("fp32", {"alpha_target": 0.5}, "allowed: skip"),

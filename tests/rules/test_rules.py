@@ -41,9 +41,9 @@ def test_registry_and_unknown_names():
     assert sorted(RULES.names()) == ["backprop", "credit_bridge", "dfa", "state_bridge"]
     with pytest.raises(ValueError, match="unknown learning rule 'fa'; known: backprop"):
         make_rule("fa", tiny_model())
-    with pytest.raises(ValueError, match="no hyper-parameter lam; allowed: sigma_bridge"):
+    with pytest.raises(ValueError, match="no hyper-parameter 'lam'; allowed: sigma_bridge"):
         make_rule("state_bridge", tiny_model(), lam=0.1)
-    with pytest.raises(ValueError, match="no hyper-parameter K; allowed: none"):
+    with pytest.raises(ValueError, match="no hyper-parameter 'K'; allowed: none"):
         make_rule("dfa", tiny_model(), K=2)
     with pytest.raises(ValueError, match="preset must be one of toy, classification"):
         make_rule("dfa", tiny_model(), preset="cifar")

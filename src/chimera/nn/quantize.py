@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from chimera._validate import known_keys
 from chimera.nn.bit_layers import QUANT_MODES, BitConv1d, BitConv2d, BitLayer, BitLinear
 from chimera.nn.int_ternary import IntTernaryLinear, IntTernaryModule
 from chimera.quant.controller import TargetBitsController
@@ -145,10 +146,7 @@ def quantizer_config(quantizer: str, **hparams: Any) -> QuantConfig:
     raises ``ValueError`` naming it and what is allowed."""
     cls = QUANTIZERS.get(quantizer)
     allowed = [f.name for f in dataclasses.fields(cls) if f.name != "quantizer"]
-    unknown = sorted(set(hparams) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown quant_hparams {unknown} for quantizer '{quantizer}'; "
-                         f"allowed: {', '.join(allowed) or 'none'}")
+    known_keys(f"quantizer '{quantizer}'", hparams, allowed, "hyper-parameter")
     if cls is TernaryConfig:
         hparams = {**hparams, "quantizer": quantizer}
     try:

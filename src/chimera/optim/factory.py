@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from chimera._validate import known_keys
 from chimera.optim.chimera21 import Chimera21
 from chimera.optim.lion import Lion
 from chimera.optim.scaled_optum import ScaledOptum
@@ -78,10 +79,5 @@ def build_optimizer(
     ``ValueError`` listing what is allowed."""
     factory = OPTIMIZERS.get(name)
     allowed = optimizer_hparam_names(name)
-    unknown = sorted(set(hparams) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"optimizer '{name}' has no hyper-parameter {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(allowed)}"
-        )
+    known_keys(f"optimizer '{name}'", hparams, allowed, "hyper-parameter")
     return factory(model_or_params, **hparams)

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from chimera._validate import choice, integer, number, require
+from chimera._validate import choice, integer, known_keys, number, require
 from chimera.registry import Registry
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -231,10 +231,7 @@ class LearningRule:
         integer("total_steps", total_steps, 1)
         if not callable(loss_fn):
             raise ValueError("loss_fn must be a callable loss_fn(y, c) -> batch-mean loss")
-        unknown = sorted(set(hparams) - set(self.hparam_names))
-        if unknown:
-            raise ValueError(f"rule '{self.name}' has no hyper-parameter {', '.join(unknown)}; "
-                             f"allowed: {', '.join(self.hparam_names) or 'none'}")
+        known_keys(f"rule '{self.name}'", hparams, self.hparam_names, "hyper-parameter")
         choice("preset", preset, PRESETS)
         values = {**{k: PRESETS[preset][k] for k in self.hparam_names}, **hparams}
         self.hparams = {k: _check_hparam(k, v) for k, v in values.items()}

@@ -37,6 +37,7 @@ from pydantic import (
     model_validator,
 )
 
+from chimera._validate import known_keys
 from chimera.bench.jobs.stress import STRESS_CONFIGS
 from chimera.bench.jobs.toy_lq import DEFAULT_VARIANTS, TOY_VARIANTS
 from chimera.bench.suite.expand import expand, grid_label
@@ -140,10 +141,7 @@ class _Table(BaseModel):
     @classmethod
     def _known_keys(cls, data: Any) -> Any:
         if isinstance(data, dict) and cls.model_config.get("extra") == "forbid":
-            unknown = sorted(set(data) - set(cls.model_fields))
-            if unknown:
-                raise ValueError(f"unknown key(s) {unknown}; allowed: "
-                                 f"{', '.join(cls.model_fields)}")
+            known_keys("", data, list(cls.model_fields))
         return data
 
 
@@ -308,17 +306,17 @@ def check_model_hparams(model: str, hparams: dict[str, Any]) -> None:
     """``hparams`` fit the registered ``model`` factory's keyword arguments (names, and types
     where annotated); ``ValueError`` names the key and what is allowed."""
     fields, var_keyword = _model_signature(model)
-    allowed = ", ".join(f"{n}: {_type_name(a)}" for n, (a, _) in fields.items()) or "none"
-    unknown = sorted(set(hparams) - set(fields))
-    if unknown and not var_keyword:
-        raise ValueError(f"unknown key(s) {unknown} for model '{model}'; allowed: {allowed}")
+    allowed = {n: _type_name(a) for n, (a, _) in fields.items()}
+    if not var_keyword:
+        known_keys(f"model '{model}'", hparams, allowed, "argument")
     try:
         _model_hparams_table(model).model_validate(hparams)
     except ValidationError as e:
         error = e.errors(include_url=False)[0]
         key = ".".join(map(str, error["loc"]))
+        described = ", ".join(f"{n}: {a}" for n, a in allowed.items())
         raise ValueError(f"{key} of model '{model}': {error['msg']}, got {error['input']!r} "
-                         f"(allowed: {allowed})") from None
+                         f"(allowed: {described})") from None
 
 
 # --- errors and the entry point ----------------------------------------------------------------
