@@ -95,8 +95,8 @@ def _cmd_compare_quant(args: argparse.Namespace) -> None:
     from chimera.bench.report.tables import quant_table
     from chimera.run.records import RecordWriter
 
-    specs = quant_specs(args.task, args.model, _csv(args.quantizers), _seeds(args.seeds),
-                        args.epochs)
+    specs = quant_specs(_csv(args.quantizers), _seeds(args.seeds), task=args.task,
+                        model=args.model, epochs=args.epochs)
     with RecordWriter(args.out) as writer:
         finals = run_compare_quant(specs, writer, progress=not args.quiet)
     print(quant_table(finals))
@@ -220,10 +220,11 @@ _WORKERS = "processes, one job each (default: the cores available)"
 COMMANDS: dict[str, tuple[Any, str, Any, bool]] = {
     "train": (_cmd_train, "train one configuration over one or more seeds", _add_train, True),
     "compare-quant": (_cmd_compare_quant, "the same task and budget with each quantizer", [
-        _o("--task", default="mnist1d"), _o("--model", default="cnn"),
+        _o("--task", default=None, help="default: the bench recipe's (mnist1d)"),
+        _o("--model", default=None, help="default: the bench recipe's (cnn)"),
         _o("--quantizers", default="fp32,strict_bitnet,chimera,int_ternary"),
         _o("--seeds", type=int, default=3, help=_SEEDS),
-        _o("--epochs", type=int, default=100),
+        _o("--epochs", type=int, default=None, help="default: the bench recipe's (100)"),
         _o("--out", default="compare-quant.jsonl", help=_OUT),
     ], True),
     "export": (_cmd_export, "pack a trained ternary run into one safetensors file", [

@@ -88,9 +88,12 @@ def test_packaged_bench_suite_validates_and_keeps_the_bench_runs():
         specs = grids[name].specs
         assert list(dict.fromkeys(s.config_id for s in specs)) == ids
         assert {s.seed for s in specs} == {0, 1, 2}
-    # the quantizer grid is compare-quant's recipes at the bench budget
+    # compare-quant's recipes are the quantizer grid
     assert list(grids["quant"].specs) == quant_specs(
-        "mnist1d", "cnn", ["fp32", "strict_bitnet", "chimera", "int_ternary"], [0, 1, 2], 100)
+        ["fp32", "strict_bitnet", "chimera", "int_ternary"], [0, 1, 2])
+    short = quant_specs(["chimera"], [4], task="digits", model="mlp", epochs=2)
+    assert [(s.task, s.model, s.epochs, s.seed, s.controller) for s in short] == [
+        ("digits", "mlp", 2, 4, grids["quant"].specs[6].controller)]
     assert {s.task for s in grids["digits"].specs} == {"digits"}
     assert suite.stress.steps == 300 and len(suite.stress.problems) == 4
     assert suite.toy_lq.rules == DEFAULT_VARIANTS and suite.toy_lq.seeds == (0, 1, 2)

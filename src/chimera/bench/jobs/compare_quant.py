@@ -1,6 +1,7 @@
 """``chimera compare-quant``: the same task and budget trained with each quantizer.
 
-Recipes (one budget for all quantizers: the MNIST-1D recipe of ``chimera bench``):
+The recipes are those of the packaged bench suite's ``quant`` section
+(``chimera/bench/suites/bench.toml``), one per quantizer:
 
 - ``fp32``: AdamW, no quantization;
 - ``strict_bitnet``: AdamW, BitNet b1.58 absmean ternary hidden layers (first/last in fp32);
@@ -11,42 +12,43 @@ Recipes (one budget for all quantizers: the MNIST-1D recipe of ``chimera bench``
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from chimera.bench.jobs.bench import QUANT_GRID, bench_suite
+from chimera.bench.suite.schema import load_suite
 from chimera.data import load_task
-from chimera.registry import Registry
 from chimera.run.records import RecordWriter
 from chimera.run.spec import RunSpec
 from chimera.run.trainer import train
 
-QUANT_RECIPES: Registry[dict[str, Any]] = Registry("quantizer")
-_ADAMW = {"optimizer": "adamw", "optimizer_hparams": {"lr": 2e-2}}
-QUANT_RECIPES.register("fp32")({**_ADAMW, "quantizer": "fp32"})
-QUANT_RECIPES.register("strict_bitnet")({**_ADAMW, "quantizer": "strict_bitnet"})
-QUANT_RECIPES.register("chimera")({
-    **_ADAMW, "quantizer": "chimera",
-    "controller": {"target_bits": 1.32, "branch": "sparse", "frequency": "batch",
-                   "affects": "alpha_target"},
-})
-QUANT_RECIPES.register("int_ternary")({
-    "optimizer": "scaled_optum", "quantizer": "int_ternary",
-    "optimizer_hparams": {"lr": 1e-2},
-})
+
+def quant_recipes() -> dict[str, RunSpec]:
+    """The bench suite's ``quant`` section: one spec (its first seed) per quantizer."""
+    section = next(g for g in load_suite(bench_suite()).grids if g.name == QUANT_GRID)
+    recipes: dict[str, RunSpec] = {}
+    for spec in section.specs:
+        recipes.setdefault(spec.quantizer, spec)
+    return recipes
 
 
 def quant_specs(
-    task: str, model: str, quantizers: Sequence[str], seeds: Sequence[int], epochs: int,
-    batch_size: int = 100, lr_schedule: str = "cosine",
+    quantizers: Sequence[str], seeds: Sequence[int], *, task: str | None = None,
+    model: str | None = None, epochs: int | None = None,
 ) -> list[RunSpec]:
-    """One spec per (quantizer, seed); unknown quantizers are rejected before anything runs."""
-    recipes = {q: QUANT_RECIPES.get(q) for q in quantizers}
-    return [
-        RunSpec(task=task, model=model, seed=seed, epochs=epochs, batch_size=batch_size,
-                lr_schedule=lr_schedule, **recipes[q])
-        for q in quantizers
-        for seed in seeds
-    ]
+    """One spec per (quantizer, seed) from :func:`quant_recipes`, on ``task`` / ``model`` /
+    ``epochs`` when given (the recipe's otherwise); unknown quantizers are rejected before
+    anything runs."""
+    recipes = quant_recipes()
+    unknown = [q for q in quantizers if q not in recipes]
+    if unknown or not quantizers:
+        raise ValueError(f"unknown quantizer {', '.join(map(repr, unknown)) or '(none given)'} "
+                         f"for compare-quant; known: {', '.join(recipes)}")
+    changes = {k: v for k, v in (("task", task), ("model", model), ("epochs", epochs))
+               if v is not None}
+    return [dataclasses.replace(recipes[q], seed=seed, **changes)
+            for q in quantizers for seed in seeds]
 
 
 def run_compare_quant(
