@@ -33,7 +33,7 @@ def _csv(text: str) -> list[str]:
     return [t for t in text.split(",") if t]
 
 
-def _seeds(n: int) -> range:
+def _seed_range(n: int) -> range:
     if n < 1:
         raise ValueError(f"--seeds must be >= 1, got {n}")
     return range(n)
@@ -95,7 +95,7 @@ def _cmd_compare_quant(args: argparse.Namespace) -> None:
     from chimera.bench.report.tables import quant_table
     from chimera.run.records import RecordWriter
 
-    specs = quant_specs(_csv(args.quantizers), _seeds(args.seeds), task=args.task,
+    specs = quant_specs(_csv(args.quantizers), _seed_range(args.seeds), task=args.task,
                         model=args.model, epochs=args.epochs)
     with RecordWriter(args.out) as writer:
         finals = run_compare_quant(specs, writer, progress=not args.quiet)
@@ -118,7 +118,7 @@ def _cmd_stress(args: argparse.Namespace) -> None:
 
     with RecordWriter(args.out) as writer:
         finals = run_stress(_csv(args.problems) or None, _csv(args.optimizers) or None,
-                            seeds=_seeds(args.seeds), steps=args.steps, writer=writer,
+                            seeds=_seed_range(args.seeds), steps=args.steps, writer=writer,
                             progress=not args.quiet)
     print(stress_table(finals))
     print(f"records: {args.out}")
@@ -128,7 +128,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     from chimera.bench.jobs.bench import run_bench
 
     start = time.perf_counter()
-    summary = run_bench(args.out, seeds=None if args.seeds is None else _seeds(args.seeds),
+    summary = run_bench(args.out, seeds=None if args.seeds is None else _seed_range(args.seeds),
                         stress_steps=args.stress_steps, epochs=args.epochs,
                         quant_epochs=args.quant_epochs, rule_epochs=args.rule_epochs,
                         toy_lq_steps=args.toy_lq_steps, workers=args.workers,
@@ -162,7 +162,7 @@ def _cmd_toy_lq(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     with RecordWriter(args.out) as writer:
-        finals = run_toy_lq(_csv(args.rules) or None, seeds=_seeds(args.seeds), steps=args.steps,
+        finals = run_toy_lq(_csv(args.rules) or None, seeds=_seed_range(args.seeds), steps=args.steps,
                             writer=writer, progress=not args.quiet,
                             w_std=DEFAULT_W_STD if args.w_std is None else args.w_std,
                             workers=args.workers)

@@ -97,13 +97,14 @@ def _section_name(name: str) -> str:
     return name
 
 
-def _choice(registry: Registry) -> Any:
+def _registered_name(registry: Registry) -> Any:
+    """A name of ``registry``."""
     return Annotated[str, _registered(registry)]
 
 
-def _choices(registry: Registry) -> Any:
+def _registered_names(registry: Registry) -> Any:
     """A non-empty list of distinct names of ``registry``."""
-    return Annotated[list[_choice(registry)], Field(min_length=1), AfterValidator(_distinct)]
+    return Annotated[list[_registered_name(registry)], Field(min_length=1), AfterValidator(_distinct)]
 
 
 def _entry_kind(value: Any) -> str | None:
@@ -115,7 +116,7 @@ def _entry_kind(value: Any) -> str | None:
 def _entries(registry: Registry, table: type[BaseModel], what: str) -> Any:
     """A non-empty list whose items are names of ``registry`` or ``table`` tables."""
     item = Annotated[
-        Annotated[_choice(registry), Tag(NAME_TAG)] | Annotated[table, Tag(TABLE_TAG)],
+        Annotated[_registered_name(registry), Tag(NAME_TAG)] | Annotated[table, Tag(TABLE_TAG)],
         Discriminator(_entry_kind, custom_error_type="entry_type",
                       custom_error_message=f"must be a name or a table {what}"),
     ]
@@ -165,19 +166,19 @@ class _NamedEntry(_Table):
 class OptimizerEntry(_NamedEntry):
     """An entry of ``optimizers``: ``{name = "sgd", lr = 0.1, momentum = 0.9}``."""
 
-    name: _choice(OPTIMIZERS)
+    name: _registered_name(OPTIMIZERS)
 
 
 class RuleEntry(_NamedEntry):
     """An entry of ``rules``: ``{name = "state_bridge", K = 8}``."""
 
-    name: _choice(RULES)
+    name: _registered_name(RULES)
 
 
 class QuantizerEntry(_Table):
     """A ``[[quantizers]]`` table: a quantizer with its arguments and controller."""
 
-    quantizer: _choice(QUANTIZERS)
+    quantizer: _registered_name(QUANTIZERS)
     quant_hparams: Hparams = Field(default_factory=dict)
     controller: Hparams | None = None
 
@@ -193,19 +194,19 @@ class GridFields(_Table):
 
     name: str | None = None
     title: str | None = None
-    task: _choice(TASKS) | None = None
-    tasks: _choices(TASKS) | None = None
-    model: _choice(MODELS) | None = None
-    models: _choices(MODELS) | None = None
+    task: _registered_name(TASKS) | None = None
+    tasks: _registered_names(TASKS) | None = None
+    model: _registered_name(MODELS) | None = None
+    models: _registered_names(MODELS) | None = None
     model_hparams: Hparams | None = None
-    optimizer: _choice(OPTIMIZERS) | None = None
+    optimizer: _registered_name(OPTIMIZERS) | None = None
     optimizers: OptimizerList | None = None
     optimizer_hparams: Hparams | None = None
-    quantizer: _choice(QUANTIZERS) | None = None
+    quantizer: _registered_name(QUANTIZERS) | None = None
     quantizers: QuantizerList | None = None
     quant_hparams: Hparams | None = None
     controller: Hparams | None = None
-    rule: _choice(RULES) | None = None
+    rule: _registered_name(RULES) | None = None
     rules: RuleList | None = None
     rule_hparams: Hparams | None = None
     seeds: Seeds | None = None
@@ -246,8 +247,8 @@ class StressTable(_Table):
     title: str = "Stress problems"
     seeds: Seeds | None = None
     steps: PositiveInt = 300
-    problems: _choices(STRESS) = Field(default_factory=STRESS.names)
-    configs: _choices(STRESS_CONFIGS) = Field(default_factory=STRESS_CONFIGS.names)
+    problems: _registered_names(STRESS) = Field(default_factory=STRESS.names)
+    configs: _registered_names(STRESS_CONFIGS) = Field(default_factory=STRESS_CONFIGS.names)
 
 
 class ToyLQTable(_Table):
@@ -256,7 +257,7 @@ class ToyLQTable(_Table):
     title: str = "Toy LQ credit quality"
     seeds: Seeds | None = None
     steps: PositiveInt = 8000
-    rules: _choices(TOY_VARIANTS) = Field(default_factory=lambda: list(DEFAULT_VARIANTS))
+    rules: _registered_names(TOY_VARIANTS) = Field(default_factory=lambda: list(DEFAULT_VARIANTS))
 
 
 class SuiteTable(GridFields):
