@@ -162,8 +162,8 @@ def _cmd_toy_lq(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     with RecordWriter(args.out) as writer:
-        finals = run_toy_lq(_csv(args.rules) or None, seeds=_seed_range(args.seeds), steps=args.steps,
-                            writer=writer, progress=not args.quiet,
+        finals = run_toy_lq(_csv(args.rules) or None, seeds=_seed_range(args.seeds),
+                            steps=args.steps, writer=writer, progress=not args.quiet,
                             w_std=DEFAULT_W_STD if args.w_std is None else args.w_std,
                             workers=args.workers)
     print(toy_lq_table(finals))

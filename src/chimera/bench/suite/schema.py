@@ -104,7 +104,8 @@ def _registered_name(registry: Registry) -> Any:
 
 def _registered_names(registry: Registry) -> Any:
     """A non-empty list of distinct names of ``registry``."""
-    return Annotated[list[_registered_name(registry)], Field(min_length=1), AfterValidator(_distinct)]
+    return Annotated[list[_registered_name(registry)], Field(min_length=1),
+                     AfterValidator(_distinct)]
 
 
 def _entry_kind(value: Any) -> str | None:
