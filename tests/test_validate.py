@@ -39,3 +39,20 @@ def test_known_keys_names_the_owner_the_unknown_keys_and_the_allowed_ones():
                      "hyper-parameter")
     with pytest.raises(ValueError, match=r"^no key 'x'; allowed: hidden: int$"):
         v.known_keys("", {"x": 1}, {"hidden": "int"})
+
+
+def test_int_tuple_takes_any_iterable_of_integers_in_range_and_names_what_it_refuses():
+    assert v.int_tuple("shape", [2, np.int64(3)], 1) == (2, 3)
+    assert v.int_tuple("shape", (), 0) == () and v.int_tuple("shape", range(2), 0) == (0, 1)
+    for bad, message in [
+        ((2, 0), "shape must be a tuple of integers >= 1, got (2, 0)"),
+        ((2, True), "shape must be a tuple of integers >= 1, got (2, True)"),
+        ((2.0,), "shape must be a tuple of integers >= 1, got (2.0,)"),
+        ("12", "shape must be a tuple of integers >= 1, got '12'"),
+        (3, "shape must be a tuple of integers >= 1, got 3"),
+    ]:
+        with pytest.raises(ValueError) as err:
+            v.int_tuple("shape", bad, 1)
+        assert str(err.value) == message
+    with pytest.raises(ValueError, match=r"^shape must be a non-empty tuple of integers, got "):
+        v.int_tuple("shape", (), non_empty=True)

@@ -92,6 +92,23 @@ def optional_integer(name: str, value: Any, low: float = -math.inf) -> int | Non
     return int(value)
 
 
+def int_tuple(name: str, value: Any, low: float = -math.inf, *, non_empty: bool = False
+              ) -> tuple[int, ...]:
+    """``value`` as a tuple of ints when it is an iterable (tuple, list, ``torch.Size``; not a
+    string) of integers (not bools) ``>= low``, at least one with ``non_empty``, e.g.
+    ``int_tuple("shape", (2, 0), 1)`` raises ``shape must be a tuple of integers >= 1, got (2, 0)``.
+    """
+    iterable = isinstance(value, Iterable) and not isinstance(value, str | bytes)
+    items = tuple(value) if iterable else ()
+    ok = iterable and (len(items) > 0 or not non_empty)
+    ok = ok and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low
+                    for v in items)
+    if not ok:
+        kind = f"a {'non-empty ' if non_empty else ''}tuple of integers"
+        fail(name, value, kind + _range_text(low, math.inf, False, False))
+    return tuple(int(v) for v in items)
+
+
 def choice(name: str, value: T, allowed: Iterable[Any]) -> T:
     """``value`` when it is one of ``allowed``: ``mode must be one of a, b, got 'c'``."""
     options = tuple(allowed)

@@ -147,6 +147,8 @@ def test_gradients_reach_the_model():
         ({"noise_scale": float("nan")}, "noise_scale"),
         ({"sparsity": 1.0}, "sparsity"),
         ({"sparsity": -0.1}, "sparsity"),
+        ({"batch": True}, "batch must be an integer >= 1, got True"),
+        ({"noise_scale": True}, "noise_scale must be a number >= 0, got True"),
     ],
 )
 def test_rejects_impossible_settings(kwargs, match):

@@ -22,7 +22,8 @@ def test_registry():
 
 def test_resnet20_needs_images():
     assert build_model("resnet20", (1, 8, 8), 10)(torch.randn(2, 1, 8, 8)).shape == (2, 10)
-    with pytest.raises(ValueError, match=r"resnet20 needs \(channels, height, width\)"):
+    with pytest.raises(ValueError,
+                       match=r"input_shape must be \(channels, height, width\) for resnet20"):
         build_model("resnet20", (40,), 10)
 
 
@@ -101,6 +102,9 @@ def test_cnn_minimum_length():
         ("cnn", (40,), 0, {}, "num_classes"),
         ("mlp", (), 10, {}, "input_shape"),
         ("cnn", (), 10, {}, "input_shape"),
+        ("mlp", (40,), 10, {"hidden": True}, "hidden must be an integer >= 1, got True"),
+        ("cnn", (40,), 10, {"channels": 2.0}, "channels must be an integer >= 1, got 2.0"),
+        ("mlp", (40,), 10.0, {}, "num_classes must be an integer >= 2, got 10.0"),
     ],
 )
 def test_rejects_impossible_sizes(name, shape, classes, kwargs, match):

@@ -39,9 +39,10 @@ def test_quantizer_input_errors(fn, arg, err):
         fn(arg, 1.0)
 
 
-def test_negative_alpha_rejected():
-    with pytest.raises(ValueError, match="alpha"):
-        quantize_weight_chimera(torch.ones(3), 1.0, -0.1)
+@pytest.mark.parametrize("alpha", [-0.1, float("nan"), True])
+def test_bad_alpha_rejected(alpha):
+    with pytest.raises(ValueError, match=rf"^alpha must be a number >= 0, got {alpha!r}$"):
+        quantize_weight_chimera(torch.ones(3), 1.0, alpha)
 
 
 def test_abs_stat_modes():

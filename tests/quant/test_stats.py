@@ -44,10 +44,14 @@ def test_entropy_from_ratios():
     assert entropy_from_ternary_ratios(0.5, 0.25, 0.25 + 5e-7) == pytest.approx(1.5, abs=1e-5)
 
 
-@pytest.mark.parametrize("ratios", [(-0.1, 0.6, 0.5), (0.5, 0.5, 0.5), (0.3, 0.3, 0.3),
-                                    (math.nan, 0.5, 0.5)])
-def test_entropy_from_ratios_rejects_bad_ratios(ratios):
-    with pytest.raises(ValueError, match="ratios"):
+@pytest.mark.parametrize(("ratios", "match"), [
+    ((-0.1, 0.6, 0.5), r"^z must be a number >= 0, got -0.1$"),
+    ((0.5, 0.5, 0.5), "ratios must sum to 1"), ((0.3, 0.3, 0.3), "ratios must sum to 1"),
+    ((math.nan, 0.5, 0.5), "z must be a number >= 0, got nan"),
+    ((0.0, True, 0.0), "p must be a number >= 0, got True"),
+])
+def test_entropy_from_ratios_rejects_bad_ratios(ratios, match):
+    with pytest.raises(ValueError, match=match):
         entropy_from_ternary_ratios(*ratios)
 
 

@@ -20,7 +20,7 @@ def test_problem_is_seeded_and_sized_as_spec():
     assert p.weights.std().item() == pytest.approx(0.03 / math.sqrt(64), rel=0.05)
     x, target = p.sample(5, torch.Generator().manual_seed(0))
     torch.testing.assert_close(target, x @ p.teacher.T)
-    with pytest.raises(ValueError, match="dim must be a positive integer"):
+    with pytest.raises(ValueError, match="dim must be an integer >= 1"):
         make_toy_lq(dim=0)
 
 
@@ -82,5 +82,5 @@ def test_unknown_variant_and_bad_steps():
         run_toy_lq(["fa"], seeds=[0], steps=1, progress=False)
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         run_toy_lq(["dfa"], seeds=[0], steps=0, progress=False)
-    with pytest.raises(ValueError, match="w_std must be non-negative"):
+    with pytest.raises(ValueError, match="w_std must be a number >= 0"):
         run_toy_lq(["dfa"], seeds=[0], steps=1, progress=False, w_std=-1.0)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from chimera._validate import integer
 from chimera.data.tasks import TASKS, TaskData
 
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -119,8 +120,7 @@ def write_cifar10_fixture(directory: str | os.PathLike, n_per_batch: int = 4,
                           seed: int = 0) -> Path:
     """Write a tiny CIFAR-10 in the real on-disk format into ``directory`` (created) and return
     it: random uint8 pixels, labels cycling through 0..9, plus ``batches.meta``. For tests."""
-    if n_per_batch < 1:
-        raise ValueError(f"n_per_batch must be >= 1, got {n_per_batch}")
+    n_per_batch = integer("n_per_batch", n_per_batch, 1)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

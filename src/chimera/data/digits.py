@@ -10,14 +10,14 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from chimera._validate import number
 from chimera.data.tasks import TASKS, TaskData
 
 
 @TASKS.register("digits")
 def load_digits_task(test_fraction: float = 0.2, split_seed: int = 0) -> TaskData:
     """Digits as (N, 64) float32 in [0, 1]; ``test_fraction`` of each class goes to the test set."""
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    number("test_fraction", test_fraction, 0, 1, low_open=True, high_open=True)
     x, y = load_digits(return_X_y=True)
     x_train, x_test, y_train, y_test = train_test_split(
         x / 16.0, y, test_size=test_fraction, random_state=split_seed, stratify=y

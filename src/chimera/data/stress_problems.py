@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from chimera._validate import integer, number
 from chimera.registry import Registry
 
 
@@ -40,12 +41,9 @@ class _Settings:
 
     def __post_init__(self) -> None:
         for name in ("batch", "n_in", "hidden"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if not self.noise_scale >= 0:
-            raise ValueError(f"noise_scale must be >= 0, got {self.noise_scale}")
-        if not 0 <= self.sparsity < 1:
-            raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity}")
+            integer(name, getattr(self, name), 1)
+        number("noise_scale", self.noise_scale, 0)
+        number("sparsity", self.sparsity, 0, 1, high_open=True)
 
 
 class StressProblem:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from chimera._validate import integer
 from chimera.data.tasks import TASKS, TaskData
 
 
@@ -18,8 +19,7 @@ def load_synthetic_images(
     """x ~ N(0, 1) of shape (N, 3, image_size, image_size), uniform labels; seeded."""
     for name, value, low in [("n_train", n_train, 1), ("n_test", n_test, 1),
                              ("image_size", image_size, 4), ("num_classes", num_classes, 2)]:
-        if value < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
+        integer(name, value, low)
     g = torch.Generator().manual_seed(seed)
     shape = (3, image_size, image_size)
     return TaskData(

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from chimera._validate import integer, number
+
 
 def toy_lq_loss(y: Tensor, target: Tensor) -> Tensor:
     """``mean_batch ½||y − y*||²``."""
@@ -72,15 +74,13 @@ class ToyLQ:
     def sample(self, batch_size: int, generator: torch.Generator | None = None
                ) -> tuple[Tensor, Tensor]:
         """A fresh batch ``(x, y* = A x)``."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        batch_size = integer("batch_size", batch_size, 1)
         x = torch.randn(batch_size, self.dim, generator=generator)
         return x, x @ self.teacher.T
 
     def transfer(self, layer: int) -> Tensor:
         """``M_l = (I + W_{L-1}) ··· (I + W_l)``, the map from ``h_l`` to ``h_L``."""
-        if not 0 <= layer <= self.num_layers:
-            raise ValueError(f"layer must be in [0, {self.num_layers}], got {layer}")
+        layer = integer("layer", layer, 0, self.num_layers)
         m = torch.eye(self.dim)
         for w in self.weights[layer:]:
             m = (torch.eye(self.dim) + w) @ m
@@ -95,11 +95,10 @@ class ToyLQ:
 def make_toy_lq(seed: int = 0, *, dim: int = 64, num_layers: int = 12, out_dim: int = 10,
                 w_std: float = 0.03) -> ToyLQ:
     """The toy problem generated from ``seed`` (docs/algorithms.md#toy-lq defaults)."""
-    for name, value in (("dim", dim), ("num_layers", num_layers), ("out_dim", out_dim)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not w_std >= 0:
-        raise ValueError(f"w_std must be non-negative, got {w_std}")
+    dim = integer("dim", dim, 1)
+    num_layers = integer("num_layers", num_layers, 1)
+    out_dim = integer("out_dim", out_dim, 1)
+    number("w_std", w_std, 0)
     g = torch.Generator().manual_seed(seed)
     scale = 1 / math.sqrt(dim)
     weights = torch.randn(num_layers, dim, dim, generator=g) * w_std * scale

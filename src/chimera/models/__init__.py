@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from chimera._validate import integer, require
 from chimera.models.cnn import CNN1d
 from chimera.models.mlp import MLP
 from chimera.models.resmlp import ResMLP
@@ -25,17 +26,16 @@ MODELS.register("resmlp")(ResMLP)
 @MODELS.register("resnet20")
 def _resnet20(input_shape: tuple[int, ...], num_classes: int) -> ResNet20:
     """ResNet-20 for (channels, height, width) images; quantize it with the run's quantizer."""
-    if len(input_shape) != 3 or min(input_shape) < 1:
-        raise ValueError(f"resnet20 needs (channels, height, width) inputs, got {input_shape}")
+    require(len(input_shape) == 3 and min(input_shape) >= 1, "input_shape", input_shape,
+            "(channels, height, width) for resnet20")
     return resnet20(num_classes, in_channels=input_shape[0])
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs) -> nn.Module:
     """The model registered as ``name`` for ``input_shape`` inputs and ``num_classes`` logits."""
-    if len(input_shape) == 0:
-        raise ValueError("input_shape must be non-empty (the shape of one example)")
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    require(len(input_shape) > 0, "input_shape", input_shape,
+            "non-empty (the shape of one example)")
+    num_classes = integer("num_classes", num_classes, 2)
     return MODELS.get(name)(tuple(input_shape), num_classes, **kwargs)
 
 

@@ -12,6 +12,8 @@ import itertools
 import torch
 from torch import nn
 
+from chimera._validate import integer, require
+
 _CONVS = ((5, 2, 1), (3, 2, 1), (3, 2, 1))  # (kernel, stride, padding) per layer
 
 
@@ -33,12 +35,9 @@ class CNN1d(nn.Module):
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, channels: int = 25) -> None:
         super().__init__()
-        if channels <= 0:
-            raise ValueError(f"channels must be a positive integer, got {channels}")
-        if len(input_shape) not in (1, 2):
-            raise ValueError(
-                f"input_shape must be (length,) or (channels, length), got {input_shape}"
-            )
+        channels = integer("channels", channels, 1)
+        require(len(input_shape) in (1, 2), "input_shape", input_shape,
+                "(length,) or (channels, length)")
         c_in, length = (1, *input_shape) if len(input_shape) == 1 else input_shape
         if output_length(length) < 1:
             raise ValueError(f"input length {length} is too short for cnn; minimum is {MIN_LENGTH}")

@@ -6,6 +6,8 @@ import math
 
 from torch import nn
 
+from chimera._validate import integer
+
 
 class MLP(nn.Sequential):
     """``depth`` hidden layers of width ``hidden`` (the MNIST-1D paper's MLP: 2 x 100)."""
@@ -13,10 +15,8 @@ class MLP(nn.Sequential):
     def __init__(
         self, input_shape: tuple[int, ...], num_classes: int, hidden: int = 100, depth: int = 2
     ) -> None:
-        if hidden <= 0:
-            raise ValueError(f"hidden must be a positive integer, got {hidden}")
-        if depth < 0:
-            raise ValueError(f"depth must be a non-negative integer, got {depth}")
+        hidden = integer("hidden", hidden, 1)
+        depth = integer("depth", depth, 0)
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
         for _ in range(depth):

@@ -14,11 +14,7 @@ import math
 
 from torch import Tensor, nn
 
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+from chimera._validate import int_tuple, integer
 
 
 class ResMLP(nn.Module):
@@ -36,20 +32,14 @@ class ResMLP(nn.Module):
         mlp_ratio: int = 1,
     ) -> None:
         super().__init__()
-        if len(input_shape) == 0 or any(
-            isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in input_shape
-        ):
-            raise ValueError(f"input_shape must be a non-empty tuple of positive ints, "
-                             f"got {input_shape!r}")
-        _positive_int("num_classes", num_classes)
-        _positive_int("d_hidden", d_hidden)
-        _positive_int("mlp_ratio", mlp_ratio)
-        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
-            raise ValueError(f"num_blocks must be a non-negative integer, got {num_blocks!r}")
-        self.input_shape = tuple(input_shape)
+        self.input_shape = int_tuple("input_shape", input_shape, 1, non_empty=True)
+        num_classes = integer("num_classes", num_classes, 1)
+        d_hidden = integer("d_hidden", d_hidden, 1)
+        mlp_ratio = integer("mlp_ratio", mlp_ratio, 1)
+        num_blocks = integer("num_blocks", num_blocks, 0)
         self.d_hidden = d_hidden
         width = mlp_ratio * d_hidden
-        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), d_hidden))
+        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(self.input_shape), d_hidden))
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(d_hidden), nn.Linear(d_hidden, width), nn.GELU(),
                           nn.Linear(width, d_hidden))

@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from chimera._validate import choice, integer, require
 from chimera.nn.quantize import POSITIONAL_SKIPS, ternarize
 
 RESNET_MODES = ("fp32_baseline", "strict_bitnet", "chimera", "int_ternary")
@@ -46,8 +47,7 @@ class ResNet20(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        num_classes = integer("num_classes", num_classes, 1)
         blocks: list[nn.Module] = []
         c_in = 16
         for stage, width in enumerate((16, 32, 64)):
@@ -85,11 +85,9 @@ class ChimeraResNet20(ResNet20):
         first_last_fp32: bool = False,
     ) -> None:
         super().__init__(num_classes)
-        if mode not in RESNET_MODES:
-            raise ValueError(f"mode must be one of {RESNET_MODES}, got {mode!r}")
-        if quant_config is not None and not isinstance(quant_config, dict):
-            raise ValueError(f"quant_config must be a dict or None, got {type(quant_config)}")
-        self.mode = mode
+        self.mode = choice("mode", mode, RESNET_MODES)
+        require(quant_config is None or isinstance(quant_config, dict), "quant_config",
+                quant_config, "a dict or None")
         if mode != "fp32_baseline":
             skip = POSITIONAL_SKIPS if first_last_fp32 else ()
             ternarize(self, mode, skip=skip, **(quant_config or {}))

@@ -9,16 +9,10 @@ the chosen branch of ``H(z, (1-z)/2, (1-z)/2)`` unless given directly.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
+from chimera._validate import choice, number
 from chimera.quant.stats import BRANCHES, MAX_TERNARY_BITS, symmetric_zero_ratio_for_entropy
-
-
-def _check_number(name: str, value: Any, low: float = 0.0, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
-    return float(value)
 
 
 class TargetBitsController:
@@ -37,26 +31,22 @@ class TargetBitsController:
         alpha_min: float = 0.0,
         alpha_max: float = 1.5,
     ) -> None:
-        if branch not in BRANCHES:
-            raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
-        self.branch = branch
-        self.target_bits = _check_number("target_bits", target_bits, high=MAX_TERNARY_BITS)
+        self.branch = choice("branch", branch, BRANCHES)
+        self.target_bits = number("target_bits", target_bits, 0, MAX_TERNARY_BITS)
         if target_zero_ratio is None:
             self.target_zero_ratio = symmetric_zero_ratio_for_entropy(self.target_bits, branch)
         else:
-            self.target_zero_ratio = _check_number("target_zero_ratio", target_zero_ratio, high=1)
-        self.tolerance = _check_number("tolerance", tolerance)
-        self.step_size = _check_number("step_size", step_size)
-        if self.step_size == 0:
-            raise ValueError("step_size must be > 0, got 0")
-        self.alpha_min = _check_number("alpha_min", alpha_min)
-        self.alpha_max = _check_number("alpha_max", alpha_max, low=self.alpha_min)
+            self.target_zero_ratio = number("target_zero_ratio", target_zero_ratio, 0, 1)
+        self.tolerance = number("tolerance", tolerance, 0)
+        self.step_size = number("step_size", step_size, 0, low_open=True)
+        self.alpha_min = number("alpha_min", alpha_min, 0)
+        self.alpha_max = number("alpha_max", alpha_max, self.alpha_min)
         self.last_error: float | None = None
 
     def update(self, alpha: float, zero_ratio: float) -> float:
         """The next alpha: one ``step_size`` toward the target band, clipped."""
-        alpha = _check_number("alpha", alpha, low=-math.inf)
-        zero_ratio = _check_number("zero_ratio", zero_ratio, high=1)
+        alpha = number("alpha", alpha)
+        zero_ratio = number("zero_ratio", zero_ratio, 0, 1)
         self.last_error = zero_ratio - self.target_zero_ratio
         if self.last_error < -self.tolerance:
             alpha += self.step_size
@@ -76,5 +66,5 @@ class TargetBitsController:
             raise ValueError(f"state has missing keys {missing} and unexpected keys {unexpected}")
         restored = type(self)(**{key: state[key] for key in self._CONFIG})
         error = state["last_error"]
-        restored.last_error = None if error is None else _check_number("last_error", error, -1, 1)
+        restored.last_error = None if error is None else number("last_error", error, -1, 1)
         self.__dict__.update(restored.__dict__)

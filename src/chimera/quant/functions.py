@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from chimera._validate import choice, number, require
+
 ACT_QUANT_MODES = ("per_tensor", "per_token", "none")
 STAT_MODES = ("mean", "median")
 
@@ -18,19 +20,16 @@ def _check_weight(u: object, name: str = "U") -> Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(u).__name__}")
     if not u.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {u.dtype}")
-    if u.numel() == 0:
-        raise ValueError(f"{name} must not be empty")
+    require(u.numel() > 0, name, u, "non-empty")
     return u
 
 
 def abs_stat(w: Tensor, mode: str = "mean") -> Tensor:
     """The weight scale statistic: ``mean(|W|)`` or ``median(|W|)`` (0-dim tensor)."""
     _check_weight(w, "W")
-    if mode == "mean":
+    if choice("stat_mode", mode, STAT_MODES) == "mean":
         return w.abs().mean()
-    if mode == "median":
-        return w.abs().median()
-    raise ValueError(f"stat_mode must be one of {STAT_MODES}, got {mode!r}")
+    return w.abs().median()
 
 
 def quantize_weight_strict_bitnet(u: Tensor, gamma: Tensor | float) -> Tensor:
@@ -42,8 +41,7 @@ def quantize_weight_strict_bitnet(u: Tensor, gamma: Tensor | float) -> Tensor:
 def quantize_weight_chimera(u: Tensor, gamma: Tensor | float, alpha: float) -> Tensor:
     """Dynamic-threshold quantizer: ``sign(U) * [|U| > alpha * gamma]`` (strict ``>``)."""
     _check_weight(u)
-    if alpha < 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    number("alpha", alpha, 0)
     return torch.sign(u) * (u.abs() > alpha * gamma).to(u.dtype)
 
 
@@ -54,13 +52,11 @@ def quantize_activations(x: Tensor, mode: str = "per_tensor", eps_beta: float = 
     ``x_q = clamp(round(x / beta), -127, 127)``; returns ``x + (beta * x_q - x).detach()``:
     the forward value is ``beta * x_q`` and the gradient reaches ``x`` unchanged.
     """
-    if mode == "none":
+    if choice("act_quant", mode, ACT_QUANT_MODES) == "none":
         return x
     if mode == "per_tensor":
         beta = x.detach().abs().max() / 127 + eps_beta
-    elif mode == "per_token":
-        beta = x.detach().abs().amax(dim=-1, keepdim=True) / 127 + eps_beta
     else:
-        raise ValueError(f"act_quant must be one of {ACT_QUANT_MODES}, got {mode!r}")
+        beta = x.detach().abs().amax(dim=-1, keepdim=True) / 127 + eps_beta
     x_q = torch.clamp(torch.round(x.detach() / beta), -127, 127)
     return x + (beta * x_q - x).detach()

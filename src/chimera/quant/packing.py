@@ -19,6 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from chimera._validate import choice, int_tuple
+
 
 class _Format(NamedTuple):
     radix: int
@@ -34,9 +36,7 @@ FORMATS = tuple(_FORMATS)
 
 
 def _format_spec(format: str) -> _Format:
-    if format not in _FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    return _FORMATS[format]
+    return _FORMATS[choice("format", format, FORMATS)]
 
 
 def _powers(spec: _Format, device: torch.device) -> Tensor:
@@ -59,9 +59,7 @@ class PackedTernary:
 
     def __post_init__(self) -> None:
         spec = _format_spec(self.format)
-        shape = tuple(self.shape)
-        if not all(isinstance(s, int) and s >= 0 for s in shape):
-            raise ValueError(f"shape must be a tuple of non-negative ints, got {self.shape!r}")
+        shape = int_tuple("shape", self.shape, 0)
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "numel", math.prod(shape))
         data = self.data

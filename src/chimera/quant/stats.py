@@ -16,6 +16,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from chimera._validate import choice, number, require
+
 MAX_TERNARY_BITS = math.log2(3)
 BRANCHES = ("sparse", "dense")
 _RATIO_KEYS = ("zero_ratio", "plus_ratio", "minus_ratio", "effective_bits")
@@ -27,8 +29,8 @@ def _entropy(*ratios: float) -> float:
 
 def entropy_from_ternary_ratios(z: float, p: float, m: float) -> float:
     """Shannon entropy in bits of the ratios of zeros, plus and minus ones."""
-    if not all(r >= 0 for r in (z, p, m)):  # also rejects NaN
-        raise ValueError(f"ratios must be non-negative, got z={z}, p={p}, m={m}")
+    for name, ratio in (("z", z), ("p", p), ("m", m)):
+        number(name, ratio, 0)
     if abs(z + p + m - 1) > 1e-6:
         raise ValueError(f"ratios must sum to 1 (within 1e-6), got {z + p + m}")
     return _entropy(z, p, m)
@@ -42,8 +44,7 @@ def ternary_counts(tq: Tensor) -> Tensor:
 def stats_from_counts(zeros: int, plus: int, minus: int) -> dict[str, float]:
     """Ratios and effective bits from value counts (see :func:`ternary_stats`)."""
     total = zeros + plus + minus
-    if total <= 0:
-        raise ValueError("counts must describe at least one weight")
+    require(total > 0, "zeros + plus + minus", total, "> 0 (at least one weight)")
     z, p, m = zeros / total, plus / total, minus / total
     return {"zero_ratio": z, "plus_ratio": p, "minus_ratio": m, "effective_bits": _entropy(z, p, m)}
 
@@ -52,8 +53,7 @@ def ternary_stats(tq: Tensor) -> dict[str, float]:
     """``{zero_ratio, plus_ratio, minus_ratio, effective_bits}`` of a tensor of -1, 0, +1."""
     if not isinstance(tq, Tensor):
         raise TypeError(f"Tq must be a torch.Tensor, got {type(tq).__name__}")
-    if tq.numel() == 0:
-        raise ValueError("Tq must not be empty")
+    require(tq.numel() > 0, "Tq", tq, "non-empty")
     counts = ternary_counts(tq).tolist()
     if sum(counts) != tq.numel():
         raise ValueError("Tq must hold only the values -1, 0 and +1")
@@ -70,14 +70,8 @@ def symmetric_zero_ratio_for_entropy(bits: float, branch: str = "sparse") -> flo
     H rises from 1 bit (z = 0) to log2 3 (z = 1/3) and falls to 0 (z = 1): the ``sparse`` branch
     solves on [1/3, 1] (any bits in [0, log2 3]), the ``dense`` branch on [0, 1/3] (bits >= 1).
     """
-    if branch not in BRANCHES:
-        raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
-    lowest = 1.0 if branch == "dense" else 0.0
-    if isinstance(bits, bool) or not lowest <= bits <= MAX_TERNARY_BITS:
-        raise ValueError(
-            f"bits must be in [{lowest}, log2(3) = {MAX_TERNARY_BITS:.6f}] for the {branch} "
-            f"branch, got {bits!r}"
-        )
+    lowest = 1.0 if choice("branch", branch, BRANCHES) == "dense" else 0.0
+    number(f"bits for the {branch} branch", bits, lowest, MAX_TERNARY_BITS)
     # keep the invariant: H(low) is on the high-entropy side, H(high) on the low one
     low, high = (1 / 3, 1.0) if branch == "sparse" else (1 / 3, 0.0)
     for _ in range(200):
