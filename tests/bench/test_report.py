@@ -177,6 +177,79 @@ def test_report_md_is_reproducible_from_the_records(records, report, tmp_path):
     assert again.csv.read_bytes() == report.csv.read_bytes()
 
 
+def _set_line(path, lineno, new):
+    """Replace line ``lineno`` of ``path`` by the bytes ``new`` (None: delete it)."""
+    lines = path.read_bytes().split(b"\n")
+    lines[lineno - 1:lineno] = [] if new is None else [new]
+    path.write_bytes(b"\n".join(lines))
+
+
+def _sections(text):
+    """report.md's parts by ``## `` title (the part before the first one: "header")."""
+    parts = text.split("\n## ")
+    return {"header": parts[0], **{p.split("\n", 1)[0]: p for p in parts[1:]}}
+
+
+def _csv_rows(path):
+    with path.open(encoding="utf-8") as f:
+        return {r["config_id"]: r for r in csv.DictReader(f)}
+
+
+def test_corrupt_lines_are_skipped_flagged_and_leave_the_rest_of_the_statistics(records,
+                                                                               tmp_path):
+    """Line 3 (an eval record) of cfg-a seed 1 and line 7 (the final record) of cfg-b seed 2
+    are corrupt: the report equals that of the records without those lines, plus flags."""
+    broken, minus = tmp_path / "broken", tmp_path / "minus"
+    for root in (broken, minus):
+        shutil.copytree(records, root)
+    _set_line(broken / "train" / "cfg-a-s1.jsonl", 3, b'{"run_id": "cfg-a-s1", \x00\xff')
+    _set_line(broken / "train" / "cfg-b-s2.jsonl", 7, b'{"record_type": "final", "seed')
+    _set_line(minus / "train" / "cfg-a-s1.jsonl", 3, None)
+    _set_line(minus / "train" / "cfg-b-s2.jsonl", 7, None)
+    bad, ref = write_report(broken), write_report(minus)
+    text, ref_text = (_sections(r.markdown.read_text(encoding="utf-8")) for r in (bad, ref))
+    note = "⚠ 2 corrupt record lines skipped (train/cfg-a-s1.jsonl:3, train/cfg-b-s2.jsonl:7)."
+    assert note in text["header"] and "corrupt" not in "".join(ref_text.values())
+    training = text["Training configurations"]
+    a = _md_row(training, "mnist1d/cnn adamw fp32 backprop epochs=2")
+    assert a[-1] == "⚠ 1 corrupt record line skipped (train/cfg-a-s1.jsonl:3)"
+    b = _md_row(training, "mnist1d/cnn adamw chimera backprop")
+    assert b[1:3] == ["0,1", "2"]  # seed 2 lost its final record: unfinished, out of the stats
+    assert b[-1] == ("⚠ 1 run unfinished (seeds [2]); "
+                     "⚠ 1 corrupt record line skipped (train/cfg-b-s2.jsonl:7)")
+    for title, section in text.items():
+        for line in (x for x in section.splitlines() if x.startswith("| ")):
+            label = line.split("|")[1].strip()
+            cells, ref_cells = _md_row(section, label), _md_row(ref_text[title], label)
+            flags = -1 if title != "Credit diagnostics (final records)" else len(cells)
+            assert cells[:flags] == ref_cells[:flags], (title, label)
+    bad_rows, ref_rows = _csv_rows(bad.csv), _csv_rows(ref.csv)
+    assert list(bad_rows) == list(ref_rows)
+    for config_id, row in bad_rows.items():
+        assert {k: v for k, v in row.items() if k != "flags"} == \
+            {k: v for k, v in ref_rows[config_id].items() if k != "flags"}, config_id
+    assert bad_rows["cfg-c"]["flags"] == ref_rows["cfg-c"]["flags"] == "⚠ missing seeds [2]"
+
+
+def test_a_metric_of_the_wrong_type_is_flagged_and_left_out(tmp_path):
+    for seed, acc in enumerate([0.9, "0.92", 0.94]):
+        _train_run(tmp_path, "cfg-x", seed, final=_final(acc, [0.2] if seed == 2 else 0.3))
+    paths = write_report(tmp_path, tmp_path / "out")
+    row = _md_row(paths.markdown.read_text(encoding="utf-8"), "mnist1d/cnn adamw fp32 backprop")
+    assert row[1:4] == ["0,1,2", "3", "92.00 ± 2.83"]  # seeds 0 and 2 only: mean 0.92, std 0.028
+    assert row[5] == "0.3000 ± 0.0000"
+    assert row[-1] == ("⚠ non-numeric test_accuracy in run cfg-x-s1; "
+                       "⚠ non-numeric test_loss in run cfg-x-s2")
+    csv_row = _csv_rows(paths.csv)["cfg-x"]
+    assert (csv_row["test_accuracy_n"], csv_row["test_loss_n"]) == ("2", "2")
+    assert csv_row["flags"] == row[-1]
+
+
+def test_clean_records_give_no_corruption_or_type_notes(report):
+    text = report.markdown.read_text(encoding="utf-8")
+    assert "corrupt" not in text and "non-numeric" not in text
+
+
 def test_plots_without_data_are_skipped_and_said_so(tmp_path):
     with RecordWriter(tmp_path / "s.jsonl", {"run_id": "r", "config_id": "p-c", "seed": 0,
                                              "task": "stress/p", "problem": "p",

@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,27 +32,67 @@ def test_unknown_record_type_rejected(tmp_path):
 def test_partial_tail_is_ignored_by_reader_and_cut_by_writer(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps({"record_type": "step", "step": 1}) + '\n{"record_type": "st')
-    assert read_records(path) == [{"record_type": "step", "step": 1}]
+    skipped = []
+    assert read_records(path, skipped=skipped) == [{"record_type": "step", "step": 1}]
+    assert skipped == []  # a crash mid-write is expected, not corruption
     with RecordWriter(path) as w:
         w.write("step", step=2)
     lines = path.read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
 
 
-def test_broken_middle_line_is_an_error_naming_the_line(tmp_path):
+def test_corrupt_middle_lines_are_skipped_and_reported_with_their_line(tmp_path):
     path = tmp_path / "r.jsonl"
-    path.write_text('{"a": 1}\nnot json\n{"a": 2}\n')
-    with pytest.raises(ValueError, match=r"r.jsonl:2"):
-        read_records(path)
+    path.write_text('{"record_type": "step", "step": 1}\nnot json\n[1, 2]\n{"a": 1}\n'
+                    '{"record_type": "bogus"}\n\n{"record_type": "final", "acc": 0.5}\n'
+                    '{"record_type": "fin')
+    skipped = []
+    recs = read_records(path, skipped=skipped)
+    assert recs == [{"record_type": "step", "step": 1}, {"record_type": "final", "acc": 0.5}]
+    assert [(s.path, s.lineno) for s in skipped] == [(path, 2), (path, 3), (path, 4), (path, 5)]
+    assert [s.reason for s in skipped] == [
+        "not JSON (Expecting value)", "not a JSON object", "record_type missing or unknown",
+        "record_type missing or unknown"]
+    assert skipped[0] == (path, 2, "not JSON (Expecting value)")  # a plain tuple too
+    # without a list to report to, the same records come back, filtered as asked
+    assert read_records(path, record_type="final") == [recs[1]]
 
 
-def test_reader_reads_a_directory_and_reports_missing_files(tmp_path):
+def test_garbage_bytes_are_skipped_per_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b'{"record_type": "step", "step": 1}\n\xff\xfe\x00garbage\n'
+                     b'\x00\x00\x00\x00\n{"record_type": "final", "step": 2}\n')
+    skipped = []
+    assert [r["step"] for r in read_records(path, skipped=skipped)] == [1, 2]
+    assert [(s.lineno, s.reason) for s in skipped] == [
+        (2, "not UTF-8"), (3, "not JSON (Expecting value)")]
+
+
+def _one_line_error(call, match):
+    with pytest.raises(ValueError, match=match) as e:
+        call()
+    assert "\n" not in str(e.value)
+
+
+def test_whole_file_problems_are_one_line_errors_naming_the_file(tmp_path, monkeypatch):
     for name in ("a", "b"):
         with RecordWriter(tmp_path / f"{name}.jsonl") as w:
             w.write("final", name=name)
     assert [r["name"] for r in read_records(tmp_path)] == ["a", "b"]
-    with pytest.raises(ValueError, match="not found"):
-        read_records(tmp_path / "missing.jsonl")
+    _one_line_error(lambda: read_records(tmp_path / "missing.jsonl"), "not found.*missing")
+    (tmp_path / "sub").mkdir()
+    _one_line_error(lambda: read_records([tmp_path / "a.jsonl", tmp_path / "sub"]),
+                    r"sub is a directory")
+    (tmp_path / "odd.jsonl").mkdir()  # a folder scan meets a directory named like a file
+    _one_line_error(lambda: read_records(tmp_path), r"odd.jsonl is a directory")
+    (tmp_path / "odd.jsonl").rmdir()
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    _one_line_error(lambda: read_records(tmp_path / "a.jsonl"),
+                    r"cannot read record file .*a.jsonl: Permission denied")
 
 
 def test_run_id_is_deterministic_and_seed_only_changes_suffix():

@@ -2,8 +2,10 @@
 
 The writer emits each record with a single ``write`` of the complete line and flushes it, so a
 crash can at worst leave one unterminated last line; on reopening a file the writer cuts such a
-tail off, and the reader ignores it, so no reader ever sees a broken record. The schema is in
-docs/records.md.
+tail off, and the reader ignores it, so no reader ever sees a broken record. Any other malformed
+line (disk or copy corruption, a hand edit) is skipped by the reader and reported to a caller
+that asks (``read_records(..., skipped=[])``), so one bad line never blocks a sweep or a report.
+The schema is in docs/records.md.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 RECORD_TYPES = ("step", "epoch", "eval", "final", "summary")
 
@@ -78,31 +80,78 @@ class RecordWriter:
         self.close()
 
 
-def read_records(
-    paths: str | os.PathLike | Iterable[str | os.PathLike], record_type: str | None = None
-) -> list[dict[str, Any]]:
-    """Load records from one JSONL file, several files, or every ``*.jsonl`` of a directory.
+class SkippedLine(NamedTuple):
+    """A malformed line :func:`read_records` left out: its file, 1-based line number and why."""
 
-    An unterminated last line (a crash mid-write) is ignored; any other malformed line raises
-    ``ValueError`` naming the file and line number.
-    """
+    path: Path
+    lineno: int
+    reason: str
+
+
+def _record_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """The files to read: ``paths`` itself, every ``*.jsonl`` of a directory, or each of a list;
+    each must be an existing, regular file (ValueError naming it otherwise)."""
     if isinstance(paths, str | os.PathLike):
         p = Path(paths)
         paths = sorted(p.glob("*.jsonl")) if p.is_dir() else [p]
-    out: list[dict[str, Any]] = []
-    for path in map(Path, paths):
+    files = [Path(p) for p in paths]
+    for path in files:
         if not path.exists():
             raise ValueError(f"record file not found: {path}")
-        text = path.read_text(encoding="utf-8")
-        lines = text.split("\n")
-        complete = lines[:-1]  # the last element is "" or an unterminated partial line
-        for lineno, line in enumerate(complete, 1):
-            if not line.strip():
+        if not path.is_file():
+            what = "a directory" if path.is_dir() else "not a regular file"
+            raise ValueError(f"record file {path} is {what}; expected a *.jsonl file (a folder "
+                             "is read only when given on its own)")
+    return files
+
+
+def _complete_lines(path: Path) -> list[bytes]:
+    """The file's newline-terminated lines (an unterminated last line is dropped); a file that
+    cannot be read raises ValueError naming it."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read record file {path}: {e.strerror or e}") from None
+    return data.split(b"\n")[:-1]  # the last element is b"" or an unterminated partial line
+
+
+def _parse_line(raw: bytes) -> dict[str, Any] | str:
+    """The record on one line, or the reason it is malformed."""
+    try:
+        rec = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "not UTF-8"
+    except json.JSONDecodeError as e:
+        return f"not JSON ({e.msg})"
+    except RecursionError:
+        return "not JSON (nested too deeply)"
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    if rec.get("record_type") not in RECORD_TYPES:
+        return "record_type missing or unknown"
+    return rec
+
+
+def read_records(
+    paths: str | os.PathLike | Iterable[str | os.PathLike], record_type: str | None = None,
+    *, skipped: list[SkippedLine] | None = None,
+) -> list[dict[str, Any]]:
+    """Load records from one JSONL file, several files, or every ``*.jsonl`` of a directory.
+
+    An unterminated last line (a crash mid-write) is ignored, as are blank lines. Any other
+    malformed line (not UTF-8, not JSON, not an object, no valid ``record_type``) is skipped,
+    never fatal, and appended to ``skipped`` (when given) as a :class:`SkippedLine`. A missing,
+    unreadable or non-regular file raises ``ValueError`` naming it.
+    """
+    out: list[dict[str, Any]] = []
+    for path in _record_files(paths):
+        for lineno, raw in enumerate(_complete_lines(path), 1):
+            if not raw.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: broken record ({e.msg})") from None
-            if record_type is None or rec.get("record_type") == record_type:
+            rec = _parse_line(raw)
+            if isinstance(rec, str):
+                if skipped is not None:
+                    skipped.append(SkippedLine(path, lineno, rec))
+            elif record_type is None or rec["record_type"] == record_type:
                 out.append(rec)
     return out

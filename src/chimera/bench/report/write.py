@@ -7,8 +7,12 @@ interval) are those of :mod:`chimera.bench.report.aggregate`, its tables those o
 
 A run with no final record is unfinished: it is left out of the statistics and flagged, as is a
 configuration lacking seeds that other configurations of its table have. When a run has several
-final records the last one counts. report.md depends on the records only (no time stamps, no
-paths), so the same records always give a byte-identical report.md.
+final records the last one counts. A malformed record line is skipped (``read_records``) and
+flagged: in the header (file and line, relative to the records folder) and on the configuration
+whose run file it sits in (when the file's records share one ``config_id``). A metric value of the
+wrong type (a string, a list, a boolean where a number belongs) is left out of the statistics and
+flagged on its configuration with the run it comes from. report.md depends on the records only
+(no time stamps, no absolute paths), so the same records always give a byte-identical report.md.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from chimera.bench.report.tables import (
     toy_lq_report_table,
     training_report_table,
 )
-from chimera.run.records import read_records
+from chimera.run.records import SkippedLine, read_records
 
 TRAINING_METRICS = (
     "test_accuracy",
@@ -75,6 +79,7 @@ class Configuration:
     scope: str = ""  # task/model, the stress problem, or "toy_lq"
     variant: str = ""  # optimizer quantizer rule, the stress config, or the toy LQ variant
     missing_seeds: list[int] = field(default_factory=list)
+    corrupt_lines: list[str] = field(default_factory=list)  # "file:line" of skipped lines
 
     @property
     def label(self) -> str:
@@ -84,14 +89,27 @@ class Configuration:
     def seeds(self) -> list[int]:
         return sorted(r["seed"] for r in self.finals)
 
-    def flags(self) -> str:
-        """``⚠`` notes for missing seeds and unfinished runs ('' when complete)."""
+    def non_numeric(self, metrics: Sequence[str]) -> dict[str, list[str]]:
+        """Per metric, the run ids whose final record holds it with a non-numeric value (null,
+        the writer's non-finite float, counts as absent)."""
+        bad = {m: [str(r.get("run_id")) for r in self.finals
+                   if r.get(m) is not None and metric_value(r[m]) is None] for m in metrics}
+        return {m: runs for m, runs in bad.items() if runs}
+
+    def flags(self, metrics: Sequence[str] = ()) -> str:
+        """``⚠`` notes for missing seeds, unfinished runs, skipped corrupt lines and values of
+        ``metrics`` that are not numbers ('' when all is well)."""
         notes = []
         if self.missing_seeds:
             notes.append(f"⚠ missing seeds {self.missing_seeds}")
         if self.unfinished_seeds:
             k = len(self.unfinished_seeds)
             notes.append(f"⚠ {k} run{'s' * (k > 1)} unfinished (seeds {self.unfinished_seeds})")
+        if self.corrupt_lines:
+            notes.append(corrupt_note(self.corrupt_lines))
+        for metric, runs in self.non_numeric(metrics).items():
+            notes.append(f"⚠ non-numeric {metric} in run{'s' * (len(runs) > 1)} "
+                         f"{', '.join(runs)}")
         return "; ".join(notes)
 
     def row(self, metrics: Sequence[str]) -> dict[str, Any]:
@@ -100,9 +118,16 @@ class Configuration:
             "kind": self.kind, "config_id": self.config_id, "label": self.label,
             **{k: self.identity.get(k) for k in IDENTITY_COLUMNS},
             "seeds": self.seeds, "n": len(self.finals), "missing_seeds": self.missing_seeds,
-            "unfinished_seeds": self.unfinished_seeds, "flags": self.flags(),
+            "unfinished_seeds": self.unfinished_seeds, "flags": self.flags(metrics),
         }
         return {**row, **metric_stats(self.finals, metrics)}
+
+
+def corrupt_note(locations: Sequence[str], shown: int = 10) -> str:
+    """``⚠ N corrupt record line(s) skipped (file:line, ...)``, listing at most ``shown``."""
+    k = len(locations)
+    listed = ", ".join(locations[:shown]) + (f", and {k - shown} more" if k > shown else "")
+    return f"⚠ {k} corrupt record line{'s' * (k > 1)} skipped ({listed})"
 
 
 def _compact(value: Any) -> str:
@@ -171,10 +196,11 @@ def _credit_fields(configs: Sequence[Configuration]) -> list[str]:
 # --- markdown and CSV --------------------------------------------------------------------------
 
 def render_markdown(
-    configs: Sequence[Configuration], n_files: int, n_ignored: int, plot_notes: Sequence[str]
+    configs: Sequence[Configuration], n_files: int, n_ignored: int, plot_notes: Sequence[str],
+    corrupt_lines: Sequence[str] = (),
 ) -> str:
-    """report.md: a header, the training, credit, toy LQ and stress tables, and the plot
-    list."""
+    """report.md: a header (with a note on skipped ``corrupt_lines``, "file:line"), the
+    training, credit, toy LQ and stress tables, and the plot list."""
     training = [c for c in configs if c.kind == "training"]
     toy_lq = [c for c in configs if c.kind == "toy_lq"]
     stress = [c for c in configs if c.kind == "stress"]
@@ -191,6 +217,8 @@ def render_markdown(
     ]
     if n_ignored:
         lines.append(f"{n_ignored} records without a `config_id` were ignored.")
+    if corrupt_lines:
+        lines.append(corrupt_note(corrupt_lines) + ".")
     lines += [
         "",
         "Statistics over the finished seeds of a configuration: mean ± sample std (ddof=1) and "
@@ -248,20 +276,41 @@ def record_files(directory: str | os.PathLike) -> list[Path]:
     return files
 
 
+def read_report_records(files: Sequence[Path], root: Path
+                        ) -> tuple[list[dict[str, Any]], list[tuple[Any, str]]]:
+    """The records of ``files`` (all under ``root``) and their skipped corrupt lines as
+    (config_id, "file:line"), the file relative to ``root``; config_id is that of the file's
+    records when they share one, else None."""
+    records: list[dict[str, Any]] = []
+    corrupt: list[tuple[Any, str]] = []
+    for path in files:
+        skipped: list[SkippedLine] = []
+        recs = read_records(path, skipped=skipped)
+        ids = {r["config_id"] for r in recs if "config_id" in r}
+        owner = next(iter(ids)) if len(ids) == 1 else None
+        name = path.relative_to(root).as_posix()
+        corrupt += [(owner, f"{name}:{s.lineno}") for s in skipped]
+        records += recs
+    return records, corrupt
+
+
 def write_report(directory: str | os.PathLike, out: str | os.PathLike | None = None
                  ) -> ReportPaths:
     """Write report.md, report.csv and the PNG plots for the records under ``directory``
     into ``out`` (default: ``directory``)."""
     files = record_files(directory)
-    records = read_records(files)
+    records, corrupt = read_report_records(files, Path(directory))
     configs = collect_configurations(records)
+    for c in configs:
+        c.corrupt_lines = [loc for owner, loc in corrupt if owner == c.config_id]
     out_dir = Path(directory if out is None else out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     plots, notes = draw_plots(configs, out_dir)
     n_ignored = sum("config_id" not in r for r in records)
     markdown = out_dir / "report.md"
-    markdown.write_text(render_markdown(configs, len(files), n_ignored, notes), encoding="utf-8")
+    markdown.write_text(render_markdown(configs, len(files), n_ignored, notes,
+                                        [loc for _, loc in corrupt]), encoding="utf-8")
     csv_path = out_dir / "report.csv"
     write_csv(configs, csv_path)
     return ReportPaths(markdown, csv_path, plots)
