@@ -251,3 +251,94 @@ def test_root_ternary_layer_round_trips(tmp_path):
     loaded = load_ternary(tmp_path / "l.safetensors", model=BitLinear(7, 3))
     assert isinstance(loaded, PackedTernaryLinear)
     assert torch.equal(loaded(x), layer(x))
+
+
+def one_line(info):
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_export_checkpoint_rejects_garbage_folders_and_damage_in_one_line(tmp_path):
+    out = tmp_path / "m.safetensors"
+    (tmp_path / "garbage.pt").write_bytes(bytes(range(256)) * 8)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "folder.pt").mkdir()
+    cases = {"garbage.pt": "corrupt checkpoint", "empty.pt": "truncated",
+             "folder.pt": "is a directory", "missing.pt": "not found"}
+    for name, match in cases.items():
+        with pytest.raises(ValueError, match=match) as info:
+            export_checkpoint(tmp_path / name, out)
+        assert str(tmp_path / name) in one_line(info)
+    torch.save({"model": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="not a Chimera checkpoint"):
+        export_checkpoint(tmp_path / "foreign.pt", out)
+    assert not out.exists()
+
+
+def test_export_checkpoint_to_a_folder_and_a_damaged_run_checkpoint(tmp_path):
+    spec = RunSpec(task="digits", model="mlp", optimizer="adamw", epochs=1, quantizer="chimera")
+    ckpt = tmp_path / "run.pt"
+    train(spec, progress=False, checkpoint=str(ckpt))
+    with pytest.raises(ValueError, match="is a directory") as info:
+        export_checkpoint(ckpt, tmp_path)
+    one_line(info)
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 0x80
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="digest mismatch") as info:
+        export_checkpoint(ckpt, tmp_path / "m.safetensors")
+    one_line(info)
+
+
+def load_error(path):
+    """The one-line ValueError message loading ``path`` gives, or None when it loads."""
+    try:
+        load_exported_run(path)
+    except ValueError as e:
+        assert "\n" not in str(e) and str(path) in str(e), str(e)
+        return str(e)
+    return None
+
+
+def test_damaged_exported_files_load_or_fail_with_one_value_error_line(exported, tmp_path):
+    """safetensors has no checksum: a changed tensor byte may load; anything else must be one
+    ValueError line, never IndexError / OSError / RuntimeError."""
+    data = exported.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")  # length field + JSON header
+    bad = tmp_path / "bad.safetensors"
+    for keep in (0, 7, 8, 100, header, len(data) - 1):
+        bad.write_bytes(data[:keep])
+        assert load_error(bad) is not None, keep
+    failed = {}
+    for region, (lo, hi) in {"header": (0, header), "file": (0, len(data))}.items():
+        failed[region] = 0
+        for i in range(30):
+            damaged = bytearray(data)
+            damaged[lo + i * (hi - 1 - lo) // 29] ^= 0xFF
+            bad.write_bytes(bytes(damaged))
+            failed[region] += load_error(bad) is not None
+    assert failed["header"] >= 10, failed
+    (tmp_path / "dir.safetensors").mkdir()
+    with pytest.raises(ValueError, match="is a directory"):
+        load_exported_run(tmp_path / "dir.safetensors")
+
+
+def test_malformed_layer_descriptions_are_value_errors(exported):
+    rewrite(exported, metadata={"layers": json.dumps({"3": {"kind": "linear", "config": {
+        "in_features": 100, "out_features": 100}}})},
+        change={"3.T.shape": torch.tensor([10**6], dtype=torch.int64)})
+    with pytest.raises(ValueError, match="ternary layer '3'"):
+        load_exported_run(exported)
+    rewrite(exported, metadata={"layers": json.dumps(["3"])})
+    with pytest.raises(ValueError, match="'layers' must be a JSON object"):
+        load_exported_run(exported)
+
+
+def test_chimera_export_of_a_garbage_file_is_one_error_line(tmp_path, capsys):
+    from chimera.cli import main
+
+    (tmp_path / "garbage.pt").write_bytes(b"\x80\x02" + bytes(range(200)))  # pickle-like bytes
+    assert main(["export", str(tmp_path / "garbage.pt"), str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("chimera: error: corrupt checkpoint")

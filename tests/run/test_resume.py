@@ -134,3 +134,119 @@ def test_a_checkpoint_of_the_earlier_layout_resumes_identically(tmp_path, digits
     resumed = run(spec, tmp_path / "old.jsonl", tmp_path / "old.pt", digits, resume=True)
     for key in (*METRICS, "quant_global_zero_ratio"):
         assert resumed[key] == full[key], key
+
+
+# ---- damaged checkpoints -------------------------------------------------------------------
+
+def flip_bytes(path, count=16):
+    """Invert ``count`` bytes spread over the file (the last one included)."""
+    data = bytearray(path.read_bytes())
+    for i in range(1, count + 1):
+        data[i * (len(data) - 1) // count] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def test_a_damaged_checkpoint_restarts_the_run_from_scratch(tmp_path, monkeypatch, capsys,
+                                                           digits):
+    spec = RunSpec(**{**RUNS["fp32"].to_dict(), "epochs": 3})
+    ref = run(spec, tmp_path / "ref.jsonl", tmp_path / "ref.pt", digits)
+    crash_in_epoch(monkeypatch, 2)
+    with pytest.raises(Crash):
+        run(spec, tmp_path / "r.jsonl", tmp_path / "r.pt", digits, resume=True)
+    monkeypatch.undo()
+    old_records = (tmp_path / "r.jsonl").read_bytes()
+    assert load_checkpoint(tmp_path / "r.pt")["epoch"] == 1
+    damaged = flip_bytes(tmp_path / "r.pt")
+    (tmp_path / ".r.pt.k1ll3d.tmp").write_bytes(b"")  # a writer killed mid-checkpoint
+    capsys.readouterr()
+
+    final = run(spec, tmp_path / "r.jsonl", tmp_path / "r.pt", digits, resume=True)
+
+    assert {k: final[k] for k in METRICS} == {k: ref[k] for k in METRICS}
+    assert record_keys(tmp_path / "r.jsonl") == record_keys(tmp_path / "ref.jsonl")
+    assert [r["record_type"] for r in read_records(tmp_path / "r.jsonl")].count("final") == 1
+    aside = sorted(p.name for p in tmp_path.iterdir() if ".corrupt-" in p.name)
+    assert [n.split(".corrupt-")[0] for n in aside] == ["r.jsonl", "r.pt"]
+    assert (tmp_path / aside[1]).read_bytes() == damaged  # moved, not rewritten
+    assert (tmp_path / aside[0]).read_bytes() == old_records
+    assert not (tmp_path / ".r.pt.k1ll3d.tmp").exists()
+    assert load_checkpoint(tmp_path / "r.pt")["epoch"] == 3
+    (restart,) = final["restarts"]
+    assert restart["checkpoint"] == str(tmp_path / aside[1])
+    assert restart["records"] == str(tmp_path / aside[0])
+    assert "digest mismatch" in restart["reason"]
+    assert read_records(tmp_path / "r.jsonl", record_type="final")[0]["restarts"] == [restart]
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and str(tmp_path / "r.pt") in warning[0]
+    assert warning[0].startswith("chimera: warning: corrupt checkpoint")
+    assert "restarts" not in ref
+
+
+def test_the_restart_note_survives_a_later_resume(tmp_path, monkeypatch, digits):
+    spec = RunSpec(**{**RUNS["fp32"].to_dict(), "epochs": 3})
+    ref = run(spec, tmp_path / "ref.jsonl", tmp_path / "ref.pt", digits)
+    for epoch in (2, 3):  # dies after the checkpoint of epoch 1; the restarted run in epoch 3
+        crash_in_epoch(monkeypatch, epoch)
+        with pytest.raises(Crash):
+            run(spec, tmp_path / "r.jsonl", tmp_path / "r.pt", digits, resume=True)
+        monkeypatch.undo()
+        if epoch == 2:
+            (tmp_path / "r.pt").write_bytes((tmp_path / "r.pt").read_bytes()[:-100])
+    assert load_checkpoint(tmp_path / "r.pt")["epoch"] == 2
+    (tmp_path / ".r.pt.k1ll3d.tmp").write_bytes(b"")
+    final = run(spec, tmp_path / "r.jsonl", tmp_path / "r.pt", digits, resume=True)
+    assert {k: final[k] for k in METRICS} == {k: ref[k] for k in METRICS}
+    assert len(final["restarts"]) == 1 and "truncated" in final["restarts"][0]["reason"]
+    assert len(list(tmp_path.glob("*.corrupt-*"))) == 2
+    assert not (tmp_path / ".r.pt.k1ll3d.tmp").exists()
+
+
+def test_a_foreign_file_at_the_checkpoint_path_is_refused_not_moved(tmp_path, digits):
+    torch.save({"state_dict": {}}, tmp_path / "r.pt")
+    with pytest.raises(ValueError, match="not a Chimera checkpoint"):
+        run(RUNS["fp32"], tmp_path / "r.jsonl", tmp_path / "r.pt", digits, resume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl", "r.pt"]
+
+
+def test_a_sweep_run_with_a_damaged_checkpoint_restarts(tmp_path, monkeypatch, digits):
+    """The sweep's job (``spec_call``) resumes through ``Trainer.fit`` and so restarts too."""
+    from chimera.bench.suite.execute import spec_call
+
+    spec = RunSpec(**{**RUNS["fp32"].to_dict(), "epochs": 2})
+    ref = run(spec, tmp_path / "ref.jsonl", tmp_path / "ref.pt", digits)
+    fn, args = spec_call(spec, tmp_path, resume=True)
+    crash_in_epoch(monkeypatch, 2)
+    with pytest.raises(Crash):
+        fn(*args)
+    monkeypatch.undo()
+    flip_bytes(tmp_path / "checkpoints" / f"{spec.run_id}.pt")
+    result = fn(*args)
+    assert {k: result[k] for k in METRICS} == {k: ref[k] for k in METRICS}
+    recs = read_records(tmp_path / f"{spec.run_id}.jsonl", record_type="final")
+    assert len(recs) == 1 and len(recs[0]["restarts"]) == 1
+
+
+def test_a_legacy_checkpoint_file_without_digest_still_resumes(tmp_path, monkeypatch, digits):
+    spec = RunSpec(**{**RUNS["fp32"].to_dict(), "epochs": 2})
+    ref = run(spec, tmp_path / "ref.jsonl", tmp_path / "ref.pt", digits)
+    crash_in_epoch(monkeypatch, 2)
+    with pytest.raises(Crash):
+        run(spec, tmp_path / "r.jsonl", tmp_path / "r.pt", digits)
+    monkeypatch.undo()
+    torch.save(load_checkpoint(tmp_path / "r.pt"), tmp_path / "r.pt")  # the pre-digest layout
+    assert (tmp_path / "r.pt").read_bytes().startswith(b"PK")
+    final = run(spec, tmp_path / "r.jsonl", tmp_path / "r.pt", digits, resume=True)
+    assert {k: final[k] for k in METRICS} == {k: ref[k] for k in METRICS}
+    assert "restarts" not in final
+
+
+def test_a_damaged_checkpoint_without_a_record_writer_restarts(tmp_path, digits, capsys):
+    spec = RunSpec(**{**RUNS["fp32"].to_dict(), "epochs": 1})
+    ref = train(spec, data=digits, progress=False, checkpoint=tmp_path / "r.pt")
+    (tmp_path / "r.pt").write_bytes(b"")  # a file system that lost the data
+    final = train(spec, data=digits, progress=False, checkpoint=tmp_path / "r.pt", resume=True)
+    assert final["test_loss"] == ref["test_loss"]
+    assert final["restarts"][0]["records"] is None
+    assert [p.name.split(".corrupt-")[0] for p in tmp_path.glob("*.corrupt-*")] == ["r.pt"]
+    assert "r.pt" in capsys.readouterr().err

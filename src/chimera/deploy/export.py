@@ -66,6 +66,22 @@ def _file_metadata(metadata: Mapping[str, Any] | None, layers: dict[str, Any]) -
     return {**encoded, "chimera_format": FILE_FORMAT, "layers": json.dumps(layers)}
 
 
+def _one_line(error: BaseException) -> str:
+    """An exception's message with its line breaks folded (errors here are one line)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _write(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``save_file`` with its failures (a folder, no permission, a full disk) as ValueError."""
+    if path.is_dir():
+        raise ValueError(f"export path {path} is a directory; expected a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, path, metadata=metadata)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot write {path}: {_one_line(e)}") from None
+
+
 def _saved_size(obj: Any) -> int:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
@@ -113,8 +129,7 @@ def export_ternary(
                              "tensor; a safetensors file holds tensors only")
         tensors[key] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, path, metadata=_file_metadata(metadata, layer_info))
+    _write(tensors, path, _file_metadata(metadata, layer_info))
     file_bytes, state_bytes = path.stat().st_size, _saved_size(state)
     return {"format": format, "ternary_layers": len(layers), "ternary_weights": weights,
             "packed_bytes": packed_bytes, "bits_per_weight": 8 * packed_bytes / weights,
@@ -123,16 +138,19 @@ def export_ternary(
 
 
 def read_ternary(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The tensors and the JSON-decoded metadata of a file written by :func:`export_ternary`."""
+    """The tensors and the JSON-decoded metadata of a file written by :func:`export_ternary`;
+    a missing, unreadable or malformed file (or a folder) is one ValueError line."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; expected a ternary model (.safetensors) file")
     if not path.is_file():
         raise ValueError(f"ternary model file not found: {path}")
     try:
         with safe_open(path, framework="pt") as f:
             raw = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {_one_line(e)}") from None
     if raw.get("chimera_format") != FILE_FORMAT or "layers" not in raw:
         raise ValueError(f"{path} lacks the Chimera ternary metadata (chimera_format = "
                          f"{FILE_FORMAT!r} and layers); write it with export_ternary")
@@ -140,6 +158,9 @@ def read_ternary(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
         meta = {k: v if k == "chimera_format" else json.loads(v) for k, v in raw.items()}
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} has malformed metadata: {e}") from None
+    if not isinstance(meta["layers"], dict):
+        raise ValueError(f"{path} has malformed metadata: 'layers' must be a JSON object, got "
+                         f"{type(meta['layers']).__name__}")
     return tensors, meta
 
 
@@ -182,6 +203,15 @@ def _check_state(expected: Mapping[str, Any], state: Mapping[str, Tensor], path:
         raise ValueError(f"{path} does not match the model: " + "; ".join(problems))
 
 
+def _unpack_layer(state: dict[str, Tensor], prefix: str) -> None:
+    """Replace the packed entries ``<prefix>.data/.shape/.format`` of ``state`` by the unpacked
+    int8 tensor ``<prefix>`` (ValueError on corrupt data)."""
+    packed = packed_from_tensors(state, prefix)
+    for key in packed_to_tensors(packed, prefix):
+        del state[key]
+    state[prefix] = unpack_ternary(packed)
+
+
 def load_ternary(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     """The inference model of a file written by :func:`export_ternary`, in eval mode.
 
@@ -197,12 +227,11 @@ def load_ternary(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     tensors, meta = read_ternary(path)
     state = dict(tensors)
     for name, info in meta["layers"].items():
-        model = _swap(model, name, _inference_layer(name, info))
-        prefix = _key(name, "T")
-        packed = packed_from_tensors(state, prefix)
-        for key in packed_to_tensors(packed, prefix):
-            del state[key]
-        state[prefix] = unpack_ternary(packed)
+        try:
+            model = _swap(model, name, _inference_layer(name, info))
+            _unpack_layer(state, _key(name, "T"))
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
+            raise ValueError(f"{path}: ternary layer {name!r}: {_one_line(e)}") from None
     _check_state(model.state_dict(), state, path)
     model.load_state_dict(state)
     return model.eval()

@@ -18,7 +18,8 @@ RECIPE_KEYS = ("spec", "input_shape", "num_classes")
 
 
 def recipe_model(recipe: dict[str, Any], where: str | os.PathLike) -> nn.Module:
-    """The (untrained) model of a run recipe ``{spec, input_shape, num_classes}``."""
+    """The (untrained) model of a run recipe ``{spec, input_shape, num_classes}``; a missing or
+    malformed recipe is one ValueError line naming ``where``."""
     missing = [k for k in RECIPE_KEYS if k not in recipe]
     if missing:
         raise ValueError(f"{where} lacks the run recipe {missing}; load it with "
@@ -27,7 +28,12 @@ def recipe_model(recipe: dict[str, Any], where: str | os.PathLike) -> nn.Module:
         spec = RunSpec(**recipe["spec"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where} has an invalid run spec in its recipe: {e}") from None
-    return build_run_model(spec, tuple(recipe["input_shape"]), recipe["num_classes"])
+    try:
+        return build_run_model(spec, tuple(recipe["input_shape"]), recipe["num_classes"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"{where} has an invalid run recipe (input_shape "
+                         f"{recipe['input_shape']!r}, num_classes {recipe['num_classes']!r}): "
+                         f"{' '.join(str(e).split())}") from None
 
 
 def export_checkpoint(
@@ -35,14 +41,16 @@ def export_checkpoint(
 ) -> dict[str, Any]:
     """Export a run checkpoint (``Trainer(..., checkpoint=...)``): rebuild the run's model, load
     its weights and ``export_ternary`` it with the recipe as metadata; the report adds
-    ``checkpoint_bytes`` (the checkpoint file, optimizer state included)."""
+    ``checkpoint_bytes`` (the checkpoint file, optimizer state included). A missing, damaged or
+    foreign checkpoint, or a folder for either path, is one ValueError line."""
     ckpt = load_checkpoint(checkpoint_path)
     recipe = {k: ckpt[k] for k in RECIPE_KEYS}
     model = recipe_model(recipe, checkpoint_path)
     try:
         model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint {checkpoint_path} does not fit its run's model: {e}"
+    except (RuntimeError, TypeError, AttributeError) as e:
+        reason = " ".join(str(e).split())  # load_state_dict's message spans lines
+        raise ValueError(f"checkpoint {checkpoint_path} does not fit its run's model: {reason}"
                          ) from None
     report = export_ternary(model, out_path, metadata=recipe, format=format)
     return {**report, "checkpoint_bytes": os.path.getsize(checkpoint_path)}

@@ -3,8 +3,9 @@
 ``Trainer(spec, writer).fit()`` sets the run up (:mod:`chimera.run.build`), resumes it from its
 checkpoint if asked, trains epoch by epoch (cross-entropy, the spec's learning rule, forward
 passes in the spec's precision), evaluates after every epoch and writes step / epoch / eval /
-final records (docs/records.md). What the quantizer, controller, optimizer and learning rule add
-to the records comes from their callbacks (:mod:`chimera.run.callbacks`).
+final records (docs/records.md). A resumed run whose checkpoint is damaged restarts from scratch
+with the bad files moved aside (:meth:`Trainer.fit`). What the quantizer, controller, optimizer
+and learning rule add to the records comes from their callbacks (:mod:`chimera.run.callbacks`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,7 +39,13 @@ from chimera.run.build import (
     resolve_device,
 )
 from chimera.run.callbacks import Callback, default_callbacks
-from chimera.run.checkpoint import load_checkpoint, save_checkpoint
+from chimera.run.checkpoint import (
+    CorruptCheckpointError,
+    aside_path,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from chimera.run.records import RecordWriter
 from chimera.run.spec import RunSpec
 
@@ -87,6 +96,7 @@ class Progress:
     step_times: list[float] = field(default_factory=list)
     opt_times: list[float] = field(default_factory=list)
     eval: dict[str, float] = field(default_factory=dict)
+    restarts: list[dict[str, Any]] = field(default_factory=list)  # after damaged checkpoints
 
 
 class Trainer:
@@ -96,7 +106,9 @@ class Trainer:
     end of every epoch with the whole training state (the last one is the trained run). With
     ``resume`` and an existing checkpoint, training continues after its epoch with identical
     results, and the writer's file is cut back to its size at that checkpoint (the records
-    since are written again). ``callbacks`` are added to the run's default ones.
+    since are written again); a damaged checkpoint (:class:`CorruptCheckpointError`) is moved
+    aside with the records and the run restarts from scratch (:meth:`fit`). ``callbacks`` are
+    added to the run's default ones.
     """
 
     def __init__(
@@ -127,9 +139,20 @@ class Trainer:
 
     # -- the run ------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train the remaining epochs and return the final record's metrics."""
-        if self.resume and self.checkpoint is not None and Path(self.checkpoint).exists():
-            self.restore(self.checkpoint)
+        """Train the remaining epochs and return the final record's metrics.
+
+        With ``resume``: temporaries a killed checkpoint writer left are removed, then the run
+        continues from its checkpoint, or, when that is damaged, restarts from scratch
+        (:meth:`restart_after`). Any other refusal (another spec's checkpoint, a foreign file)
+        raises.
+        """
+        if self.resume and self.checkpoint is not None:
+            remove_stale_temporaries(self.checkpoint)
+            if Path(self.checkpoint).exists():
+                try:
+                    self.restore(self.checkpoint)
+                except CorruptCheckpointError as e:  # raised before any state is touched
+                    self.restart_after(self.checkpoint, e)
         self._start = time.perf_counter()
         epochs = range(self.progress.epoch + 1, self.spec.epochs + 1)
         bar = tqdm(epochs, desc=self.spec.run_id, disable=not self.show_progress, leave=False)
@@ -214,6 +237,8 @@ class Trainer:
         }
         for cb in self.callbacks:
             final.update(cb.final_fields())
+        if p.restarts:
+            final["restarts"] = p.restarts
         if self.log is not None:
             self.log.write("final", **final)
         return final
@@ -236,6 +261,29 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "generator": self.gen.get_state()},
             "progress": progress,
         })
+
+    def restart_after(self, path: str | os.PathLike, error: CorruptCheckpointError) -> None:
+        """Move the damaged checkpoint ``path`` and the run's records aside (``<file>.corrupt-<UTC
+        time>``; nothing is deleted), note the restart in the progress (the final record's
+        ``restarts``) and warn on stderr in one line; the run then trains from scratch.
+
+        The records (when not empty) go first (copied aside, then emptied: the writer keeps its
+        file open), so a crash in between leaves the damaged checkpoint to be found again.
+        """
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        records = None
+        if self.writer is not None and os.path.getsize(self.writer.path) > 0:
+            records = aside_path(self.writer.path, stamp)
+            shutil.copyfile(self.writer.path, records)
+            os.truncate(self.writer.path, 0)
+        checkpoint = aside_path(path, stamp)
+        os.replace(path, checkpoint)
+        self.progress.restarts.append({"time": stamp, "reason": str(error),
+                                       "checkpoint": str(checkpoint),
+                                       "records": None if records is None else str(records)})
+        moved = f"{checkpoint}" + ("" if records is None else f" and the records to {records}")
+        print(f"chimera: warning: {error}; moved it to {moved}; restarting {self.spec.run_id} "
+              "from scratch", file=sys.stderr, flush=True)
 
     def restore(self, path: str | os.PathLike) -> None:
         """Load the training state saved at ``path`` and cut the record file back to its size
