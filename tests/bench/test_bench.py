@@ -1,5 +1,11 @@
+import os
+import threading
+
+import pytest
+
 from chimera.bench.jobs.bench import bench_suite, run_bench
 from chimera.bench.jobs.stress import STRESS_CONFIGS
+from chimera.bench.lock import folder_lock, read_holder
 from chimera.bench.suite.execute import spec_call
 from chimera.bench.suite.schema import load_suite
 from chimera.bench.workers import run_calls
@@ -64,3 +70,32 @@ def test_worker_pool_gives_the_same_results_as_one_process(tmp_path):
     assert [r["test_loss"] for r in serial] == [r["test_loss"] for r in pooled]
     assert [r["seed"] for r in pooled] == [0, 1]
     assert len(list((tmp_path / "b").glob("*.jsonl"))) == 2
+
+
+def test_bench_refuses_a_locked_folder_or_waits_for_it(tmp_path, capsys):
+    suite = tmp_path / "s.toml"
+    suite.write_text('task = "digits"\nmodel = "mlp"\noptimizer = "adamw"\nepochs = 1\n'
+                     "seeds = [0]\n", encoding="utf-8")
+    out, held, release = tmp_path / "out", threading.Event(), threading.Event()
+
+    def hold():  # another writer of the folder (a thread here: it has its own lock handle)
+        with folder_lock(out):
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(30)
+    try:
+        with pytest.raises(ValueError, match=f"^out: the folder {out} is in use by pid "
+                                             f"{os.getpid()} .*pass --wait"):
+            run_bench(out, suite=suite, workers=1, progress=False)
+        assert not (out / "summary.md").exists() and not list(out.glob("*.jsonl"))
+        threading.Timer(0.5, release.set).start()
+        run_bench(out, suite=suite, workers=1, progress=False, wait=True)
+    finally:
+        release.set()
+        holder.join()
+    assert f"waiting for {out}" in capsys.readouterr().err
+    assert len(read_records(out, record_type="final")) == 1 and (out / "report.md").exists()
+    assert read_holder(out) is None

@@ -1,12 +1,25 @@
 """The process pool every harness job runs on: one torch thread per worker process (the models
-here are small: processes scale better than threads)."""
+here are small: processes scale better than threads).
+
+Workers die with the process that started the pool: each asks the kernel for SIGKILL when its
+parent dies (Linux ``PR_SET_PDEATHSIG``) and runs a watchdog thread that ends it within
+``WATCHDOG_S`` once that process is gone (a SIGKILL of the parent included), so no orphan goes on
+writing records into a folder that a new run may already own.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +41,59 @@ def resolve_workers(workers: int | None) -> int:
     return workers or default_workers()
 
 
+WATCHDOG_S = 0.5  # how often a worker checks that the process that started the pool is alive
+_PR_SET_PDEATHSIG = 1
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (a zombie, dead but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return not Path("/proc/self/stat").exists()  # no /proc: trust the signal check
+    return stat[stat.rfind(")") + 2:][:1] not in ("Z", "X")
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux only; else nothing)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # the watchdog still ends the worker
+
+
+def _parent_gone(owner: int, parent: int) -> bool:
+    """The pool's owner has died, or this process was re-parented (its parent died)."""
+    return os.getppid() != parent or not pid_alive(owner)
+
+
+def _watchdog(owner: int, parent: int) -> None:
+    while not _parent_gone(owner, parent):
+        time.sleep(WATCHDOG_S)
+    os._exit(1)
+
+
+def _guard_worker(owner: int) -> None:
+    """Worker initializer: die with ``owner``, the process that started the pool. Its direct
+    parent (``owner`` itself, or a launcher in between) is noted first; a worker whose owner is
+    already gone exits at once."""
+    parent = os.getppid()
+    _die_with_parent()
+    if _parent_gone(owner, parent):
+        os._exit(1)
+    threading.Thread(target=_watchdog, args=(owner, parent), name="chimera-watchdog",
+                     daemon=True).start()
+
+
 def _one_thread(fn: Callable[..., Any], *args: Any) -> Any:
     torch.set_num_threads(1)
     return fn(*args)
@@ -39,7 +105,7 @@ def run_calls(
 ) -> list[Any]:
     """``fn(*args)`` of every call, with one torch thread, on ``workers`` spawned processes
     (default: the cores available; 1 = in this process), started in the given order; returns
-    the results in that order."""
+    the results in that order. The workers die with this process (see the module's doc)."""
     workers = resolve_workers(workers)
     bar = tqdm(total=len(calls), desc=desc, disable=not progress)
     results: list[Any] = [None] * len(calls)
@@ -48,7 +114,8 @@ def run_calls(
             results[i] = _one_thread(fn, *args)
             bar.update()
     else:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
+                                 initializer=_guard_worker, initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(_one_thread, fn, *args): i for i, (fn, args) in enumerate(calls)}
             for fut in as_completed(futures):
                 results[futures[fut]] = fut.result()

@@ -15,9 +15,9 @@ import os
 import tomllib
 from collections.abc import Sequence
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
+from chimera.bench.lock import folder_lock
 from chimera.bench.report.write import write_report
 from chimera.bench.suite.execute import run_suite
 from chimera.bench.suite.schema import load_suite
@@ -72,13 +72,17 @@ def run_bench(
     workers: int | None = None,
     progress: bool = True,
     suite: str | os.PathLike | None = None,
+    *,
+    wait: bool = False,
 ) -> str:
     """Run the bench suite (or the suite file ``suite``) with the overrides of
     :func:`override_suite` into ``out``, write the report there and return the summary
     (markdown, also in ``out/summary.md``).
 
     Everything runs on one pool of ``workers`` processes (default: the cores available), one
-    torch thread each; every record file is rewritten.
+    torch thread each; every record file is rewritten. ``out`` stays locked until the report is
+    written: while another process writes into it this raises one ``ValueError`` line naming
+    that process, or with ``wait`` waits for it to finish.
     """
     edit = functools.partial(override_suite, seeds=seeds, epochs=epochs,
                              quant_epochs=quant_epochs, rule_epochs=rule_epochs,
@@ -88,6 +92,8 @@ def run_bench(
                            edit=edit)
     else:
         built = load_suite(suite, edit=edit)
-    summary = run_suite(built, out, workers, progress, resume=False, desc=built.name or "bench")
-    write_report(Path(out))
+    with folder_lock(out, wait) as folder:
+        summary = run_suite(built, folder, workers, progress, resume=False,
+                            desc=built.name or "bench")
+        write_report(folder)
     return summary

@@ -6,7 +6,8 @@ threads). Every run writes ``<out>/<run_id>.jsonl``. By default an existing file
 replaced, so a rerun never duplicates records; with ``resume`` each run also keeps its checkpoint
 ``<out>/checkpoints/<run_id>.pt`` (rewritten every epoch), a finished run (its file has a final
 record) is skipped, and an unfinished one continues from its checkpoint (a learning rule's
-feedback networks included).
+feedback networks included). One process at a time writes into a folder (its lock:
+:mod:`chimera.bench.lock`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from chimera.bench.lock import folder_lock
 from chimera.bench.report.tables import runs_table
 from chimera.bench.suite.schema import load_suite
 from chimera.bench.suite.sections import Suite
@@ -63,22 +65,9 @@ def _summary(suite: Suite, one_file: dict[str, list[dict[str, Any]]],
                         for heading, table in parts) + "\n"
 
 
-def run_suite(
-    suite: Suite, out: str | os.PathLike, workers: int | None = None, progress: bool = True,
-    resume: bool = True, desc: str = "runs",
-) -> str:
-    """Run ``suite`` (from :func:`chimera.bench.suite.schema.load_suite`) into ``out`` on one
-    pool of ``workers`` processes (the stress and toy LQ sections as one job each, started
-    first) and return the summary (markdown: per section a ``## heading`` and its table), also
-    written to ``out/summary.md``.
-
-    ``resume``: skip finished training runs, continue interrupted ones from their checkpoints,
-    and reuse a stress / toy LQ file holding every final record of its section; otherwise every
-    record file is rewritten.
-    """
-    workers = resolve_workers(workers)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def _execute(suite: Suite, out: Path, workers: int, progress: bool, resume: bool,
+             desc: str) -> str:
+    """:func:`run_suite`'s work, with the folder ``out`` locked."""
     one_file = [s for s in (suite.stress, suite.toy_lq) if s is not None]
     done = {s.file: s.finished(out / s.file) if resume else None for s in one_file}
     calls: list[Call] = [(s.run, (str(out / s.file),)) for s in one_file if done[s.file] is None]
@@ -92,10 +81,34 @@ def run_suite(
     return summary
 
 
+def run_suite(
+    suite: Suite, out: str | os.PathLike, workers: int | None = None, progress: bool = True,
+    resume: bool = True, desc: str = "runs", *, wait: bool = False,
+) -> str:
+    """Run ``suite`` (from :func:`chimera.bench.suite.schema.load_suite`) into ``out`` on one
+    pool of ``workers`` processes (the stress and toy LQ sections as one job each, started
+    first) and return the summary (markdown: per section a ``## heading`` and its table), also
+    written to ``out/summary.md``.
+
+    ``resume``: skip finished training runs, continue interrupted ones from their checkpoints,
+    and reuse a stress / toy LQ file holding every final record of its section; otherwise every
+    record file is rewritten.
+
+    The folder is locked for the whole run (:func:`chimera.bench.lock.folder_lock`): while
+    another process writes into it this raises one ``ValueError`` line naming that process, or
+    with ``wait`` waits for it to finish.
+    """
+    workers = resolve_workers(workers)
+    with folder_lock(out, wait) as folder:
+        return _execute(suite, folder, workers, progress, resume, desc)
+
+
 def run_sweep(
     path: str | os.PathLike, out: str | os.PathLike, workers: int | None = None,
-    progress: bool = True,
+    progress: bool = True, *, wait: bool = False,
 ) -> str:
     """Run (or finish) the suite file at ``path`` into ``out`` (``chimera sweep``); returns the
-    summary, which is also written to ``out/summary.md``."""
-    return run_suite(load_suite(path), out, workers, progress, resume=True, desc=Path(path).stem)
+    summary, which is also written to ``out/summary.md``. ``wait``: wait for another process
+    writing into ``out`` to finish instead of refusing to start (see :func:`run_suite`)."""
+    return run_suite(load_suite(path), out, workers, progress, resume=True, desc=Path(path).stem,
+                     wait=wait)
