@@ -2,14 +2,15 @@
 
 Every check raises one ``ValueError`` line that names the argument, says what is allowed and
 shows what was given: ``<name> must be <allowed>, got <value!r>``. Numbers are ints or floats
-(numpy scalars included), never bools; NaN lies in no range.
+(numpy scalars included), never bools; NaN lies in no range, and ±inf (or an int beyond the
+float range) only where ``allow_inf=True`` says so (the message then asks for "a finite number").
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 T = TypeVar("T")
@@ -36,6 +37,14 @@ def _range_text(low: float, high: float, low_open: bool, high_open: bool) -> str
     return f" in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
 
 
+def _is_infinite(value: Any) -> bool:
+    """Whether the real ``value`` is ±inf as a float (an int too large for a float counts)."""
+    try:
+        return math.isinf(value)
+    except OverflowError:
+        return True
+
+
 def _check_real(
     kind: str,
     integral: bool,
@@ -43,13 +52,16 @@ def _check_real(
     value: Any,
     bounds: tuple[float, float, bool, bool],
     optional: bool,
+    allow_inf: bool = False,
 ) -> None:
     low, high, low_open, high_open = bounds
     base = numbers.Integral if integral else numbers.Real
     ok = isinstance(value, base) and not isinstance(value, bool)
     ok = ok and (low < value if low_open else low <= value)
     ok = ok and (value < high if high_open else value <= high)
-    if not ok:
+    refused_inf = ok and not integral and not allow_inf and _is_infinite(value)
+    if not ok or refused_inf:  # "finite" is named only where it is the reason
+        kind = "a finite number" if refused_inf else kind
         fail(name, value, ("None or " if optional else "") + kind + _range_text(*bounds))
 
 
@@ -61,10 +73,14 @@ def number(
     *,
     low_open: bool = False,
     high_open: bool = False,
+    allow_inf: bool = False,
 ) -> float:
-    """``value`` as a float when it is a number in the range (closed ends unless ``*_open``),
-    e.g. ``number("rho", 1.5, 0, 1)`` raises ``rho must be a number in [0, 1], got 1.5``."""
-    _check_real("a number", False, name, value, (low, high, low_open, high_open), False)
+    """``value`` as a float when it is a finite number in the range (closed ends unless
+    ``*_open``; ±inf too with ``allow_inf``), e.g. ``number("rho", 1.5, 0, 1)`` raises ``rho must
+    be a number in [0, 1], got 1.5`` and ``number("lr", math.inf, 0)`` raises ``lr must be a
+    finite number >= 0, got inf``."""
+    _check_real("a number", False, name, value, (low, high, low_open, high_open), False,
+                allow_inf)
     return float(value)
 
 
@@ -75,12 +91,13 @@ def integer(name: str, value: Any, low: float = -math.inf, high: float = math.in
     return int(value)
 
 
-def optional_number(name: str, value: Any, low: float = -math.inf, *, low_open: bool = False
-                    ) -> float | None:
+def optional_number(name: str, value: Any, low: float = -math.inf, *, low_open: bool = False,
+                    allow_inf: bool = False) -> float | None:
     """None, or :func:`number` ``>= low`` (``> low`` with ``low_open``)."""
     if value is None:
         return None
-    _check_real("a number", False, name, value, (low, math.inf, low_open, False), True)
+    _check_real("a number", False, name, value, (low, math.inf, low_open, False), True,
+                allow_inf)
     return float(value)
 
 
@@ -107,6 +124,28 @@ def int_tuple(name: str, value: Any, low: float = -math.inf, *, non_empty: bool 
         kind = f"a {'non-empty ' if non_empty else ''}tuple of integers"
         fail(name, value, kind + _range_text(low, math.inf, False, False))
     return tuple(int(v) for v in items)
+
+
+def number_tuple(
+    name: str,
+    value: Any,
+    length: int,
+    low: float = -math.inf,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> tuple[float, ...]:
+    """``value`` as a tuple of ``length`` floats when it is a tuple or list of that many finite
+    numbers in the range, e.g. ``number_tuple("betas", (0.9,), 2, 0, 1, high_open=True)`` raises
+    ``betas must be a tuple of 2 numbers in [0, 1), got (0.9,)``; a bad item is named
+    ``betas[i]`` (:func:`number`)."""
+    bounds = (low, high, low_open, high_open)
+    sized = isinstance(value, Sequence) and not isinstance(value, str | bytes)
+    require(sized and len(value) == length, name, value,
+            f"a tuple of {length} numbers" + _range_text(*bounds))
+    return tuple(number(f"{name}[{i}]", v, low, high, low_open=low_open, high_open=high_open)
+                 for i, v in enumerate(value))
 
 
 def choice(name: str, value: T, allowed: Iterable[Any]) -> T:

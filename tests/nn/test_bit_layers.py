@@ -289,6 +289,12 @@ def test_from_float_rejects_other_modules():
     ({"eps_beta": -1e-6}, "eps_beta"),
     ({"ste_clip": 0.0}, "ste_clip"),
     ({"act_quant": "per_channel"}, "act_quant"),
+    ({"rho_s": math.nan}, "rho_s must be a number in"),
+    ({"alpha_min": math.inf}, "alpha_min must be a finite number >= 0, got inf"),
+    ({"alpha_target": math.inf}, "alpha_target must be a finite number >= 0, got inf"),
+    ({"eps_gamma": math.inf}, "eps_gamma must be a finite number > 0, got inf"),
+    ({"eps_beta": math.nan}, "eps_beta must be a number > 0, got nan"),
+    ({"ste_clip": math.inf}, "ste_clip must be None or a finite number > 0, got inf"),
 ])
 def test_invalid_quant_arguments(kwargs, match):
     for make, _, _ in GEOMETRIES.values():
@@ -309,3 +315,47 @@ def test_invalid_quant_arguments(kwargs, match):
 def test_invalid_geometry(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_nonfinite_run_time_alpha_is_rejected_and_keeps_the_old_value():
+    layer = BitLinear(4, 2)
+    layer.alpha_override = 0.5
+    for attribute in ("alpha_target", "alpha_override"):
+        for value in (math.inf, math.nan):
+            with pytest.raises(ValueError, match=f"^{attribute} must be"):
+                setattr(layer, attribute, value)
+    assert layer.alpha_target == 0.7 and layer.alpha_override == 0.5
+
+
+@pytest.mark.parametrize("name", GEOMETRIES)
+@pytest.mark.parametrize("act", ["per_tensor", "per_token", "none"])
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch_behaves_like_the_float_layer_and_changes_no_state(name, act, training,
+                                                                         monkeypatch):
+    import chimera.nn.bit_layers as bit_layers
+
+    make, shape, op = GEOMETRIES[name]
+    layer = make(act_quant=act, warmup_steps=4, compiled=True).train(training)
+    monkeypatch.setattr(bit_layers, "compiled_operands", lambda *a: pytest.fail("compiled"))
+    layer.compiled = False
+    layer(torch.randn(shape))  # a first, non-empty forward
+    layer.compiled = True  # an empty batch runs eagerly whatever the setting
+    ema, step, stats = layer.scale_ema.clone(), int(layer.forward_step), layer.get_last_stats()
+    x = torch.randn(0, *shape[1:], requires_grad=True)
+    y = layer(x)
+    assert y.shape == op(x, torch.zeros_like(layer.weight_master), None).shape
+    assert y.shape[0] == 0
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(layer.weight_master.grad, torch.zeros_like(layer.weight_master))
+    assert torch.equal(layer.bias.grad, torch.zeros_like(layer.bias))
+    assert torch.equal(layer.scale_ema, ema) and int(layer.forward_step) == step
+    assert layer.get_last_stats() == stats
+
+
+def test_empty_inner_dimension_and_empty_batch_before_any_forward():
+    layer = BitLinear(6, 4, bias=False)
+    assert layer(torch.randn(2, 0, 6)).shape == nn.Linear(6, 4)(torch.randn(2, 0, 6)).shape
+    assert layer.get_last_stats() is None and int(layer.forward_step) == 0
+    layer(torch.randn(0, 6)).sum().backward()  # no bias: the graph still reaches the weight
+    assert torch.equal(layer.weight_master.grad, torch.zeros(4, 6))

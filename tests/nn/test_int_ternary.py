@@ -266,6 +266,7 @@ def test_from_float_rejects_other_modules():
         (lambda: IntTernaryLinear(4, 2, act_quant="int4"), "act_quant"),
         (lambda: IntTernaryLinear(0, 2), "in_features must be an integer >= 1, got 0"),
         (lambda: IntTernaryConv2d(3, 4, 3, groups=2), "groups"),
+        (lambda: IntTernaryLinear(4, 2, group_size=math.inf), "group_size must be an integer"),
     ],
 )
 def test_invalid_arguments(build, match):
@@ -282,3 +283,31 @@ def test_non_finite_gradient_entries_count_as_zero():
     assert layer.weight_grad.tolist() == [[0.0, -1.0]]
     layer.update_corr()
     assert layer.corr_accum.tolist() == [[1]]
+
+
+@pytest.mark.parametrize(("layer", "float_layer", "shape"), [
+    (lambda: IntTernaryLinear(6, 4, group_size=4), nn.Linear(6, 4), (0, 6)),
+    (lambda: IntTernaryLinear(6, 4, bias=False, act_quant="per_token"), nn.Linear(6, 4),
+     (2, 0, 6)),
+    (lambda: IntTernaryConv1d(2, 4, 3, padding=1), nn.Conv1d(2, 4, 3, padding=1), (0, 2, 7)),
+    (lambda: IntTernaryConv2d(2, 4, 3, groups=2), nn.Conv2d(2, 4, 3, groups=2), (0, 2, 5, 5)),
+])
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch_behaves_like_the_float_layer_and_changes_no_state(layer, float_layer, shape,
+                                                                         training):
+    layer = layer().train(training)
+    full = (2, *shape[1:]) if shape[0] == 0 else (shape[0], 1, *shape[2:])
+    y0 = layer(torch.randn(full))  # a first, non-empty forward (and its dL/dW in training)
+    if y0.requires_grad:
+        y0.sum().backward()
+    leaf, stats = layer._weight_leaf, layer.get_last_stats()
+    buffers = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(shape, requires_grad=True)
+    y = layer(x)
+    assert y.shape == float_layer(x).shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    if layer.bias is not None:
+        assert layer.bias.grad is not None
+    assert layer._weight_leaf is leaf and layer.get_last_stats() == stats
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in buffers.items())

@@ -5,6 +5,8 @@ OptimizerInfo. Adding an optimizer to the registry without an entry here fails t
 from __future__ import annotations
 
 import copy
+import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from chimera.optim import OPTIMIZERS, build_optimizer
+from chimera.optim.factory import optimizer_hparam_names
 
 
 @dataclass
@@ -24,6 +27,10 @@ class OptInfo:
     sparse_ok: bool = False  # accepts sparse gradients (else RuntimeError "sparse")
     nonfinite: str = "propagate"  # "propagate": NaN reaches the params; "skip": step skipped
     fast_paths: list[dict[str, Any]] = field(default_factory=list)  # vs {"foreach": False}
+    # numeric hyper-parameters whose default is None (the others are found from the signature)
+    optional_numbers: list[str] = field(default_factory=list)
+    checks_loaded_state: bool = True  # load_state_dict rejects other optimizers' states
+    param_state: bool = True  # keeps per-parameter state (tensors shaped like the parameter)
 
 
 INFOS = {
@@ -32,16 +39,16 @@ INFOS = {
         OptInfo("sgd", {"lr": 0.05, "momentum": 0.9},
                 [{"lr": -1.0}, {"momentum": -0.1}, {"weight_decay": -1.0},
                  {"nesterov": True, "momentum": 0.0}],
-                sparse_ok=True, fast_paths=[{"foreach": True}]),
+                sparse_ok=True, fast_paths=[{"foreach": True}], checks_loaded_state=False),
         OptInfo("adam", {"lr": 0.02},
                 [{"lr": -1.0}, {"betas": (1.0, 0.9)}, {"eps": -1.0}, {"weight_decay": -1.0}],
-                fast_paths=[{"foreach": True}]),
+                fast_paths=[{"foreach": True}], checks_loaded_state=False),
         OptInfo("adamw", {"lr": 0.02, "weight_decay": 0.01},
                 [{"lr": -1.0}, {"betas": (0.9, 1.0)}, {"eps": -1.0}, {"weight_decay": -1.0}],
-                fast_paths=[{"foreach": True}]),
+                fast_paths=[{"foreach": True}], checks_loaded_state=False),
         OptInfo("lion", {"lr": 0.005, "weight_decay": 0.01},
                 [{"lr": -1.0}, {"betas": (1.0, 0.9)}, {"betas": (0.9, -0.1)},
-                 {"weight_decay": -1.0}]),
+                 {"weight_decay": -1.0}, {"maximize": 1}]),
         OptInfo("chimera21", {"lr": 0.02, "weight_decay": 0.01},
                 [{"lr": -1.0}, {"beta1": 1.0}, {"beta2": -0.1}, {"eps_opt": 0.0},
                  {"weight_decay": -1.0}, {"rho_psi": 1.5}, {"kappa_min": 0.0},
@@ -51,16 +58,19 @@ INFOS = {
                 maximize=False,
                 fast_paths=[{"foreach": True},
                             {"foreach": True, "psi_storage": "int8",
-                             "kappa_gate_mode": "noise_ratio"}]),
+                             "kappa_gate_mode": "noise_ratio"}],
+                optional_numbers=["eps"]),
         OptInfo("stac", {"lr": 0.01, "weight_decay": 0.01},
                 [{"lr": -1.0}, {"last_n_layers": -1}, {"betas": (1.0, 0.9)}, {"eps": 0.0},
-                 {"weight_decay": -1.0}, {"trunk_momentum": 1.5}],
-                nonfinite="skip", fast_paths=[{"foreach": True}]),
+                 {"weight_decay": -1.0}, {"trunk_momentum": 1.5}, {"amsgrad": 1}],
+                nonfinite="skip", fast_paths=[{"foreach": True}],
+                optional_numbers=["trunk_lr", "cap_lr", "trunk_weight_decay",
+                                  "cap_weight_decay"]),
         # on a model without integer-ternary modules: sign-SGD of the float parameters
         OptInfo("scaled_optum", {"lr": 0.005},
                 [{"lr": -1.0}, {"threshold": 0}, {"threshold": 128},
                  {"default_group_size": 0}, {"ternary_lr": -1.0}, {"e_policy": "bogus"}],
-                maximize=False),
+                maximize=False, param_state=False),
     ]
 }
 NAMES = OPTIMIZERS.names()
@@ -74,11 +84,11 @@ def test_every_registered_optimizer_has_a_conformance_entry():
 class Tiny(nn.Module):
     """Two layers plus a zero-size root parameter (exercises '<root>' and empty tensors)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hidden: int = 8) -> None:
         super().__init__()
         self.empty = nn.Parameter(torch.zeros(0, 3))
-        self.lin1 = nn.Linear(4, 8)
-        self.lin2 = nn.Linear(8, 1)
+        self.lin1 = nn.Linear(4, hidden)
+        self.lin2 = nn.Linear(hidden, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin2(torch.tanh(self.lin1(x))) + self.empty.sum()
@@ -314,3 +324,113 @@ def test_foreach_none_follows_one_policy(name, multi_tensor, monkeypatch):
         (model.lin1.weight.sum() + model.lin2.weight.sum()).backward()
         opt.step()
         assert len(calls) == expected, mixed_dtypes
+
+
+# ---------------------------------------------------------------- non-finite hyper-parameters
+
+
+def numeric_hparams(name: str) -> list[str]:
+    """Every numeric hyper-parameter of ``name``: those with a number as default (from the
+    signature) and the optional ones listed in its entry; ``betas`` pairs are tested apart."""
+    cls = OPTIMIZERS.get(name).__wrapped__
+    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
+    found = [k for k in optimizer_hparam_names(name)
+             if isinstance(defaults[k], int | float) and not isinstance(defaults[k], bool)]
+    return found + INFOS[name].optional_numbers
+
+
+NONFINITE = (math.nan, math.inf, -math.inf)
+
+
+def assert_one_line_naming(err: pytest.ExceptionInfo, key: str) -> None:
+    message = str(err.value)
+    assert key in message and " must be " in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize(("name", "key", "value"),
+                         [(n, k, v) for n in NAMES for k in numeric_hparams(n) for v in NONFINITE])
+def test_nonfinite_hyperparameter_is_rejected_by_name(name, key, value):
+    model, _, _ = make_problem()
+    with pytest.raises(ValueError) as err:
+        build(name, model, **{key: value})
+    assert_one_line_naming(err, key)
+
+
+def test_every_optimizer_has_numeric_hyperparameters_to_check():
+    assert all("lr" in numeric_hparams(n) for n in NAMES)
+    assert {"lambda_gate", "noise_threshold", "kappa_max"} <= set(numeric_hparams("chimera21"))
+
+
+BETAS = [n for n in NAMES if "betas" in optimizer_hparam_names(n)]
+
+
+@pytest.mark.parametrize(("name", "betas"), [
+    (n, b) for n in BETAS
+    for b in [(math.nan, 0.9), (0.9, math.inf), (0.9,), (0.9, 0.99, 0.5), 0.9, "ab"]
+])
+def test_betas_must_be_a_pair_of_finite_numbers(name, betas):
+    model, _, _ = make_problem()
+    with pytest.raises(ValueError) as err:
+        build(name, model, betas=betas)
+    assert_one_line_naming(err, "betas")
+
+
+@pytest.mark.parametrize(("name", "value"),
+                         [(n, v) for n in NAMES if n != "stac" for v in (math.inf, math.nan)])
+def test_param_group_with_a_nonfinite_lr_is_rejected(name, value):
+    model, _, _ = make_problem()
+    groups = [{"params": list(model.lin1.parameters())},
+              {"params": list(model.lin2.parameters()), "lr": value}]
+    with pytest.raises(ValueError) as err:
+        build_optimizer(name, groups, **INFOS[name].hparams)
+    assert_one_line_naming(err, "lr")
+
+
+# ---------------------------------------------------------------- loading foreign states
+
+CHECKED = [n for n in NAMES if INFOS[n].checks_loaded_state]
+
+
+def state_tensors(opt) -> list[torch.Tensor]:
+    return [torch.as_tensor(v).clone() for s in opt.state.values() for v in s.values()]
+
+
+def hyperparameters(opt) -> list[dict[str, Any]]:
+    return [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+
+
+@pytest.mark.parametrize(("name", "other"), [(n, o) for n in CHECKED for o in NAMES if o != n])
+def test_loading_another_optimizers_state_is_rejected_and_changes_nothing(name, other):
+    model, x, y = make_problem()
+    source = build(other, model)
+    run(source, model, x, y, 2)
+    model2 = copy.deepcopy(model)
+    opt = build(name, model2)
+    run(opt, model2, x, y, 1)
+    groups, tensors = copy.deepcopy(hyperparameters(opt)), state_tensors(opt)
+    with pytest.raises(ValueError) as err:
+        opt.load_state_dict(source.state_dict())
+    assert "\n" not in str(err.value)
+    assert hyperparameters(opt) == groups
+    assert all(torch.equal(a, b) for a, b in zip(state_tensors(opt), tensors, strict=True))
+    run(opt, model2, x, y, 1)  # still steps
+
+
+@pytest.mark.parametrize("name", [n for n in CHECKED if INFOS[n].param_state])
+def test_loading_a_state_of_other_shapes_is_rejected(name):
+    model, x, y = make_problem()
+    opt = build(name, model)
+    run(opt, model, x, y, 2)
+    with pytest.raises(ValueError, match=r"shape \(6, 4\).*\(8, 4\)|\(8, 4\).*\(6, 4\)"):
+        build(name, Tiny(hidden=6)).load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize(("name", "value"), [(n, v) for n in CHECKED for v in (math.inf, -1.0)])
+def test_loading_an_own_state_with_a_bad_lr_is_rejected(name, value):
+    model, x, y = make_problem()
+    opt = build(name, model)
+    run(opt, model, x, y, 1)
+    state = opt.state_dict()
+    state["param_groups"][-1]["lr"] = value
+    with pytest.raises(ValueError, match=r"^loaded .*group.*: lr must be a (finite )?number >= 0"):
+        build(name, copy.deepcopy(model)).load_state_dict(state)

@@ -54,6 +54,8 @@ def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
         ({"threshold": 128}, "threshold"),
         ({"threshold": 8.5}, "threshold"),
         ({"ternary_lr": -1.0}, "ternary_lr"),
+        ({"ternary_lr": float("inf")}, "ternary_lr"),
+        ({"threshold": float("inf")}, "threshold"),
         ({"e_policy": "float"}, "e_policy"),
     ],
 )
@@ -177,6 +179,25 @@ def test_state_dict_round_trip_then_identical_continuation():
     state, state2 = full_state(model), full_state(model2)
     assert all(torch.equal(v, state2[k]) for k, v in state.items())
     assert int(model[0].step) == 10
+
+
+def test_a_state_with_the_ternary_group_elsewhere_is_rejected():
+    model = mlp()
+    ternary = ScaledOptum.for_model(model, threshold=4)  # groups: floats, then ternary
+    floats = ScaledOptum([{"params": list(model[2].parameters())}, {"params": []}])
+    floats.param_groups[0]["params"] = list(ternary.param_groups[0]["params"])  # same counts
+    with pytest.raises(ValueError, match=r"^loaded param group 1 lacks e_policy, ternary, "
+                                         r"threshold: not a ScaledOptum state$"):
+        ternary.load_state_dict(floats.state_dict())
+    with pytest.raises(ValueError, match=r"^loaded param group 1: ternary must be False \(this "
+                                         r"is a float group\), got True$"):
+        floats.load_state_dict(ternary.state_dict())
+    state = ternary.state_dict()
+    state["param_groups"][1]["threshold"] = 200
+    with pytest.raises(ValueError, match=r"^loaded param group 1: threshold must be an integer "
+                                         r"in \[1, 127\], got 200$"):
+        ternary.load_state_dict(state)
+    assert ternary.ternary_group["threshold"] == 4
 
 
 def test_deepcopy_keeps_the_registered_modules_and_continues_identically():

@@ -57,6 +57,8 @@ def test_state_dict_round_trip():
     ({"extra": 1}, "unexpected"),
     ({"tolerance": -1.0}, "tolerance"),
     ({"last_error": "x"}, "last_error"),
+    ({"last_error": math.nan}, "last_error"),
+    ({"step_size": math.inf}, "step_size"),
 ])
 def test_load_state_dict_rejects_bad_state(change, match):
     c = TargetBitsController()
@@ -84,6 +86,13 @@ def test_load_state_dict_rejects_missing_keys():
     ({"alpha_min": -0.5}, "alpha_min"),
     ({"alpha_min": 1.0, "alpha_max": 0.5}, "alpha_max"),
     ({"tolerance": True}, "tolerance"),
+    ({"target_bits": math.nan}, "target_bits"),
+    ({"target_zero_ratio": math.nan}, "target_zero_ratio"),
+    ({"tolerance": math.inf}, "^tolerance must be a finite number >= 0, got inf$"),
+    ({"step_size": math.inf}, "^step_size must be a finite number > 0, got inf$"),
+    ({"step_size": math.nan}, "^step_size must be a number > 0, got nan$"),
+    ({"alpha_min": math.inf}, "^alpha_min must be a finite number >= 0, got inf$"),
+    ({"alpha_max": math.inf}, "^alpha_max must be a finite number >= 0.0, got inf$"),
 ])
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -93,6 +102,9 @@ def test_invalid_arguments(kwargs, match):
 @pytest.mark.parametrize(("alpha", "zero_ratio", "match"), [
     (0.5, 1.5, "zero_ratio"), (0.5, -0.1, "zero_ratio"), (0.5, math.nan, "zero_ratio"),
     (math.nan, 0.5, "alpha"), ("0.5", 0.5, "alpha"),
+    (math.inf, 0.5, "^alpha must be a finite number, got inf$"),
+    (-math.inf, 0.5, "^alpha must be a finite number, got -inf$"),
+    (0.5, math.inf, "zero_ratio"),
 ])
 def test_invalid_update_arguments(alpha, zero_ratio, match):
     with pytest.raises(ValueError, match=match):

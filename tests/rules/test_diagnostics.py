@@ -116,3 +116,12 @@ def test_credit_diagnostics_of_rules(setup, name, low, high):
     assert (diag["perturbation_rho"] > 0.99) == (name == "backprop")
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert model.training and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("value", [0.0, -0.1, float("nan"), float("inf")])
+def test_perturbation_scale_and_nudging_eta_must_be_finite_and_positive(setup, value):
+    model, x, c, lam = setup
+    with pytest.raises(ValueError, match=r"^scale must be a (finite )?number > 0, got "):
+        perturbation_rho(model, x, c, lam, F.cross_entropy, scale=value)
+    with pytest.raises(ValueError, match=r"^eta must be a (finite )?number > 0, got "):
+        nudging(model, x, c, lam, F.cross_entropy, eta=value)

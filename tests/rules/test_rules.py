@@ -58,6 +58,16 @@ def test_bad_hyper_parameters(hparam, value):
         make_rule("credit_bridge", tiny_model(), **{hparam: value})
 
 
+@pytest.mark.parametrize("hparam", ["sigma_bridge", "lam", "K", "term_grad_weight",
+                                    "slope_weight", "ema_momentum", "lr_fb", "warmup_frac",
+                                    "bridge_hidden", "emb_dim"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_hyper_parameters_are_rejected_by_name(hparam, value):
+    with pytest.raises(ValueError, match=rf"^{hparam} must be (a|an) ") as err:
+        make_rule("credit_bridge", tiny_model(), **{hparam: value})
+    assert "\n" not in str(err.value)
+
+
 def test_presets_follow_spec():
     toy = make_rule("credit_bridge", tiny_model(), preset="toy").hparams
     cls = make_rule("credit_bridge", tiny_model(), bridge_hidden=512).hparams

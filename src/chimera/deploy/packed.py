@@ -133,7 +133,8 @@ class PackedTernaryModule(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        x_q = quantize_activations(x, self.act_quant, self.eps_beta)
+        """``op(x_q, W, bias)``; an empty batch skips the quantizer (nothing to quantize)."""
+        x_q = quantize_activations(x, self.act_quant, self.eps_beta) if x.numel() else x
         return self._project(x_q, self.weight().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:

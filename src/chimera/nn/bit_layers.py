@@ -16,6 +16,10 @@ Forward (all quantization logic lives in :class:`BitLayer`; subclasses only add 
    (convolutions: ``F.conv*`` with the layer's geometry in place of ``F.linear``)
 6. remember the statistics for ``get_last_stats()``; training only: ``forward_step += 1``
 
+An empty batch (``x.numel() == 0``) gives the float layer's empty output (backward works, with
+zero gradients) and changes no state: no scale EMA update, no warm-up step, the last statistics
+kept (it is no training step and has no activations to quantize).
+
 Alpha schedule: ``alpha_override`` if set; else ``alpha_target`` if ``warmup_steps == 0``; else
 ``alpha_min + (alpha_target - alpha_min) * min(forward_step / warmup_steps, 1)``, i.e. the first
 training forward (``forward_step == 0``) uses alpha_min and the forward with
@@ -259,11 +263,13 @@ class BitLayer(nn.Module):
         return compile_usable(x.device.type)
 
     def forward(self, x: Tensor) -> Tensor:
-        static = dict(update_ema=self.training, rho_s=self.rho_s, stat_mode=self.stat_mode,
-                      eps_gamma=self.eps_gamma, quant_mode=self.quant_mode,
-                      ste_clip=self.ste_clip, act_quant=self.act_quant, eps_beta=self.eps_beta)
+        empty = x.numel() == 0  # an empty batch changes no state (module docstring)
+        static = dict(update_ema=self.training and not empty, rho_s=self.rho_s,
+                      stat_mode=self.stat_mode, eps_gamma=self.eps_gamma,
+                      quant_mode=self.quant_mode, ste_clip=self.ste_clip,
+                      act_quant="none" if empty else self.act_quant, eps_beta=self.eps_beta)
         operands, w = quantized_operands, self.weight_master
-        if self.use_compiled(x):
+        if not empty and self.use_compiled(x):
             if self.ste_clip is not None and self.ste_clip >= 1:
                 static["ste_clip"] = None  # the identity on w_ste (module docstring)
             key = (*sorted(static.items()), ("x_dim", x.dim()), ("w_dim", w.dim()))
@@ -272,9 +278,10 @@ class BitLayer(nn.Module):
         alpha = self.current_alpha()
         x_ste, weight, gamma, counts = operands(x, w, self.scale_ema, alpha=alpha, **static)
         y = self._project(x_ste, weight, self.bias)
-        self._last_stats = (gamma.detach(), alpha, counts)
-        if self.training:
-            self.forward_step.add_(1)
+        if not empty:
+            self._last_stats = (gamma.detach(), alpha, counts)
+            if self.training:
+                self.forward_step.add_(1)
         return y
 
     def get_last_stats(self) -> dict[str, float] | None:

@@ -33,6 +33,10 @@ Training protocol (driven by :class:`chimera.optim.scaled_optum.ScaledOptum`):
    to ``f / 2``; where it falls to 2/3, ``E -= 1`` and it becomes ``2 f`` (S is kept up to
    integer rounding; the hysteresis 3/2 vs 2/3 prevents flip-flopping).
 
+An empty batch (``x.numel() == 0``) gives the float layer's empty output (backward works, with
+zero gradients) and changes no state: the remembered ``dL/dW`` and last statistics stay those of
+the last non-empty forward.
+
 Training state bytes per ternary weight (``T`` is the weight itself, not state): ``pressure``
 1 + ``corr_accum`` 8/gs + ``E`` 1/gs + ``step`` 8/numel, i.e. 1.28 bytes with gs = 32.
 Eval mode and ``torch.no_grad()`` forwards mutate nothing.
@@ -157,6 +161,9 @@ class IntTernaryModule(nn.Module):
         w = self.effective_weight().to(x.dtype)
         if self.training and torch.is_grad_enabled():
             w.requires_grad_(True)  # a fresh leaf: after backward, w.grad == dL/dW
+        if x.numel() == 0:  # no activations, no training state (module docstring)
+            return self._project(x, w, self.bias)
+        if w.requires_grad:
             self._weight_leaf = w
         with torch.no_grad():
             self._last_counts = ternary_counts(self.T)

@@ -1,9 +1,10 @@
 """What the optimizers of the toolkit share: closures, the foreach policy, the sign that keeps
-NaN, and the base class of the optimizers with a ``fused`` option."""
+NaN, the check of a state dict before it is loaded, and the base class of the optimizers with a
+``fused`` option."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -37,6 +38,69 @@ def use_foreach(foreach: bool | None, params: Sequence[Tensor]) -> bool:
         and len({(t.device, t.dtype) for t in tensors}) == 1
         and params[0].device.type in _get_foreach_kernels_supported_devices()
     )
+
+
+def check_loaded_state(
+    opt: torch.optim.Optimizer,
+    state_dict: Any,
+    *,
+    group_keys: Callable[[dict[str, Any]], Iterable[str]],
+    check_group: Callable[[dict[str, Any], dict[str, Any]], None],
+    state_keys: Callable[[dict[str, Any]], Iterable[str]],
+    scalar_keys: Iterable[str] = ("step",),
+) -> None:
+    """One-line ``ValueError`` unless ``state_dict`` is a state of ``opt``'s own kind for its
+    parameters, checked before torch loads it (so nothing fails at the next ``step``).
+
+    Per param group i (``group`` is ``opt``'s, ``saved`` the loaded one): as many groups and
+    parameters; every key ``group_keys(group)`` present in ``saved`` (``fused`` may be missing:
+    older states); ``check_group(saved, group)`` accepts the saved values (its ``ValueError`` is
+    prefixed with the group). Per parameter with a saved state: exactly the keys
+    ``state_keys(group)``, each a tensor of the parameter's shape (0-dim for ``scalar_keys``).
+    """
+    owner = type(opt).__name__
+    ok = isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict)
+    ok = ok and isinstance(state_dict.get("param_groups"), list)
+    ok = ok and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                    for g in state_dict["param_groups"])
+    if not ok:
+        raise ValueError(f"state_dict must be an optimizer state dict (a dict with 'state' and "
+                         f"'param_groups'), got {type(state_dict).__name__}")
+    saved_groups, states = state_dict["param_groups"], state_dict["state"]
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError(f"loaded state has {len(saved_groups)} param groups, this {owner} has "
+                         f"{len(opt.param_groups)}")
+    scalars = set(scalar_keys)
+    for i, (group, saved) in enumerate(zip(opt.param_groups, saved_groups, strict=True)):
+        where = f"loaded param group {i}"
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(f"{where} has {len(saved['params'])} parameters, this {owner}'s "
+                             f"has {len(group['params'])}")
+        missing = sorted(set(group_keys(group)) - set(saved) - {"params", "fused"})
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise ValueError(f"{where} lacks {', '.join(missing[:3])}{more}: not a {owner} "
+                             "state")
+        try:
+            check_group(saved, group)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        keys = sorted(state_keys(group))
+        for pid, p in zip(saved["params"], group["params"], strict=True):
+            state = states.get(pid)
+            if not state:
+                continue  # no state yet (e.g. no gradient so far)
+            param = f"parameter {pid} (param group {i})"
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            if got != keys:
+                raise ValueError(f"loaded state of {param} has keys {got}, a {owner} keeps "
+                                 f"{keys or 'none'}")
+            for key, value in state.items():
+                shape = () if key in scalars else tuple(p.shape)
+                if not torch.is_tensor(value) or tuple(value.shape) != shape:
+                    got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                    raise ValueError(f"loaded state {key!r} of {param} must be a tensor of shape "
+                                     f"{shape}, got {got}")
 
 
 class FusableOptimizer(torch.optim.Optimizer):

@@ -19,8 +19,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from chimera._validate import choice, number, require
-from chimera.optim._common import FusableOptimizer, evaluate_closure, use_foreach
+from chimera._validate import choice, number, number_tuple, require
+from chimera.optim._common import (
+    FusableOptimizer,
+    check_loaded_state,
+    evaluate_closure,
+    use_foreach,
+)
 from chimera.optim._fused import check_fused, run_compiled, use_fused
 
 ZERO_GRAD_POLICIES = ("standard", "freeze", "decay", "inertia")
@@ -70,20 +75,25 @@ DIAGNOSTIC_KEYS = (
 
 
 def _check_hyperparameters(hp: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming the first hyper-parameter of ``hp`` outside its domain."""
+    """Raise ``ValueError`` naming the first hyper-parameter of ``hp`` outside its domain (every
+    number must be finite)."""
     number("lr", hp["lr"], 0)
     for name in ("beta1", "beta2"):
         number(name, hp[name], 0, 1, high_open=True)
     number("eps_opt", hp["eps_opt"], 0, low_open=True)
     number("weight_decay", hp["weight_decay"], 0)
     number("rho_psi", hp["rho_psi"], 0, 1)
+    number("lambda_gate", hp["lambda_gate"])
     number("kappa_min", hp["kappa_min"], 0, low_open=True)
     kmin, kmax = hp["kappa_min"], number("kappa_max", hp["kappa_max"])
     require(kmax >= kmin, "kappa_max", hp["kappa_max"], f"a number >= kappa_min = {kmin!r}")
     choice("zero_grad_policy", hp["zero_grad_policy"], ZERO_GRAD_POLICIES)
     number("idle_decay", hp["idle_decay"], 0, 1)
     choice("kappa_gate_mode", hp["kappa_gate_mode"], KAPPA_GATE_MODES)
+    number("noise_threshold", hp["noise_threshold"])
     number("gate_sharpness", hp["gate_sharpness"], 0)
+    require(isinstance(hp["log_diagnostics"], bool), "log_diagnostics", hp["log_diagnostics"],
+            "True or False")
     choice("psi_storage", hp["psi_storage"], PSI_STORAGES)
     check_fused(hp["fused"], hp["foreach"])
 
@@ -97,11 +107,10 @@ def _resolve_aliases(hp: dict[str, Any], defaults: dict[str, Any]) -> dict[str, 
     out = {k: v for k, v in hp.items() if k not in ("betas", "eps")}
     aliased: dict[str, Any] = {}
     if hp.get("betas") is not None:
-        betas = tuple(hp["betas"])
-        require(len(betas) == 2, "betas", hp["betas"], "a pair (beta1, beta2)")
+        betas = number_tuple("betas", hp["betas"], 2, 0, 1, high_open=True)
         aliased.update(beta1=betas[0], beta2=betas[1])
     if hp.get("eps") is not None:
-        aliased["eps_opt"] = hp["eps"]
+        aliased["eps_opt"] = number("eps", hp["eps"], 0, low_open=True)
     for key, value in aliased.items():
         alias = "betas" if key.startswith("beta") else "eps"
         explicit = out.get(key, defaults[key])
@@ -591,8 +600,17 @@ class Chimera21(FusableOptimizer):
         super().add_param_group(group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's loading, except that an int8 ``psi`` stays int8 (torch casts floating state
-        to the parameter's dtype)."""
+        """torch's loading, after checking that ``state_dict`` is a Chimera21 state for these
+        parameters (groups with valid hyper-parameters; per parameter ``step``, ``m``, ``v``,
+        ``psi`` of its shape), else ``ValueError``; an int8 ``psi`` stays int8 (torch casts
+        floating state to the parameter's dtype)."""
+        check_loaded_state(
+            self,
+            state_dict,
+            group_keys=lambda group: self.defaults,
+            check_group=lambda saved, group: _check_hyperparameters({"fused": None, **saved}),
+            state_keys=lambda group: _STATE_KEYS,
+        )
         int8_ids = {
             pid
             for pid, s in state_dict["state"].items()
@@ -670,6 +688,7 @@ class Chimera21(FusableOptimizer):
         return loss
 
 
+_STATE_KEYS = ("step", "m", "v", "psi")
 _CONSTRUCTOR_DEFAULTS = {
     name: param.default
     for name, param in inspect.signature(Chimera21.__init__).parameters.items()

@@ -11,12 +11,23 @@ Per parameter p with gradient g (``maximize`` flips g)::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from chimera._validate import number
-from chimera.optim._common import evaluate_closure, sign_keep_nan
+from chimera._validate import number, number_tuple, require
+from chimera.optim._common import check_loaded_state, evaluate_closure, sign_keep_nan
+
+_STATE_KEYS = ("exp_avg",)
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    """``ValueError`` naming the first hyper-parameter of ``group`` outside its domain."""
+    number("lr", group["lr"], 0)
+    number_tuple("betas", group["betas"], 2, 0, 1, high_open=True)
+    number("weight_decay", group["weight_decay"], 0)
+    require(isinstance(group["maximize"], bool), "maximize", group["maximize"], "True or False")
 
 
 def lion_update(
@@ -31,7 +42,11 @@ def lion_update(
 
 
 class Lion(torch.optim.Optimizer):
-    """Lion optimizer; state ``exp_avg`` (the momentum m), one tensor per parameter."""
+    """Lion optimizer; state ``exp_avg`` (the momentum m), one tensor per parameter.
+
+    Hyper-parameters (constructor, added groups and loaded states): finite ``lr >= 0``,
+    ``betas`` a pair in [0, 1), finite ``weight_decay >= 0``, ``maximize`` a bool.
+    """
 
     def __init__(
         self,
@@ -41,12 +56,28 @@ class Lion(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         maximize: bool = False,
     ) -> None:
-        number("lr", lr, 0)
-        for i, b in enumerate(betas):
-            number(f"betas[{i}]", b, 0, 1, high_open=True)
-        number("weight_decay", weight_decay, 0)
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
+        _check_group(defaults)
+        defaults["betas"] = tuple(betas)
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its hyper-parameters are validated first."""
+        _check_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's loading, after checking that ``state_dict`` is a Lion state for these
+        parameters (groups with valid hyper-parameters; per parameter an ``exp_avg`` of its
+        shape), else ``ValueError``."""
+        check_loaded_state(
+            self,
+            state_dict,
+            group_keys=lambda group: self.defaults,
+            check_group=lambda saved, group: _check_group(saved),
+            state_keys=lambda group: _STATE_KEYS,
+        )
+        super().load_state_dict(state_dict)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:

@@ -41,12 +41,30 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from chimera._validate import choice, integer, number
+from chimera._validate import choice, integer, number, require
 from chimera.nn.int_ternary import MAX_THRESHOLD, IntTernaryModule
-from chimera.optim._common import FusableOptimizer, evaluate_closure, sign_keep_nan
+from chimera.optim._common import (
+    FusableOptimizer,
+    check_loaded_state,
+    evaluate_closure,
+    sign_keep_nan,
+)
 from chimera.optim._fused import check_fused, foreach_add_, run_compiled, use_fused
 
 E_POLICIES = ("fixed", "track")
+_TERNARY_KEYS = ("lr", "threshold", "e_policy", "ternary")
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    """``ValueError`` naming the first hyper-parameter of a float or ternary group outside its
+    domain (the ternary group's ``lr`` is ``ternary_lr``)."""
+    if group.get("ternary"):
+        number("ternary_lr", group["lr"], 0)
+        integer("threshold", group["threshold"], 1, MAX_THRESHOLD)
+        choice("e_policy", group["e_policy"], E_POLICIES)
+    else:
+        number("lr", group["lr"], 0)
+    check_fused(group.get("fused"))
 
 
 def pressure_increment(grad: Tensor, rate: float | Tensor, threshold: int) -> Tensor:
@@ -124,12 +142,9 @@ class ScaledOptum(FusableOptimizer):
         *,
         fused: bool | None = None,
     ) -> None:
-        number("lr", lr, 0)
+        _check_group(dict(lr=lr, fused=fused))
         integer("default_group_size", default_group_size, 1, 2**16)
-        integer("threshold", threshold, 1, MAX_THRESHOLD)
-        number("ternary_lr", ternary_lr, 0)
-        choice("e_policy", e_policy, E_POLICIES)
-        check_fused(fused)
+        _check_group(dict(lr=ternary_lr, threshold=threshold, e_policy=e_policy, ternary=True))
         params = list(params)
         super().__init__(params or [{"params": []}], dict(lr=lr, fused=fused))
         self.default_group_size = default_group_size
@@ -137,6 +152,31 @@ class ScaledOptum(FusableOptimizer):
             lr=ternary_lr, threshold=threshold, e_policy=e_policy, ternary=True, fused=fused
         )
         self.ternary_modules: list[IntTernaryModule] = []
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its hyper-parameters are validated first."""
+        _check_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's loading, after checking that ``state_dict`` is a ScaledOptum state for these
+        groups (the ternary group where this optimizer has it, valid hyper-parameters, no
+        per-parameter state), else ``ValueError``."""
+
+        def check_group(saved: dict[str, Any], group: dict[str, Any]) -> None:
+            kind = "the ternary group" if group.get("ternary") else "a float group"
+            require(bool(saved.get("ternary")) == bool(group.get("ternary")), "ternary",
+                    saved.get("ternary"), f"{bool(group.get('ternary'))} (this is {kind})")
+            _check_group(saved)
+
+        check_loaded_state(
+            self,
+            state_dict,
+            group_keys=lambda group: _TERNARY_KEYS if group.get("ternary") else ("lr",),
+            check_group=check_group,
+            state_keys=lambda group: (),
+        )
+        super().load_state_dict(state_dict)
 
     @property
     def ternary_group(self) -> dict[str, Any] | None:

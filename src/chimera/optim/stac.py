@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.adamw import adamw
 
-from chimera._validate import integer, number, require
+from chimera._validate import integer, number, number_tuple, require
 from chimera.optim._common import FusableOptimizer, evaluate_closure, use_foreach
 from chimera.optim._fused import check_fused, foreach_add_, run_compiled, use_fused
 
@@ -186,6 +186,19 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
+_GROUP_NUMBERS = ("lr", "weight_decay", "trunk_momentum", "betas", "eps")
+
+
+def _check_group_numbers(group: dict[str, Any]) -> None:
+    """The numbers of a param group: finite ``lr``, ``weight_decay`` >= 0, ``trunk_momentum``
+    and ``betas`` in [0, 1), ``eps`` > 0."""
+    number("lr", group["lr"], 0)
+    number("weight_decay", group["weight_decay"], 0)
+    number("trunk_momentum", group["trunk_momentum"], 0, 1, high_open=True)
+    number_tuple("betas", group["betas"], 2, 0, 1, high_open=True)
+    number("eps", group["eps"], 0, low_open=True)
+
+
 class STAC(FusableOptimizer):
     r"""Sign-momentum trunk, AdamW cap.
 
@@ -249,11 +262,12 @@ class STAC(FusableOptimizer):
             raise ValueError(f"STAC needs the model (an nn.Module), got {type(model).__name__}")
         number("lr", lr, 0)
         number("trunk_momentum", trunk_momentum, 0, 1, high_open=True)
-        require(len(betas) == 2, "betas", betas, "a pair (beta1, beta2)")
-        for i, beta in enumerate(betas):
-            number(f"betas[{i}]", beta, 0, 1, high_open=True)
+        number_tuple("betas", betas, 2, 0, 1, high_open=True)
         number("eps", eps, 0, low_open=True)
         number("weight_decay", weight_decay, 0)
+        flags = {"amsgrad": amsgrad, "maximize": maximize, "error_if_nonfinite": error_if_nonfinite}
+        for flag, value in flags.items():
+            require(isinstance(value, bool), flag, value, "True or False")
         check_fused(fused, foreach)
         partition = partition_trainable_layers(model, last_n_layers=last_n_layers)
 
@@ -331,6 +345,14 @@ class STAC(FusableOptimizer):
                     f"loaded parameter group {i} has stac_role {saved.get('stac_role')!r}, "
                     f"expected {role!r}: not a state of this STAC partition"
                 )
+            missing = [key for key in _GROUP_NUMBERS if key not in saved]
+            if missing:
+                raise ValueError(f"loaded {role} group lacks {', '.join(missing)}: not a STAC "
+                                 "state")
+            try:
+                _check_group_numbers(saved)
+            except ValueError as err:
+                raise ValueError(f"loaded {role} group: {err}") from None
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
                     f"loaded {role} group has {len(saved['params'])} parameters, "

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from chimera._validate import integer
+from chimera._validate import integer, number
 from chimera.rules.learning_rule import (
     LearningRule,
     LossFn,
@@ -70,8 +70,10 @@ def perturbation_rho(model: nn.Module, x: Tensor, c: Tensor, credits: Sequence[T
                      loss_fn: LossFn, *, num_perturbations: int = 16, scale: float = 1e-2,
                      generator: torch.Generator | None = None) -> float:
     """Pearson(predicted ``<a_l, δ>``, actual loss change) per example over
-    ``num_perturbations`` draws, mean over examples and layers (see the module docstring)."""
+    ``num_perturbations`` (>= 2) draws of relative size ``scale`` (> 0), mean over examples and
+    layers (see the module docstring)."""
     integer("num_perturbations", num_perturbations, 2)
+    number("scale", scale, 0, low_open=True)
     with frozen(model):
         hs = residual_states(model, x)
         _check_credits(credits, hs)
@@ -93,7 +95,8 @@ def perturbation_rho(model: nn.Module, x: Tensor, c: Tensor, credits: Sequence[T
 @torch.no_grad()
 def nudging(model: nn.Module, x: Tensor, c: Tensor, credits: Sequence[Tensor],
             loss_fn: LossFn, *, eta: float = 0.1) -> float:
-    """``mean_l (ℓ(h_l − η·a_norm_l) − ℓ) / ℓ`` with the batch-mean loss ℓ."""
+    """``mean_l (ℓ(h_l − η·a_norm_l) − ℓ) / ℓ`` with the batch-mean loss ℓ (``eta`` > 0)."""
+    number("eta", eta, 0, low_open=True)
     with frozen(model):
         hs = residual_states(model, x)
         _check_credits(credits, hs)
