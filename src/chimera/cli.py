@@ -1,36 +1,75 @@
 """The ``chimera`` command: train, compare-quant, export, stress, toy-lq, bench, sweep, report,
-perf, list."""
+perf, list.
+
+A user error ends a command with one line ``chimera: error: ...`` and exit code 2, found before
+anything runs wherever it can be: bad options and values (``KEY=VALUE`` values are parsed
+strictly and checked by the run spec, the model's signature and a probe build), duplicate or
+empty lists, ``--checkpoint`` placeholders, output paths that cannot be written, overrides with
+nothing to set. Any other exception is an internal error: its traceback, then one line asking to
+report it, and exit code 1.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import os
+import re
 import sys
 import time
+import tomllib
+import traceback
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
+
+from chimera._validate import fail, integer, number, require
+
+# non-finite numbers, which standard JSON has no words for: floats (the spec rejects them)
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf,
+               "infinity": math.inf, "+infinity": math.inf, "-infinity": -math.inf}
+_BARE_WORD = re.compile(r"[A-Za-z_][\w.:/+-]*")
+_VALUE = "a JSON value (0.1, true, null, \"text\", [...], {...}) or a bare word"
+
+
+def parse_value(raw: str, what: str) -> Any:
+    """One ``KEY=VALUE`` value: JSON (a list as a tuple), ``nan`` / ``inf`` / ``-inf`` /
+    ``Infinity`` as floats, a bare word (``first``, ``features.0``) as a string; anything else
+    (``[0.9,``, ``1e-3x``, an empty value) is a ``ValueError`` naming ``what``."""
+    if raw.lower() in _NON_FINITE:
+        return _NON_FINITE[raw.lower()]
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        require(bool(_BARE_WORD.fullmatch(raw)), what, raw, _VALUE)
+        return raw
+    return tuple(value) if isinstance(value, list) else value
 
 
 def parse_kv(items: Sequence[str], what: str) -> dict[str, Any]:
-    """``["lr=0.1", "betas=[0.9,0.99]"]`` -> ``{"lr": 0.1, "betas": (0.9, 0.99)}`` (JSON values,
-    bare words as strings, lists as tuples)."""
+    """``["lr=0.1", "betas=[0.9,0.99]"]`` -> ``{"lr": 0.1, "betas": (0.9, 0.99)}`` (values as
+    :func:`parse_value`); a key given twice is an error."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"{what} must look like KEY=VALUE, got {item!r}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out[key] = tuple(value) if isinstance(value, list) else value
+        require(key not in out, f"{what} {key}", item, "given once")
+        out[key] = parse_value(raw, f"{what} {key}")
     return out
 
 
-def _csv(text: str) -> list[str]:
-    return [t for t in text.split(",") if t]
+def _names(flag: str, text: str, *, required: bool = False) -> list[str] | None:
+    """A comma-separated list of distinct names; ``""`` is None (the command's default), or an
+    error when ``required``."""
+    if not text and not required:
+        return None
+    names = [n.strip() for n in text.split(",")]
+    require(all(names), flag, text, "comma-separated names, none empty")
+    require(len(set(names)) == len(names), flag, text, "distinct names")
+    return names
 
 
 def _seed_range(n: int) -> range:
@@ -38,6 +77,45 @@ def _seed_range(n: int) -> range:
         raise ValueError(f"--seeds must be >= 1, got {n}")
     return range(n)
 
+
+def _workers(value: int | None) -> int | None:
+    return None if value is None else integer("--workers", value, 1)
+
+
+# --- output paths ------------------------------------------------------------------------------
+
+def _check_ancestors(flag: str, path: Path) -> None:
+    """The nearest existing folder above ``path`` is a writable folder (the rest is created)."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            require(parent.is_dir(), flag, str(path), f"a path under folders ({parent} is a file)")
+            require(os.access(parent, os.W_OK | os.X_OK), flag, str(path),
+                    f"a path in a writable folder ({parent} is not writable)")
+            return
+
+
+def check_output_file(flag: str, path: str | os.PathLike) -> None:
+    """``path`` can be written as a file: not a folder, not under a file, in a writable folder;
+    otherwise a ``ValueError`` line naming ``flag``."""
+    p = Path(path)
+    require(not p.is_dir(), flag, str(path), "a file path (it is a folder)")
+    _check_ancestors(flag, p)
+    if p.exists():
+        require(os.access(p, os.W_OK), flag, str(path), "a writable file")
+
+
+def check_output_dir(flag: str, path: str | os.PathLike) -> None:
+    """``path`` can be used as an output folder: an existing writable folder, or one that can be
+    created; otherwise a ``ValueError`` line naming ``flag``."""
+    p = Path(path)
+    if p.exists():
+        require(p.is_dir(), flag, str(path), "a folder path (it is a file)")
+        require(os.access(p, os.W_OK | os.X_OK), flag, str(path), "a writable folder")
+    else:
+        _check_ancestors(flag, p)
+
+
+# --- train -------------------------------------------------------------------------------------
 
 def add_spec_options(parser: argparse.ArgumentParser) -> None:
     """One option per :class:`~chimera.run.spec.RunSpec` field, with the field's default and
@@ -66,28 +144,77 @@ def spec_from_args(args: argparse.Namespace, seed: int) -> Any:
         value = getattr(args, f.name)
         values[f.name] = parse_kv(value, f.metadata["flag"]) if f.metadata["flag"] else value
     if args.lr is not None:
+        if "lr" in values["optimizer_hparams"]:
+            raise ValueError("--lr and --opt-arg lr both set the learning rate; give one")
         values["optimizer_hparams"]["lr"] = args.lr
     values["controller"] = values["controller"] or None
     return RunSpec(**{**values, "seed": seed})
 
 
+def _train_specs(args: argparse.Namespace) -> list[Any]:
+    """One spec per distinct ``--seed``, the model arguments checked against its signature."""
+    from chimera.bench.suite.schema import check_model_hparams
+
+    require(len(set(args.seed)) == len(args.seed), "--seed", args.seed, "distinct seeds")
+    specs = [spec_from_args(args, seed) for seed in args.seed]
+    check_model_hparams(specs[0].model, specs[0].model_hparams)
+    return specs
+
+
+def checkpoint_paths(template: str | None, specs: Sequence[Any]) -> list[str | None]:
+    """The ``--checkpoint`` path of every spec: ``{run_id}`` and ``{seed}`` filled in, one file
+    per run (several seeds need a placeholder); every other placeholder is an error."""
+    if template is None:
+        return [None] * len(specs)
+    try:
+        paths = [template.format(run_id=s.run_id, seed=s.seed) for s in specs]
+    except (KeyError, IndexError, AttributeError, TypeError, ValueError):
+        fail("--checkpoint", template, "a path whose only placeholders are {run_id} and {seed}")
+    require(len(set(paths)) == len(paths), "--checkpoint", template,
+            "a path with {run_id} or {seed} when several seeds train (one file per run)")
+    return paths
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from chimera.bench.report.tables import runs_table
+    from chimera.data import load_task
+    from chimera.run.build import probe_run
     from chimera.run.records import RecordWriter
     from chimera.run.trainer import train
 
     if args.data_dir is not None:  # where cifar10 looks (the same as setting CHIMERA_DATA)
         os.environ["CHIMERA_DATA"] = args.data_dir
-    specs = [spec_from_args(args, seed) for seed in args.seed]
+    specs = _train_specs(args)
+    checkpoints = checkpoint_paths(args.checkpoint, specs)
+    check_output_file("--out", args.out)
+    for path in checkpoints:
+        if path is not None:
+            check_output_file("--checkpoint", path)
+    data = load_task(specs[0].task)
+    probe_run(specs[0], data)  # the seeds share everything the probe builds
     finals = []
     with RecordWriter(args.out) as writer:
-        for spec in specs:
-            checkpoint = (args.checkpoint.format(run_id=spec.run_id, seed=spec.seed)
-                          if args.checkpoint else None)
-            finals.append({**spec.to_dict(), **train(spec, writer, progress=not args.quiet,
+        for spec, checkpoint in zip(specs, checkpoints, strict=True):
+            finals.append({**spec.to_dict(), **train(spec, writer, data=data,
+                                                     progress=not args.quiet,
                                                      checkpoint=checkpoint)})
     print(runs_table(finals))
     print(f"records: {args.out}")
+
+
+def _probe_all(specs: Sequence[Any]) -> None:
+    """:func:`~chimera.run.build.probe_run` once per configuration of ``specs``."""
+    from chimera.data import load_task
+    from chimera.run.build import probe_run
+
+    data: dict[str, Any] = {}
+    probed = set()
+    for spec in specs:
+        if spec.config_id not in probed:
+            if spec.task not in data:
+                data[spec.task] = load_task(spec.task)
+            probe_run(spec, data[spec.task])
+            probed.add(spec.config_id)
 
 
 def _cmd_compare_quant(args: argparse.Namespace) -> None:
@@ -95,8 +222,11 @@ def _cmd_compare_quant(args: argparse.Namespace) -> None:
     from chimera.bench.report.tables import quant_table
     from chimera.run.records import RecordWriter
 
-    specs = quant_specs(_csv(args.quantizers), _seed_range(args.seeds), task=args.task,
+    quantizers = _names("--quantizers", args.quantizers, required=True)
+    specs = quant_specs(quantizers, _seed_range(args.seeds), task=args.task,
                         model=args.model, epochs=args.epochs)
+    check_output_file("--out", args.out)
+    _probe_all(specs)
     with RecordWriter(args.out) as writer:
         finals = run_compare_quant(specs, writer, progress=not args.quiet)
     print(quant_table(finals))
@@ -106,33 +236,92 @@ def _cmd_compare_quant(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from chimera.run.export_run import export_checkpoint
 
+    check_output_file("out", args.out)
     report = export_checkpoint(args.checkpoint, args.out, format=args.format)
     for key, value in report.items():
         print(f"{key}: {value}")
 
 
 def _cmd_stress(args: argparse.Namespace) -> None:
-    from chimera.bench.jobs.stress import run_stress
+    from chimera.bench.jobs.stress import STRESS_CONFIGS, run_stress
     from chimera.bench.report.tables import stress_table
+    from chimera.data.stress_problems import STRESS
     from chimera.run.records import RecordWriter
 
+    problems = _names("--problems", args.problems)
+    configs = _names("--optimizers", args.optimizers)
+    for registry, names in ((STRESS, problems), (STRESS_CONFIGS, configs)):
+        for name in names or ():
+            registry.get(name)
+    seeds, steps = _seed_range(args.seeds), integer("--steps", args.steps, 1)
+    check_output_file("--out", args.out)
     with RecordWriter(args.out) as writer:
-        finals = run_stress(_csv(args.problems) or None, _csv(args.optimizers) or None,
-                            seeds=_seed_range(args.seeds), steps=args.steps, writer=writer,
+        finals = run_stress(problems, configs, seeds=seeds, steps=steps, writer=writer,
                             progress=not args.quiet)
     print(stress_table(finals))
     print(f"records: {args.out}")
 
 
+BENCH_OVERRIDES = ("stress_steps", "toy_lq_steps", "quant_epochs", "rule_epochs", "epochs")
+
+
+def _suite_places(data: Any) -> dict[str, tuple[str, bool]] | None:
+    """For every ``chimera bench`` override: what it sets in a suite and whether the parsed
+    suite ``data`` has it (as :func:`chimera.bench.jobs.bench.override_suite` applies them);
+    None for data of a shape that :func:`~chimera.bench.suite.schema.load_suite` rejects."""
+    from chimera.bench.jobs.bench import QUANT_GRID, RULE_GRID
+
+    grids = data.get("grid", [data] if "task" in data or "tasks" in data else []) \
+        if isinstance(data, dict) else None
+    if not isinstance(grids, list) or not all(isinstance(g, dict) for g in grids):
+        return None
+    names = [g.get("name") for g in grids]
+    return {
+        "stress_steps": ("[stress] section", "stress" in data),
+        "toy_lq_steps": ("[toy_lq] section", "toy_lq" in data),
+        "quant_epochs": (f"grid named '{QUANT_GRID}'", QUANT_GRID in names),
+        "rule_epochs": (f"grid named '{RULE_GRID}'", RULE_GRID in names),
+        "epochs": (f"grid other than those named '{QUANT_GRID}' and '{RULE_GRID}'",
+                   any(n not in (QUANT_GRID, RULE_GRID) for n in names)),
+    }
+
+
+def _check_bench_overrides(args: argparse.Namespace) -> None:
+    """Every override given is a positive integer and has something to set in the suite (an
+    override the suite has no place for would be ignored silently)."""
+    from chimera.bench.jobs.bench import bench_suite
+
+    given = [k for k in BENCH_OVERRIDES if getattr(args, k) is not None]
+    for key in given:
+        integer("--" + key.replace("_", "-"), getattr(args, key), 1)
+    if args.suite is None:
+        data, where = bench_suite(), "the bench suite"
+    else:
+        try:
+            data = tomllib.loads(Path(args.suite).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            return  # load_suite reports it
+        where = f"suite {args.suite}"
+    places = _suite_places(data)
+    for key in given if places is not None else ():
+        place, present = places[key]
+        if not present:
+            raise ValueError(f"--{key.replace('_', '-')} has nothing to set: {where} has no "
+                             f"{place}")
+
+
 def _cmd_bench(args: argparse.Namespace) -> None:
     from chimera.bench.jobs.bench import run_bench
 
+    seeds = None if args.seeds is None else _seed_range(args.seeds)
+    workers = _workers(args.workers)
+    _check_bench_overrides(args)
+    check_output_dir("--out", args.out)
     start = time.perf_counter()
-    summary = run_bench(args.out, seeds=None if args.seeds is None else _seed_range(args.seeds),
-                        stress_steps=args.stress_steps, epochs=args.epochs,
-                        quant_epochs=args.quant_epochs, rule_epochs=args.rule_epochs,
-                        toy_lq_steps=args.toy_lq_steps, workers=args.workers,
-                        progress=not args.quiet, suite=args.suite)
+    summary = run_bench(args.out, seeds=seeds, stress_steps=args.stress_steps,
+                        epochs=args.epochs, quant_epochs=args.quant_epochs,
+                        rule_epochs=args.rule_epochs, toy_lq_steps=args.toy_lq_steps,
+                        workers=workers, progress=not args.quiet, suite=args.suite)
     print(summary)
     print(f"records, summary.md, report.csv and plots in {args.out}/ "
           f"({time.perf_counter() - start:.0f} s)")
@@ -142,30 +331,37 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 def _cmd_sweep(args: argparse.Namespace) -> None:
     from chimera.bench.suite.execute import run_sweep
 
-    if args.workers is not None and args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    print(run_sweep(args.suite, args.out, workers=args.workers, progress=not args.quiet))
+    workers = _workers(args.workers)
+    check_output_dir("--out", args.out)
+    print(run_sweep(args.suite, args.out, workers=workers, progress=not args.quiet))
     print(f"records, checkpoints/ and summary.md in {args.out}/")
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
     from chimera.bench.report.write import write_report
 
+    if args.out is not None:
+        check_output_dir("--out", args.out)
     paths = write_report(args.directory, args.out)
     print(paths.markdown, paths.csv, *paths.plots, sep="\n")
 
 
 def _cmd_toy_lq(args: argparse.Namespace) -> None:
-    from chimera.bench.jobs.toy_lq import DEFAULT_W_STD, run_toy_lq
+    from chimera.bench.jobs.toy_lq import DEFAULT_W_STD, TOY_VARIANTS, run_toy_lq
     from chimera.bench.report.tables import toy_lq_table
     from chimera.run.records import RecordWriter
 
+    rules = _names("--rules", args.rules)
+    for name in rules or ():
+        TOY_VARIANTS.get(name)
+    seeds, steps = _seed_range(args.seeds), integer("--steps", args.steps, 1)
+    w_std = DEFAULT_W_STD if args.w_std is None else number("--w-std", args.w_std, 0)
+    workers = _workers(args.workers)
+    check_output_file("--out", args.out)
     start = time.perf_counter()
     with RecordWriter(args.out) as writer:
-        finals = run_toy_lq(_csv(args.rules) or None, seeds=_seed_range(args.seeds),
-                            steps=args.steps, writer=writer, progress=not args.quiet,
-                            w_std=DEFAULT_W_STD if args.w_std is None else args.w_std,
-                            workers=args.workers)
+        finals = run_toy_lq(rules, seeds=seeds, steps=steps, writer=writer,
+                            progress=not args.quiet, w_std=w_std, workers=workers)
     print(toy_lq_table(finals))
     print(f"records: {args.out} ({time.perf_counter() - start:.0f} s)")
 
@@ -279,9 +475,17 @@ COMMANDS: dict[str, tuple[Any, str, Any, bool]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are ``ValueError`` lines (see :func:`main`), not usage + exit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ValueError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``chimera`` command (one sub-command per ``COMMANDS`` entry)."""
-    p = argparse.ArgumentParser(prog="chimera", description=__doc__)
+    p = _Parser(prog="chimera", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for name, (handler, help, options, quiet) in COMMANDS.items():
         sp = sub.add_parser(name, help=help)
@@ -295,14 +499,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_error(message: str) -> int:
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    print(f"chimera: error: {'; '.join(lines) or 'invalid input'}", file=sys.stderr)
+    return 2
+
+
+def _internal_error() -> int:
+    traceback.print_exc()
+    print("chimera: internal error: this is a bug in chimera; please report it with the command "
+          "line and the traceback above", file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; bad input ends with a one-line ``chimera: error: ...`` and exit code 2."""
-    args = build_parser().parse_args(argv)
+    """Entry point: 0 when the command succeeds; a user error (a bad option or value, a path
+    that cannot be read or written) prints one line ``chimera: error: ...`` and returns 2; any
+    other exception prints its traceback and a line asking to report it, and returns 1."""
     try:
+        args = build_parser().parse_args(argv)
         args.func(args)
     except ValueError as e:
-        print(f"chimera: error: {e}", file=sys.stderr)
-        return 2
+        return _user_error(str(e))
+    except OSError as e:  # on a path of the user's (one the checks could not foresee)
+        if e.filename is None:
+            return _internal_error()
+        return _user_error(f"{e.strerror or e}: {e.filename}")
+    except Exception:
+        return _internal_error()
     return 0
 
 

@@ -65,14 +65,36 @@ def test_controller_override_reaches_the_layers(digits):
 @pytest.mark.parametrize(("kw", "message"), [
     ({"quantizer": "ternary9"}, "unknown quantizer 'ternary9'"),
     ({"quantizer": "int_ternary"}, "trained by optimizer 'scaled_optum'"),
-    ({"controller": {"frequency": "hourly"}}, "controller frequency"),
+    ({"quantizer": "chimera", "controller": {"frequency": "hourly"}}, "controller frequency"),
     ({"quantizer": "chimera", "controller": {"affects": "gamma"}}, "controller affects"),
-    ({"controller": {}}, "needs a model with BitLinear"),
+    ({"quantizer": "chimera", "controller": {"target": 1.3}},
+     "^controller has no setting 'target'; allowed: frequency, affects, target_bits, branch"),
+    ({"quantizer": "chimera", "controller": {"step_size": 0}}, "^step_size must be a number > 0"),
+    ({"controller": {}}, r"^a controller needs a quantizer with BitLinear/BitConv layers "
+                         r"\(strict_bitnet or chimera\), got quantizer 'fp32'$"),
+    ({"quantizer": "int_ternary", "optimizer": "scaled_optum", "controller": {}},
+     "got quantizer 'int_ternary'$"),
     ({"quantizer": "chimera", "quant_hparams": {"skip": ["fc9"]}}, "skip names"),
+    ({"quantizer": "fp32", "quant_hparams": {"skip": ["first"]}}, "'fp32' converts no layer"),
 ])
-def test_bad_quantizer_configs_are_clear_errors(kw, message, digits):
+def test_bad_quantizer_configs_are_clear_errors_when_the_spec_is_built(kw, message, digits):
     with pytest.raises(ValueError, match=message):
         train(spec(**kw), data=digits, progress=False)
+
+
+def test_controller_settings_and_the_layers_it_needs():
+    from torch import nn
+
+    from chimera.nn.quantize import AlphaControl, controllable_quantizers, controller_settings
+
+    assert controllable_quantizers() == ["strict_bitnet", "chimera"]
+    frequency, affects, control = controller_settings({"frequency": "batch", "target_bits": 1.0})
+    assert (frequency, affects, control.target_bits) == ("batch", "alpha_target", 1.0)
+    with pytest.raises(ValueError, match="^controller must be a table"):
+        controller_settings([("target_bits", 1.0)])
+    with pytest.raises(ValueError, match=r"needs a model with BitLinear/BitConv layers "
+                                         r"\(quantizer strict_bitnet or chimera\)"):
+        AlphaControl(nn.Sequential(nn.Linear(2, 2)), {})
 
 
 def test_int_ternary_run_reports_integer_state_per_weight(digits):

@@ -6,7 +6,7 @@ from torch import nn
 from chimera.models.cnn import CNN1d
 from chimera.models.mlp import MLP
 from chimera.nn.bit_layers import BitConv1d, BitLayer, BitLinear
-from chimera.nn.quantize import QUANTIZERS, ternarize
+from chimera.nn.quantize import QUANTIZERS, FloatConfig, ternarize
 
 TERNARY = [n for n in QUANTIZERS.names() if n != "fp32"]
 
@@ -79,6 +79,9 @@ def test_fp32_is_a_no_op_and_unknown_modes_raise():
     model = mlp()
     before = [type(m) for m in model.modules()]
     assert ternarize(model, "fp32") is model
+    assert ternarize(model, "fp32", skip=[]) is model  # an empty skip is the no-op it is
+    with pytest.raises(ValueError, match="'fp32' converts no layer"):
+        FloatConfig(skip="first")
     assert [type(m) for m in model.modules()] == before
     with pytest.raises(ValueError, match="chimera"):  # the registry lists the known modes
         ternarize(model, "binary")
@@ -93,13 +96,34 @@ def test_shared_layers_stay_shared_and_a_bare_layer_is_returned_converted():
     assert isinstance(model[0], BitLinear) and model[0] is model[2]
     bare = nn.Linear(3, 2)
     assert isinstance(ternarize(bare, "chimera", skip=()), BitLinear)
-    assert ternarize(bare, "chimera") is bare  # the only layer is both first and last
 
 
-def test_subclasses_are_left_alone():
+@pytest.mark.parametrize("name", TERNARY)
+def test_a_config_that_converts_nothing_is_an_error(name):
+    # the only layer is both first and last: the model would stay float under a ternary name
+    bare = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=rf"^quantizer '{name}' would convert no layer: skip "
+                       r"\['first', 'last'\] keeps all of the model's convertible layers "
+                       r"\['\(the model itself\)'\] in float"):
+        ternarize(bare, name)
+    two = MLP((12,), 5, hidden=8, depth=1)  # Linear layers 1 and 3: first and last
+    with pytest.raises(ValueError, match=r"convertible layers \['1', '3'\].*skip=\[\]"):
+        ternarize(two, name)
+    with pytest.raises(ValueError, match=r"convertible layers \['1', '3'\]"):
+        ternarize(two, name, skip=("first", "3"))
+    assert layer_types(two) == [nn.Linear, nn.Linear]  # nothing half-converted
+    converted = ternarize(two, name, skip=("last",))
+    assert type(converted[1]) is not nn.Linear and type(converted[3]) is nn.Linear
+
+
+def test_subclasses_are_left_alone_and_a_model_with_nothing_convertible_is_an_error():
     attention = nn.MultiheadAttention(8, 2)  # out_proj is a subclass of nn.Linear
-    ternarize(attention, "chimera", skip=())
+    with pytest.raises(ValueError, match="the model has no nn.Linear, nn.Conv1d or nn.Conv2d"):
+        ternarize(attention, "chimera", skip=())
     assert type(attention.out_proj) is not BitLinear
+    model = nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 2))
+    ternarize(model, "chimera", skip=())
+    assert type(model[0]) is BitLinear and type(model[1].out_proj) is not BitLinear
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -122,10 +146,12 @@ def test_every_parameter_of_a_ternary_cnn1d_gets_gradient(mode, skip):
 def test_every_config_round_trips_through_a_plain_dict(name):
     from chimera.nn.quantize import quantizer_config
 
-    config = quantizer_config(name, skip=["last"])
+    skip = () if name == "fp32" else ("last",)  # fp32 converts nothing: its skip is empty
+    config = quantizer_config(name, skip=list(skip))
     data = config.to_dict()
-    assert data["quantizer"] == name and data["skip"] == ("last",)
+    assert data["quantizer"] == name and data["skip"] == skip
     assert quantizer_config(**data) == config
+    assert quantizer_config(**quantizer_config(name).to_dict()) == quantizer_config(name)
 
 
 @pytest.mark.parametrize(("name", "hparams", "message"), [
@@ -135,8 +161,14 @@ def test_every_config_round_trips_through_a_plain_dict(name):
      "quantizer 'strict_bitnet' has no hyper-parameter 'group_size'"),
     ("int_ternary", {"group_size": 0}, "group_size"),
     ("int_ternary", {"alpha_target": 0.5}, "allowed: skip, group_size, act_quant"),
-    ("fp32", {"alpha_target": 0.5}, "allowed: skip"),
+    ("fp32", {"alpha_target": 0.5},
+     r"^quantizer 'fp32' converts no layer and takes no hyper-parameters, got "
+     r"\{'alpha_target': 0.5\}$"),
+    ("fp32", {"skip": ["first"]}, r"^quantizer 'fp32' converts no layer and takes no "
+                                  r"hyper-parameters, got \{'skip': \['first'\]\}$"),
     ("chimera", {"skip": [1]}, "skip must be a layer name"),
+    ("chimera", {"skip": ["first", "first"]},
+     r"^skip must be distinct layer names, got \('first', 'first'\)$"),
 ])
 def test_configs_validate_themselves_when_built(name, hparams, message):
     from chimera.nn.quantize import quantizer_config

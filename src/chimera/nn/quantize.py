@@ -4,28 +4,32 @@
 
 One frozen dataclass config per quantizer, registered by name in ``QUANTIZERS``:
 
-- ``fp32`` -> :class:`FloatConfig` (nothing is converted);
+- ``fp32`` -> :class:`FloatConfig` (nothing is converted, so it takes no arguments);
 - ``strict_bitnet`` / ``chimera`` -> :class:`TernaryConfig` (Bit layers, int8 activations);
 - ``int_ternary`` -> :class:`IntTernaryConfig` (integer-ternary layers, trained by ScaledOptum).
 
 A config validates itself when built (its layer arguments through a probe layer, so the layer's
 own checks are the only ones), and round-trips through plain dicts: ``config.to_dict()`` and
-``quantizer_config(**d)``. Run specs and suites name a quantizer and its ``quant_hparams``; a
-run's final record and checkpoints carry the resolved ``config.to_dict()`` (defaults included).
+``quantizer_config(**d)``. A config that converts no layer of a model is an error of
+:func:`quantize_` (a run recorded as ternary would otherwise train in float). Run specs and suites
+name a quantizer and its ``quant_hparams``; a run's final record and checkpoints carry the resolved
+``config.to_dict()`` (defaults included).
 Beside it sits the wiring of the target-bits controller to the Bit layers (:class:`AlphaControl`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
-from chimera._validate import known_keys
+from chimera._validate import known_keys, require
 from chimera.nn.bit_layers import QUANT_MODES, BitConv1d, BitConv2d, BitLayer, BitLinear
 from chimera.nn.int_ternary import IntTernaryLinear, IntTernaryModule
 from chimera.quant.controller import TargetBitsController
@@ -35,6 +39,7 @@ from chimera.registry import Registry
 # exact types: subclasses such as MultiheadAttention's out_proj are used through their .weight
 CONVERTIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 POSITIONAL_SKIPS = ("first", "last")
+_FP32_TAKES_NOTHING = "quantizer 'fp32' converts no layer and takes no hyper-parameters, got {}"
 _BIT_LAYERS: dict[type[nn.Module], type[BitLayer]] = {
     nn.Linear: BitLinear, nn.Conv1d: BitConv1d, nn.Conv2d: BitConv2d,
 }
@@ -49,13 +54,17 @@ class QuantConfig:
     skip: tuple[str, ...] = POSITIONAL_SKIPS
     name: ClassVar[str] = "fp32"
     requires_optimizer: ClassVar[str | None] = None  # the only optimizer that can train it
+    controllable: ClassVar[bool] = False  # its layers are Bit layers the controller can drive
 
     def __post_init__(self) -> None:
         skip = (self.skip,) if isinstance(self.skip, str) else self.skip
         if not isinstance(skip, Iterable) or not all(isinstance(s, str) for s in skip):
             raise ValueError(f"skip must be a layer name or a list of them, got {self.skip!r}")
-        object.__setattr__(self, "skip", tuple(skip))
-        self._probe()
+        skip = tuple(skip)
+        require(len(set(skip)) == len(skip), "skip", skip, "distinct layer names")
+        object.__setattr__(self, "skip", skip)
+        with torch.random.fork_rng(devices=[]):  # the probe layer's init draws no global numbers
+            self._probe()
 
     def _probe(self) -> None:
         """Build one tiny layer with the config's arguments (the layer validates them)."""
@@ -76,7 +85,14 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class FloatConfig(QuantConfig):
-    """``fp32``: the model stays as it is."""
+    """``fp32``: the model stays as it is; it converts nothing, so it takes no arguments (an
+    empty ``skip`` is accepted as the no-op it is)."""
+
+    skip: tuple[str, ...] = ()
+
+    def _probe(self) -> None:
+        if self.skip:
+            raise ValueError(_FP32_TAKES_NOTHING.format({"skip": list(self.skip)}))
 
 
 @dataclass(frozen=True)
@@ -96,6 +112,7 @@ class TernaryConfig(QuantConfig):
     ste_clip: float | None = 1.0
     act_quant: str = "per_tensor"
     compiled: bool | None = None
+    controllable: ClassVar[bool] = True
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -141,10 +158,17 @@ for _mode in QUANT_MODES:
 QUANTIZERS.register("int_ternary")(IntTernaryConfig)
 
 
+def controllable_quantizers() -> list[str]:
+    """The quantizers whose layers the target-bits controller can drive (Bit layers)."""
+    return [n for n in QUANTIZERS.names() if QUANTIZERS.get(n).controllable]
+
+
 def quantizer_config(quantizer: str, **hparams: Any) -> QuantConfig:
     """The config of the registered ``quantizer`` with ``hparams``; an unknown name, key or value
     raises ``ValueError`` naming it and what is allowed."""
     cls = QUANTIZERS.get(quantizer)
+    if cls is FloatConfig and set(hparams) - {"skip"}:
+        raise ValueError(_FP32_TAKES_NOTHING.format(hparams))
     allowed = [f.name for f in dataclasses.fields(cls) if f.name != "quantizer"]
     known_keys(f"quantizer '{quantizer}'", hparams, allowed, "hyper-parameter")
     if cls is TernaryConfig:
@@ -170,10 +194,25 @@ def _skipped(names: list[str], skip: tuple[str, ...]) -> set[str]:
     return chosen
 
 
+def _nothing_converted(config: QuantConfig, names: list[str]) -> str:
+    """Why ``config`` converts no layer of a model whose convertible layers are ``names``."""
+    if not names:
+        return (f"quantizer '{config.name}' would convert no layer: the model has no "
+                "nn.Linear, nn.Conv1d or nn.Conv2d (subclasses are left alone)")
+    shown = [n or "(the model itself)" for n in names]
+    return (f"quantizer '{config.name}' would convert no layer: skip {list(config.skip)} keeps "
+            f"all of the model's convertible layers {shown} in float; skip fewer (skip=[] "
+            "converts every one)")
+
+
 def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
     """Swap every ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` of ``model`` (but ``config.skip``)
     for ``config``'s layer, in place; returns the model (or the converted module when ``model``
     itself is one layer). A layer shared by several parents is converted once and stays shared.
+
+    A quantizing config that would convert nothing (``skip`` covers every convertible layer, or
+    the model has none) raises ``ValueError``: the model would silently stay in float while its
+    runs are recorded under the quantizer's name. ``fp32`` returns the model unchanged.
     """
     if not isinstance(config, QuantConfig):
         raise ValueError(f"config must be a quantizer config ({', '.join(QUANTIZERS.names())}), "
@@ -181,8 +220,11 @@ def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
     if isinstance(config, FloatConfig):
         return model
     layers = [(n, m) for n, m in model.named_modules() if type(m) in CONVERTIBLE_TYPES]
-    skipped = _skipped([n for n, _ in layers], config.skip)
+    names = [n for n, _ in layers]
+    skipped = _skipped(names, config.skip)
     replaced = {id(m): config.convert(m) for n, m in layers if n not in skipped}
+    if not replaced:
+        raise ValueError(_nothing_converted(config, names))
     if id(model) in replaced:
         return replaced[id(model)]
     for parent in list(model.modules()):
@@ -194,16 +236,36 @@ def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
 
 
 def ternarize(
-    model: nn.Module, quantizer: str, *, skip: Iterable[str] = POSITIONAL_SKIPS, **hparams: Any
+    model: nn.Module, quantizer: str, *, skip: Iterable[str] | None = None, **hparams: Any
 ) -> nn.Module:
     """``quantize_(model, quantizer_config(quantizer, skip=skip, **hparams))``: the one-line form
-    (``"fp32"`` returns the model unchanged)."""
-    skip = (skip,) if isinstance(skip, str) else tuple(skip)
-    return quantize_(model, quantizer_config(quantizer, skip=skip, **hparams))
+    (``skip=None``: the config's default, first and last; ``"fp32"`` returns the model
+    unchanged)."""
+    if skip is not None:
+        hparams["skip"] = (skip,) if isinstance(skip, str) else tuple(skip)
+    return quantize_(model, quantizer_config(quantizer, **hparams))
 
 
 CONTROLLER_FREQUENCIES = ("epoch", "batch")
 CONTROLLER_AFFECTS = ("alpha_target", "alpha_override")
+
+
+def controller_settings(config: dict[str, Any]) -> tuple[str, str, TargetBitsController]:
+    """``(frequency, affects, controller)`` of a controller table (see :class:`AlphaControl`),
+    validated: an unknown key or a bad value raises one ``ValueError`` line naming it."""
+    require(isinstance(config, dict), "controller", config, "a table of controller settings")
+    own = [p for p in inspect.signature(TargetBitsController.__init__).parameters if p != "self"]
+    known_keys("controller", config, ["frequency", "affects", *own], "setting")
+    cfg = dict(config)
+    frequency = cfg.pop("frequency", "epoch")
+    affects = cfg.pop("affects", "alpha_target")
+    if frequency not in CONTROLLER_FREQUENCIES:
+        raise ValueError(f"controller frequency must be one of {CONTROLLER_FREQUENCIES}, "
+                         f"got {frequency!r}")
+    if affects not in CONTROLLER_AFFECTS:
+        raise ValueError(f"controller affects must be one of {CONTROLLER_AFFECTS}, "
+                         f"got {affects!r}")
+    return frequency, affects, TargetBitsController(**cfg)
 
 
 class AlphaControl:
@@ -212,28 +274,17 @@ class AlphaControl:
     (docs/algorithms.md#target-bits-controller).
 
     ``config`` keys: ``frequency`` (epoch | batch), ``affects`` (alpha_target | alpha_override:
-    the override also skips the warm-up), and the controller's own arguments.
+    the override also skips the warm-up), and the controller's own arguments
+    (:func:`controller_settings`).
     """
 
     def __init__(self, model: nn.Module, config: dict[str, Any]) -> None:
         self.model = model
-        cfg = dict(config)
-        self.frequency = cfg.pop("frequency", "epoch")
-        self.affects = cfg.pop("affects", "alpha_target")
-        if self.frequency not in CONTROLLER_FREQUENCIES:
-            raise ValueError(f"controller frequency must be one of {CONTROLLER_FREQUENCIES}, "
-                             f"got {self.frequency!r}")
-        if self.affects not in CONTROLLER_AFFECTS:
-            raise ValueError(f"controller affects must be one of {CONTROLLER_AFFECTS}, "
-                             f"got {self.affects!r}")
+        self.frequency, self.affects, self.controller = controller_settings(config)
         self.layers = [m for m in self.model.modules() if isinstance(m, BitLayer)]
         if not self.layers:
             raise ValueError("a controller needs a model with BitLinear/BitConv layers "
-                             "(quantizer strict_bitnet or chimera)")
-        try:
-            self.controller = TargetBitsController(**cfg)
-        except TypeError as e:
-            raise ValueError(f"controller: {e}") from None
+                             f"(quantizer {' or '.join(controllable_quantizers())})")
         self.alpha = statistics.fmean(m.alpha_target for m in self.layers)
 
     def update(self) -> None:

@@ -1,19 +1,22 @@
 """From a run spec to the objects that train it: device, model, optimizer, learning rule,
-scheduler and the per-batch step."""
+scheduler and the per-batch step; and :func:`probe_run`, which builds them all once on the side
+so that a bad setting is one ``ValueError`` line before a run starts."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chimera.data import TaskData
 from chimera.models import build_model
-from chimera.nn.quantize import quantize_
+from chimera.nn.quantize import AlphaControl, quantize_
+from chimera.optim import build_optimizer
 from chimera.rules import LearningRule, build_rule
 from chimera.run.spec import PRECISIONS, RunSpec
 
@@ -62,10 +65,9 @@ def build_run_rule(
     spec: RunSpec, model: nn.Module, opt: torch.optim.Optimizer | None, num_classes: int,
     total_steps: int,
 ) -> LearningRule | None:
-    """The run's learning rule (None for backprop, which the trainer runs inline)."""
+    """The run's learning rule (None for backprop, which the trainer runs inline; the spec
+    rejects rule_hparams for it)."""
     if spec.rule == "backprop":
-        if spec.rule_hparams:
-            raise ValueError(f"rule 'backprop' takes no rule_hparams, got {spec.rule_hparams}")
         return None
     return build_rule(spec.rule, model, opt, loss_fn=F.cross_entropy, out_dim=num_classes,
                       total_steps=total_steps, **spec.rule_hparams)
@@ -99,3 +101,43 @@ def build_step(
         return out["loss"], out["logits"], None
 
     return rule_step
+
+
+PROBE_EXAMPLES = 2  # training examples of the probe step
+
+
+@contextlib.contextmanager
+def _part(what: str) -> Iterator[None]:
+    """Errors of building or stepping ``what`` as one ``ValueError`` line naming it (a
+    ``ValueError`` already names its argument and passes unchanged)."""
+    try:
+        yield
+    except (TypeError, RuntimeError, ArithmeticError, IndexError, KeyError) as e:
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"{what}: {detail}") from None
+
+
+def probe_run(spec: RunSpec, data: TaskData) -> None:
+    """Build what a run of ``spec`` on ``data`` builds (the model and its quantization, the
+    optimizer, the controller, the learning rule) on the CPU and take one backprop step on the
+    first training examples, leaving the global RNG as it was. A value that only its target
+    notices (a model that does not fit the task, a learning rate that overflows, a skip rule
+    that converts nothing) raises one ``ValueError`` line here, before any run starts."""
+    resolve_device(spec.device)
+    x = data.x_train[:PROBE_EXAMPLES].cpu()
+    y = data.y_train[:PROBE_EXAMPLES].cpu()
+    with torch.random.fork_rng(devices=[]):
+        with _part(f"model '{spec.model}' with {spec.model_hparams}"):
+            model = build_run_model(spec, data.input_shape, data.num_classes)
+        with _part(f"optimizer '{spec.optimizer}' with {spec.optimizer_hparams}"):
+            opt = build_optimizer(spec.optimizer, model, **spec.optimizer_hparams)
+        if spec.controller is not None:
+            AlphaControl(model, spec.controller)
+        with _part(f"rule '{spec.rule}' with {spec.rule_hparams}"):
+            build_run_rule(spec, model, opt, data.num_classes, total_steps=1)
+        with _part(f"model '{spec.model}' on task '{spec.task}'"), \
+                autocast(spec.precision, "cpu"):
+            loss = F.cross_entropy(model(x), y)
+        with _part(f"a step of optimizer '{spec.optimizer}' with {spec.optimizer_hparams}"):
+            loss.backward()
+            opt.step()

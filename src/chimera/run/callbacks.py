@@ -115,14 +115,47 @@ class Controller(Callback):
         self.control.load_state_dict(state)
 
 
+def plain(value: Any) -> Any:
+    """``value`` as JSON-able data: tensors and numpy scalars as numbers (or lists), tuples as
+    lists, anything else unknown as its ``str``."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if hasattr(value, "tolist") and callable(value.tolist):  # tensors, numpy arrays and scalars
+        return plain(value.tolist())
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+# group keys that are no setting: the parameters, and what schedulers add
+_GROUP_BOOKKEEPING = ("params", "initial_lr")
+
+
+def optimizer_config(opt: torch.optim.Optimizer) -> Fields:
+    """The optimizer's resolved settings: ``opt.defaults`` (JSON-able, defaults included) plus,
+    when param groups set something else (STAC's trunk and cap roles, ScaledOptum's ternary
+    group), ``param_groups``: every group's value of each such setting."""
+    defaults = plain(opt.defaults)
+    own = {k for group in opt.param_groups for k, v in group.items()
+           if k not in _GROUP_BOOKKEEPING and (k not in defaults or plain(v) != defaults[k])}
+    if not own:
+        return defaults
+    groups = [{k: plain(v) for k, v in group.items() if k in own} for group in opt.param_groups]
+    return {**defaults, "param_groups": groups}
+
+
 class OptimizerMetrics(Callback):
-    """The optimizer's own diagnostics (``last_diagnostics``) in step records, and its
-    ``run_metrics()`` (if it has them) in the final record."""
+    """The optimizer's own diagnostics (``last_diagnostics``) in step records; in the final
+    record its resolved settings (``optimizer_config``, taken when the run is set up, before any
+    schedule moves the learning rate) and its ``run_metrics()`` (if it has them)."""
 
     name = "optimizer"
 
     def __init__(self, opt: torch.optim.Optimizer) -> None:
         self.opt = opt
+        self.config = optimizer_config(opt)
 
     def step_fields(self) -> Fields:
         diag = getattr(self.opt, "last_diagnostics", None) or {}
@@ -130,12 +163,14 @@ class OptimizerMetrics(Callback):
 
     def final_fields(self) -> Fields:
         run_metrics = getattr(self.opt, "run_metrics", None)
-        return run_metrics() if run_metrics is not None else {}
+        return {"optimizer_config": self.config,
+                **(run_metrics() if run_metrics is not None else {})}
 
 
 class RuleCredit(Callback):
     """A learning rule's credit diagnostics against exact costates (fp32, on the first
-    ``DIAG_EXAMPLES`` evaluation examples, prefixed ``credit_``) and its state (feedback
+    ``DIAG_EXAMPLES`` evaluation examples, prefixed ``credit_``), its resolved hyper-parameters
+    (``rule_config``, preset values included) in the final record, and its state (feedback
     networks, their optimizers, step count) in checkpoints."""
 
     name = "rule"
@@ -152,7 +187,7 @@ class RuleCredit(Callback):
         return self.last
 
     def final_fields(self) -> Fields:
-        return self.last
+        return {**self.last, "rule_config": plain(self.rule.hparams)}
 
     def state_dict(self) -> Any:
         return self.rule.state_dict()

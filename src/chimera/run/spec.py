@@ -2,19 +2,42 @@
 
 Every default of a run lives here once: ``chimera train``'s options are generated from these
 fields (their ``metadata`` holds the option's help), and suites fill the same fields.
+
+A spec validates itself when built, so every caller (``chimera train``, suites, the library) gets
+the same one-line ``ValueError`` before anything runs: registered names, the budget, plain JSON
+hyper-parameter tables without NaN or infinity, the optimizer's and the rule's hyper-parameter
+names, the optimizer's against the types its constructor declares, the quantizer's arguments, and
+settings that do not apply (rule arguments for ``backprop``, a controller without Bit layers,
+``fp32`` arguments). What only building the objects reveals is checked by
+:func:`chimera.run.build.probe_run`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
+import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
-from chimera.nn.quantize import QUANTIZERS, QuantConfig, quantizer_config
+from chimera._validate import fail, known_keys, require
+from chimera.data import TASKS
+from chimera.models import MODELS
+from chimera.nn.quantize import (
+    QUANTIZERS,
+    QuantConfig,
+    controllable_quantizers,
+    controller_settings,
+    quantizer_config,
+)
+from chimera.optim import OPTIMIZERS, optimizer_hparam_names
 from chimera.rules import RULES
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -37,6 +60,67 @@ def check_device(value: str) -> str:
             or (device.type == "cpu" and device.index is not None)):
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {value!r}")
     return value
+
+
+def check_plain_table(name: str, value: Any) -> None:
+    """``value`` is plain JSON data (tables with string keys, lists, strings, booleans, None,
+    finite numbers), as records and run ids need; otherwise one line naming the key, e.g.
+    ``optimizer_hparams.lr must be a finite number, got inf``."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            require(isinstance(key, str), f"{name} key", key, "a string")
+            check_plain_table(f"{name}.{key}", item)
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            check_plain_table(f"{name}.{i}", item)
+    elif isinstance(value, float):
+        require(math.isfinite(value), name, value, "a finite number")
+    elif not (value is None or isinstance(value, str | int)):
+        fail(name, value, "plain data (a number, string, boolean, null, list or table)")
+
+
+def _type_text(annotation: Any) -> str:
+    generic = bool(typing.get_args(annotation))
+    text = str(annotation) if generic else getattr(annotation, "__name__", str(annotation))
+    return text.replace("typing.", "").replace("torch.Tensor", "Tensor")
+
+
+@functools.cache
+def _optimizer_types(name: str) -> dict[str, tuple[TypeAdapter, str]]:
+    """``{hyper-parameter: (strict validator, type text)}`` from the annotations of the
+    optimizer's constructor (hyper-parameters without a checkable annotation are left out)."""
+    cls = OPTIMIZERS.get(name).__wrapped__
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # annotations that do not resolve at runtime: names only
+        return {}
+    config = ConfigDict(strict=True, arbitrary_types_allowed=True)
+    types = {}
+    for key in optimizer_hparam_names(name):
+        if key in hints:  # an annotation pydantic cannot check is left out
+            with contextlib.suppress(Exception):
+                types[key] = (TypeAdapter(hints[key], config=config), _type_text(hints[key]))
+    return types
+
+
+def _as_tuples(value: Any) -> Any:
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def check_optimizer_hparams(name: str, hparams: dict[str, Any]) -> None:
+    """``hparams`` are keyword arguments of the optimizer ``name``, of the types its constructor
+    declares (strictly: no string for a number, no number for a boolean; lists stand for
+    tuples); one ``ValueError`` line naming the hyper-parameter otherwise. Values are checked by
+    the optimizer itself when it is built."""
+    known_keys(f"optimizer '{name}'", hparams, optimizer_hparam_names(name), "hyper-parameter")
+    types = _optimizer_types(name)
+    for key, value in hparams.items():
+        if key in types:
+            adapter, text = types[key]
+            try:
+                adapter.validate_python(_as_tuples(value))
+            except ValidationError:
+                fail(f"optimizer '{name}' hyper-parameter {key}", value, f"of type {text}")
 
 
 def _opt(help: str, flag: str | None = None) -> dict[str, Any]:
@@ -81,6 +165,21 @@ class RunSpec:
         "fp32 | bf16 (torch.autocast to bfloat16 around forward and loss)"))
 
     def __post_init__(self) -> None:
+        """Validate every field (see the module docstring): one ``ValueError`` line."""
+        self._check_budget()
+        for registry, name in ((TASKS, self.task), (MODELS, self.model),
+                               (OPTIMIZERS, self.optimizer), (RULES, self.rule)):
+            registry.get(name)
+        for name in HPARAM_FIELDS:
+            require(isinstance(getattr(self, name), dict), name, getattr(self, name),
+                    "a table of hyper-parameters")
+            check_plain_table(name, getattr(self, name))
+        check_optimizer_hparams(self.optimizer, self.optimizer_hparams)
+        self._check_rule()
+        self._check_quantizer()
+
+    def _check_budget(self) -> None:
+        """Epochs, batch sizes, logging, seed, schedule, device and precision."""
         for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -94,18 +193,34 @@ class RunSpec:
         check_device(self.device)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in HPARAM_FIELDS:
-            if not isinstance(getattr(self, name), dict):
-                raise ValueError(f"{name} must be a table of hyper-parameters, "
-                                 f"got {getattr(self, name)!r}")
-        if self.controller is not None and not isinstance(self.controller, dict):
-            raise ValueError(f"controller must be a table or None, got {self.controller!r}")
-        needs = self.quant_config.requires_optimizer
+
+    def _check_rule(self) -> None:
+        """Rule hyper-parameter names; ``backprop`` (run inline by the trainer) takes none."""
+        if self.rule == "backprop" and self.rule_hparams:
+            raise ValueError(f"rule 'backprop' takes no rule_hparams, got {self.rule_hparams}")
+        known_keys(f"rule '{self.rule}'", self.rule_hparams, RULES.get(self.rule).hparam_names,
+                   "hyper-parameter")
+
+    def _check_quantizer(self) -> None:
+        """The quantizer's arguments, the optimizer it requires, and the controller: settings
+        that exist and a quantizer with Bit layers for it to drive."""
+        config = self.quant_config
+        needs = config.requires_optimizer
         if needs is not None and self.optimizer != needs:
             raise ValueError(
                 f"quantizer {self.quantizer!r} has no float weights and is trained by optimizer "
                 f"{needs!r}; got optimizer {self.optimizer!r}"
             )
+        if self.controller is None:
+            return
+        require(isinstance(self.controller, dict), "controller", self.controller,
+                "a table or None")
+        check_plain_table("controller", self.controller)
+        if not config.controllable:
+            raise ValueError(
+                f"a controller needs a quantizer with BitLinear/BitConv layers "
+                f"({' or '.join(controllable_quantizers())}), got quantizer {self.quantizer!r}")
+        controller_settings(self.controller)
 
     @property
     def quant_config(self) -> QuantConfig:
