@@ -92,6 +92,8 @@ def test_shipped_configs_parse(path):
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"optimiser": "adamw"}, r"suite.toml: no key 'optimiser'; allowed: name, title"),
+    ({"quantizer": "chimera", "model_hparams": {"depth": 1}},
+     r"quantizer 'chimera' would convert no layer: skip \['first', 'last'\]"),
     ({"quantizers": [{"quantizer": "chimera", "alpha": 1}]},
      r"quantizers.0: no key 'alpha'; allowed: quantizer, quant_hparams, controller"),
     ({"task": "imagenet"}, "task: unknown task 'imagenet'; known:"),

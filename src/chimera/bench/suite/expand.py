@@ -6,10 +6,10 @@ on a probe model, before anything runs (docs/suites.md).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from chimera.bench.suite.sections import GridSection, StressSection, Suite, ToyLQSection
@@ -38,32 +38,28 @@ PROBE_SHAPES = ((40,), (3, 8, 8))  # probe inputs for the real model: a sequence
 
 # --- probes ------------------------------------------------------------------------------------
 
-def _rule_probe(spec: RunSpec) -> None:
-    """Build the run's learning rule on its own model (the model's structure matters: a rule
-    needs stem / blocks / head), built on the first probe input it accepts."""
+def _probe_model(spec: RunSpec) -> nn.Module:
+    """The run's model built on the first probe input it accepts (no task data is loaded)."""
     error = ValueError(f"model '{spec.model}' takes none of the probe inputs {PROBE_SHAPES}")
     for shape in PROBE_SHAPES:
         try:
-            model = build_model(spec.model, shape, 2, **spec.model_hparams)
-            break
+            return build_model(spec.model, shape, 2, **spec.model_hparams)
         except ValueError as e:
             error = e
-    else:
-        raise error
-    build_run_rule(spec, model, None, num_classes=2, total_steps=1)
+    raise error
 
 
 def _probe(spec: RunSpec) -> None:
-    """Build the run's quantizer, optimizer and controller on a tiny MLP, and its learning rule
-    on its model: bad hyper-parameter names or values, or a rule on a model without stem /
-    blocks / head, raise here, before any run starts."""
-    probe = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    """Build the run's model with its quantizer, optimizer, controller and learning rule on a
+    probe input: bad hyper-parameter names or values, a skip rule that converts nothing, or a
+    rule on a model without stem / blocks / head raise here, before any run starts."""
     try:
-        model = quantize_(probe, dataclasses.replace(spec.quant_config, skip=()))
-        build_optimizer(spec.optimizer, model, **spec.optimizer_hparams)
-        if spec.controller is not None:
-            AlphaControl(model, spec.controller)
-        _rule_probe(spec)
+        with torch.random.fork_rng(devices=[]):
+            model = quantize_(_probe_model(spec), spec.quant_config)
+            opt = build_optimizer(spec.optimizer, model, **spec.optimizer_hparams)
+            if spec.controller is not None:
+                AlphaControl(model, spec.controller)
+            build_run_rule(spec, model, opt, num_classes=2, total_steps=1)
     except (TypeError, ValueError) as e:
         raise ValueError(f"run {spec.run_id}: {e}") from None
 
