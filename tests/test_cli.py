@@ -268,3 +268,30 @@ def test_report_command(capsys, tmp_path):
     assert "digits/mlp" in (tmp_path / "report.md").read_text()
     code, _, err = run_cli(capsys, "report", str(tmp_path / "nothing"))
     assert code == 2 and "nothing" in err
+
+
+def test_sweep_on_a_folder_in_use_is_refused_with_the_holder(capsys, tmp_path):
+    import threading
+
+    from chimera.bench.lock import folder_lock
+
+    suite = tmp_path / "s.toml"
+    suite.write_text('task = "digits"\nmodel = "mlp"\noptimizer = "adamw"\nepochs = 1\n')
+    out = tmp_path / "runs"
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with folder_lock(out):
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        held.wait(30)
+        code, _, err = run_cli(capsys, "sweep", str(suite), "--out", str(out), "--quiet")
+    finally:
+        release.set()
+        holder.join()
+    assert code == 2 and err.count("\n") == 1
+    assert f"in use by pid {os.getpid()}" in err and "--wait" in err

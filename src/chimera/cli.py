@@ -321,7 +321,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     summary = run_bench(args.out, seeds=seeds, stress_steps=args.stress_steps,
                         epochs=args.epochs, quant_epochs=args.quant_epochs,
                         rule_epochs=args.rule_epochs, toy_lq_steps=args.toy_lq_steps,
-                        workers=workers, progress=not args.quiet, suite=args.suite)
+                        workers=workers, progress=not args.quiet, suite=args.suite,
+                        wait=args.wait)
     print(summary)
     print(f"records, summary.md, report.csv and plots in {args.out}/ "
           f"({time.perf_counter() - start:.0f} s)")
@@ -333,7 +334,8 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
 
     workers = _workers(args.workers)
     check_output_dir("--out", args.out)
-    print(run_sweep(args.suite, args.out, workers=workers, progress=not args.quiet))
+    print(run_sweep(args.suite, args.out, workers=workers, progress=not args.quiet,
+                    wait=args.wait))
     print(f"records, checkpoints/ and summary.md in {args.out}/")
 
 
@@ -412,6 +414,8 @@ def _o(*flags: str, **kwargs: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
 _SEEDS = "number of seeds (0..N-1)"
 _OUT = "JSONL record file (appended)"
 _WORKERS = "processes, one job each (default: the cores available)"
+_WAIT = _o("--wait", action="store_true", help="if another command is writing into --out, wait "
+           "for it to finish (default: refuse with the holder's pid and command)")
 # name -> (handler, help, options or a function adding them, takes --quiet)
 COMMANDS: dict[str, tuple[Any, str, Any, bool]] = {
     "train": (_cmd_train, "train one configuration over one or more seeds", _add_train, True),
@@ -449,11 +453,13 @@ COMMANDS: dict[str, tuple[Any, str, Any, bool]] = {
             ("--quant-epochs", "epochs of the grids named 'quant' (default: the suite's 100)"),
             ("--rule-epochs", "epochs of the grids named 'rules' (default: the suite's 10)"),
             ("--workers", _WORKERS))),
+        _WAIT,
     ], True),
     "sweep": (_cmd_sweep, "run (or finish) a TOML suite of runs; resumable", [
         _o("suite", help="the suite file (docs/suites.md)"),
         _o("--out", required=True, help="output folder: <run_id>.jsonl, checkpoints/"),
         _o("--workers", type=int, default=None, help=_WORKERS),
+        _WAIT,
     ], True),
     "toy-lq": (_cmd_toy_lq, "credit quality of each learning rule on the toy LQ problem", [
         _o("--rules", default="", help="comma-separated variants (default: dfa, state_bridge, "
