@@ -18,15 +18,16 @@ from chimera.models import build_model
 from chimera.nn.quantize import AlphaControl, quantize_
 from chimera.optim import build_optimizer
 from chimera.rules import LearningRule, build_rule
-from chimera.run.spec import PRECISIONS, RunSpec
+from chimera.run.spec import PRECISIONS, RunSpec, check_device
 
 # step(x, y) -> (loss, logits, optimizer seconds or None when the rule steps its optimizer itself)
 StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[float, torch.Tensor, float | None]]
 
 
 def resolve_device(name: str) -> torch.device:
-    """``torch.device(name)``, with a clear error for a CUDA device on a machine without one."""
-    device = torch.device(name)
+    """``torch.device(name)`` of a valid device string (:func:`check_device`), with a clear error
+    for a CUDA device on a machine without one."""
+    device = torch.device(check_device(name))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device '{name}' requested but CUDA is not available; use --device cpu")
     return device

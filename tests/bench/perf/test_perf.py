@@ -125,6 +125,7 @@ def test_profile_option_records_top_ops(tmp_path, capsys):
     (["layers", "--batch", "0"], "--batch must be >= 1"),
     (["rules", "--d-hidden", "0"], "--d-hidden must be >= 1"),
     (["rules", "--threads", "0"], "--threads must be >= 1"),
+    (["optim", "--device", "tpu"], "device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
 ])
 def test_bad_arguments_are_clear_errors(argv, message, tmp_path, capsys):
     assert main(["perf", *argv, "--quick", "--out", str(tmp_path / "x.jsonl")]) == 2
