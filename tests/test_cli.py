@@ -59,6 +59,9 @@ TRAIN = ["train", "--task", "digits", "--model", "mlp", "--epochs", "1", "--quie
     (["--quantizer", "chimera", "--model-arg", "depth=1"],
      r"quantizer 'chimera' would convert no layer: skip \['first', 'last'\]"),
     (["--model", "resnet20"], "input_shape must be"),
+    (["--epochs", "99999999999999999999"], r"epochs must be a positive integer \(at most"),
+    (["--seed", "99999999999999999999999"], r"seed must be a non-negative integer \(at most"),
+    (["--opt-arg", "capturable=true"], "a step of optimizer 'adamw' with {'capturable': True}"),
 ])
 def test_bad_input_gives_a_one_line_error(capsys, tmp_path, argv, message):
     out = tmp_path / "r.jsonl"
@@ -248,6 +251,20 @@ def test_train_checkpoint_then_export(capsys, tmp_path):
     assert code == 0 and "bits_per_weight: 1.6" in out
     code, _, err = run_cli(capsys, "export", str(tmp_path / "missing.pt"), str(tmp_path / "x"))
     assert code == 2 and "checkpoint not found" in err
+    # the checkpoint and the records are never overwritten by an export
+    before = path.read_bytes()
+    assert_one_line(*run_cli(capsys, "export", str(path), str(path))[::2],
+                    "out must be another path than the checkpoint")
+    assert_one_line(*run_cli(capsys, "export", str(path), str(tmp_path / "r.jsonl"))[::2],
+                    "out must be a new file or an existing .safetensors file")
+    assert path.read_bytes() == before
+
+
+def test_records_and_checkpoint_must_be_different_files(capsys, tmp_path):
+    same = tmp_path / "same.pt"
+    code, _, err = run_cli(capsys, *TRAIN, "--out", str(same), "--checkpoint", str(same))
+    assert_one_line(code, err, "--checkpoint must be another path than --out")
+    assert not same.exists()
 
 
 def test_compare_quant_command(capsys, tmp_path):

@@ -104,6 +104,10 @@ def check_output_file(flag: str, path: str | os.PathLike) -> None:
         require(os.access(p, os.W_OK), flag, str(path), "a writable file")
 
 
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
 def check_output_dir(flag: str, path: str | os.PathLike) -> None:
     """``path`` can be used as an output folder: an existing writable folder, or one that can be
     created; otherwise a ``ValueError`` line naming ``flag``."""
@@ -190,6 +194,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     for path in checkpoints:
         if path is not None:
             check_output_file("--checkpoint", path)
+            require(not _same_file(path, args.out), "--checkpoint", path,
+                    "another path than --out (the records)")
     data = load_task(specs[0].task)
     probe_run(specs[0], data)  # the seeds share everything the probe builds
     finals = []
@@ -237,6 +243,10 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from chimera.run.export_run import export_checkpoint
 
     check_output_file("out", args.out)
+    require(not _same_file(args.out, args.checkpoint), "out", args.out,
+            "another path than the checkpoint")
+    require(not Path(args.out).exists() or Path(args.out).suffix == ".safetensors", "out",
+            args.out, "a new file or an existing .safetensors file (it would be overwritten)")
     report = export_checkpoint(args.checkpoint, args.out, format=args.format)
     for key, value in report.items():
         print(f"{key}: {value}")

@@ -283,3 +283,11 @@ def test_records_written_before_the_architecture_change_are_still_reported(tmp_p
     assert "| digits/mlp adamw fp32 backprop | 0,1,2 | 3 | 96.76 ± 0.16 |" in text
     assert "| regression | chimera21 | 0,1,2 | 3 | 0.1308 ± 0.04277 |" in text
     assert len(paths.csv.read_text(encoding="utf-8").splitlines()) == 4  # header + 3 configs
+
+
+def test_stress_table_of_runs_shorter_than_the_timing_warm_up_shows_a_dash():
+    finals = [{"problem": "saddle", "config": "adamw", "seed": s, "steps": 3, "final_loss": 1.0,
+               "median_step_time_s": None, "optimizer_state_bytes": 100,
+               "collision_score": None} for s in (0, 1)]
+    row = stress_table(finals).splitlines()[-1]
+    assert row.split("|")[5].strip() == "-" and "1 ± 0" in row

@@ -129,7 +129,7 @@ def test_grids_inherit_top_level_groups_and_share_sections_by_name(tmp_path):
 @pytest.mark.parametrize(("old", "new", "message"), [
     ('name = "opt"\ntitle', "title", r"\[\[grid\]\] #1: name: Field required$"),
     ('name = "opt"\ntitle', 'name = "o pt"\ntitle', r"\[\[grid\]\] #1 'o pt': name: a \[\[grid\]\] "
-     r"name is letters, digits, '_', '.', '-'"),
+     r"name starts with a letter or digit, then letters, digits, '_', '.', '-'"),
     ('name = "rules"\nmodel = "resmlp"', 'name = "rules"\nmodels = []',
      r"\[\[grid\]\] #3 'rules': models: List should have at least 1 item"),
     ('name = "opt"\nmodel =', 'name = "opt"\nmodle =',

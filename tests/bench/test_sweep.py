@@ -92,6 +92,7 @@ def test_shipped_configs_parse(path):
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"optimiser": "adamw"}, r"suite.toml: no key 'optimiser'; allowed: name, title"),
+    ({"grid": [{"name": "summary.md"}]}, r"must not be one of the suite's own files"),
     ({"quantizer": "chimera", "model_hparams": {"depth": 1}},
      r"quantizer 'chimera' would convert no layer: skip \['first', 'last'\]"),
     ({"quantizers": [{"quantizer": "chimera", "alpha": 1}]},

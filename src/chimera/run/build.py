@@ -113,7 +113,7 @@ def _part(what: str) -> Iterator[None]:
     ``ValueError`` already names its argument and passes unchanged)."""
     try:
         yield
-    except (TypeError, RuntimeError, ArithmeticError, IndexError, KeyError) as e:
+    except (TypeError, RuntimeError, ArithmeticError, IndexError, KeyError, AssertionError) as e:
         detail = " ".join(str(e).split()) or type(e).__name__
         raise ValueError(f"{what}: {detail}") from None
 

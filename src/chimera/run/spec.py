@@ -47,6 +47,8 @@ PRECISIONS = ("fp32", "bf16")  # bf16: torch.autocast(dtype=torch.bfloat16) arou
 OPTIONAL_ID_FIELDS = {"precision": "fp32"}
 HPARAM_FIELDS = ("optimizer_hparams", "model_hparams", "quant_hparams", "rule_hparams")
 DEVICE_TYPES = ("cpu", "cuda")
+MAX_COUNT = 2**31 - 1  # epochs, batch sizes, log_every
+MAX_SEED = 2**32 - 1  # what every RNG of the run accepts
 
 
 def check_device(value: str) -> str:
@@ -182,10 +184,14 @@ class RunSpec:
         """Epochs, batch sizes, logging, seed, schedule, device and precision."""
         for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+            if (isinstance(value, bool) or not isinstance(value, int)
+                    or not 1 <= value <= MAX_COUNT):
+                raise ValueError(f"{name} must be a positive integer (at most {MAX_COUNT}), "
+                                 f"got {value!r}")
+        if (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                or not 0 <= self.seed <= MAX_SEED):
+            raise ValueError(f"seed must be a non-negative integer (at most {MAX_SEED}), "
+                             f"got {self.seed!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(
                 f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"

@@ -91,8 +91,8 @@ def classification_table(finals: list[Row]) -> str:
             if (r["task"], r["model"]) in PUBLISHED else "-"),
         ("epochs", lambda r: f"{r['epochs_mean']:.0f}"),
         ("train time (s)", lambda r: f"{r['train_time_s_mean']:.1f}"),
-        ("step (ms)", lambda r: f"{r['median_step_time_s_mean'] * 1e3:.2f}"),
-        ("opt step (ms)", lambda r: f"{r['median_optimizer_step_time_s_mean'] * 1e3:.3f}"),
+        ("step (ms)", lambda r: mean_cell(r, "median_step_time_s", ".2f", 1e3)),
+        ("opt step (ms)", lambda r: mean_cell(r, "median_optimizer_step_time_s", ".3f", 1e3)),
         ("state B/param", lambda r: f"{r['state_bytes_per_param_mean']:.1f}"),
     ])
 
@@ -156,7 +156,7 @@ def stress_table(finals: list[Row]) -> str:
         ("optimizer", lambda r: r["config"]),
         ("seeds", seed_count),
         ("final loss", lambda r: pm(r, "final_loss", ".4g")),
-        ("step time (µs)", lambda r: f"{r['median_step_time_s_mean'] * 1e6:.0f}"),
+        ("step time (µs)", lambda r: mean_cell(r, "median_step_time_s", ".0f", 1e6)),
         ("state bytes", lambda r: f"{r['optimizer_state_bytes_mean']:.0f}"),
         ("collision", lambda r: pm(r, "collision_score", ".3f")),
     ])

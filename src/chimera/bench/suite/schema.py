@@ -52,6 +52,10 @@ from chimera.rules import RULES
 from chimera.run.spec import LR_SCHEDULES, PRECISIONS, check_device
 
 SECTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# what a suite writes beside its grid folders (docs/suites.md)
+RESERVED_NAMES = ("checkpoints", "summary.md", "stress.jsonl", "toy_lq.jsonl", "report.md",
+                  "report.csv", "learning_curves.png", "accuracy_vs_bits.png",
+                  "step_time_vs_memory.png")
 NAME_TAG, TABLE_TAG = "<name>", "<table>"  # union tags, left out of error locations
 MODEL_ARGS = ("input_shape", "num_classes")  # given by the task, not by model_hparams
 
@@ -92,8 +96,11 @@ def _finite_table(table: dict[str, Any]) -> dict[str, Any]:
 
 def _section_name(name: str) -> str:
     if not SECTION_NAME.fullmatch(name):
-        raise ValueError(f"a [[grid]] name is letters, digits, '_', '.', '-' (it names the "
-                         f"output folder), got {name!r}")
+        raise ValueError(f"a [[grid]] name starts with a letter or digit, then letters, digits, "
+                         f"'_', '.', '-' (it names the output folder), got {name!r}")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"a [[grid]] name must not be one of the suite's own files or folders "
+                         f"({', '.join(RESERVED_NAMES)}), got {name!r}")
     return name
 
 
@@ -353,6 +360,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
+    except OSError as e:
+        raise ValueError(f"suite file {path} cannot be read: {e.strerror}") from None
 
 
 def load_suite(
