@@ -60,6 +60,7 @@ TRAIN = ["train", "--task", "digits", "--model", "mlp", "--epochs", "1", "--quie
      r"quantizer 'chimera' would convert no layer: skip \['first', 'last'\]"),
     (["--model", "resnet20"], "input_shape must be"),
     (["--epochs", "99999999999999999999"], r"epochs must be a positive integer \(at most"),
+    (["--data-dir", "."], "--data-dir must be given only with --task cifar10"),
     (["--seed", "99999999999999999999999"], r"seed must be a non-negative integer \(at most"),
     (["--opt-arg", "capturable=true"], "a step of optimizer 'adamw' with {'capturable': True}"),
 ])

@@ -187,6 +187,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from chimera.run.trainer import train
 
     if args.data_dir is not None:  # where cifar10 looks (the same as setting CHIMERA_DATA)
+        require(args.task == "cifar10", "--data-dir", args.data_dir,
+                f"given only with --task cifar10 (task {args.task!r} reads no data folder)")
         os.environ["CHIMERA_DATA"] = args.data_dir
     specs = _train_specs(args)
     checkpoints = checkpoint_paths(args.checkpoint, specs)
