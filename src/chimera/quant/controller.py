@@ -1,5 +1,5 @@
-"""Bang-bang controller steering the threshold factor alpha to a target zero ratio
-(docs/algorithms.md#statistics-and-effective-bits).
+"""Bang-bang controller that moves the threshold factor alpha toward a target zero ratio
+(docs/algorithms.md#target-bits-controller).
 
 A larger alpha zeroes more weights, so ``update`` raises alpha while the measured zero ratio is
 below ``target - tolerance``, lowers it while above ``target + tolerance``, and clips it to

@@ -67,14 +67,15 @@ def check_device(value: str) -> str:
 def check_plain_table(name: str, value: Any) -> None:
     """``value`` is plain JSON data (tables with string keys, lists, strings, booleans, None,
     finite numbers), as records and run ids need; otherwise one line naming the key, e.g.
-    ``optimizer_hparams.lr must be a finite number, got inf``."""
+    ``optimizer_hparams.lr must be a finite number, got inf`` (with ``name`` "", the keys are
+    named from the table's top)."""
     if isinstance(value, dict):
         for key, item in value.items():
             require(isinstance(key, str), f"{name} key", key, "a string")
-            check_plain_table(f"{name}.{key}", item)
+            check_plain_table(f"{name}.{key}" if name else key, item)
     elif isinstance(value, list | tuple):
         for i, item in enumerate(value):
-            check_plain_table(f"{name}.{i}", item)
+            check_plain_table(f"{name}.{i}" if name else str(i), item)
     elif isinstance(value, float):
         require(math.isfinite(value), name, value, "a finite number")
     elif not (value is None or isinstance(value, str | int)):
@@ -228,9 +229,10 @@ class RunSpec:
                 f"({' or '.join(controllable_quantizers())}), got quantizer {self.quantizer!r}")
         controller_settings(self.controller)
 
-    @property
+    @functools.cached_property
     def quant_config(self) -> QuantConfig:
-        """The quantizer config of the run (validated: bad names or values raise here)."""
+        """The quantizer config of the run (validated: bad names or values raise here); built
+        once per spec."""
         return quantizer_config(self.quantizer, **self.quant_hparams)
 
     def to_dict(self) -> dict[str, Any]:

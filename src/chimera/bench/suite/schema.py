@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import os
 import re
 import tomllib
@@ -49,7 +48,7 @@ from chimera.nn.quantize import QUANTIZERS
 from chimera.optim import OPTIMIZERS
 from chimera.registry import Registry
 from chimera.rules import RULES
-from chimera.run.spec import LR_SCHEDULES, PRECISIONS, check_device
+from chimera.run.spec import LR_SCHEDULES, PRECISIONS, check_device, check_plain_table
 
 SECTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # what a suite writes beside its grid folders (docs/suites.md)
@@ -79,18 +78,8 @@ def _distinct(values: list[Any]) -> list[Any]:
 
 
 def _finite_table(table: dict[str, Any]) -> dict[str, Any]:
-    """Hyper-parameter tables hold no NaN or infinity (nested lists and tables included)."""
-
-    def check(key: str, value: Any) -> None:
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{key} must be a finite number, got {value!r}")
-        items = value.items() if isinstance(value, dict) else (
-            enumerate(value) if isinstance(value, list) else ())
-        for k, v in items:
-            check(f"{key}.{k}", v)
-
-    for key, value in table.items():
-        check(key, value)
+    """Hyper-parameter tables are plain data with no NaN or infinity (the run spec's check)."""
+    check_plain_table("", table)
     return table
 
 
