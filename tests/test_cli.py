@@ -63,6 +63,10 @@ TRAIN = ["train", "--task", "digits", "--model", "mlp", "--epochs", "1", "--quie
     (["--data-dir", "."], "--data-dir must be given only with --task cifar10"),
     (["--seed", "99999999999999999999999"], r"seed must be a non-negative integer \(at most"),
     (["--opt-arg", "capturable=true"], "a step of optimizer 'adamw' with {'capturable': True}"),
+    (["--max-batches", "0"], "max_batches must be a positive integer"),
+    (["--eval-max-batches", "two"], "expected an integer or 'none'"),
+    (["--quantizer", "chimera", "--no-controller", "--controller-arg", "target_bits=1"],
+     "--no-controller and --controller-arg contradict each other"),
 ])
 def test_bad_input_gives_a_one_line_error(capsys, tmp_path, argv, message):
     out = tmp_path / "r.jsonl"
@@ -313,3 +317,20 @@ def test_sweep_on_a_folder_in_use_is_refused_with_the_holder(capsys, tmp_path):
         holder.join()
     assert code == 2 and err.count("\n") == 1
     assert f"in use by pid {os.getpid()}" in err and "--wait" in err
+
+
+def test_train_batch_limits_and_the_default_controller(capsys, tmp_path):
+    out = tmp_path / "r.jsonl"
+    code, _, _ = run_cli(capsys, *TRAIN, "--out", str(out), "--quantizer", "chimera",
+                         "--max-batches", "2", "--eval-max-batches", "none", "--log-every", "1")
+    assert code == 0
+    final = read_records(out, "final")[0]
+    assert final["steps"] == 2 and final["max_batches"] == 2
+    assert final["eval_max_batches"] is None and final["controller"] is None
+    assert "controller_alpha" in read_records(out, "step")[0]  # chimera's default controller
+    off = tmp_path / "off.jsonl"
+    code, _, _ = run_cli(capsys, *TRAIN, "--out", str(off), "--quantizer", "chimera",
+                         "--max-batches", "2", "--log-every", "1", "--no-controller")
+    assert code == 0
+    assert read_records(off, "final")[0]["controller"] is False
+    assert "controller_alpha" not in read_records(off, "step")[0]

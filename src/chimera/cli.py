@@ -133,14 +133,30 @@ def add_spec_options(parser: argparse.ArgumentParser) -> None:
                                 metavar="KEY=VALUE", help=help)
         elif f.name == "seed":
             parser.add_argument("--seed", type=int, nargs="+", default=[f.default], help=help)
+        elif f.default is None:  # an optional count: a positive integer or "none"
+            parser.add_argument("--" + f.name.replace("_", "-"), type=_optional_int,
+                                default=None, metavar="N", help=f"{help} (default: none)")
         else:
             parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default),
                                 default=f.default, help=f"{help} (default: {f.default})")
+    parser.add_argument("--no-controller", action="store_true",
+                        help="no target-bits controller, not even quantizer chimera's default")
+
+
+def _optional_int(text: str) -> int | None:
+    """An optional count option: ``none`` or an integer (its range is the run spec's check)."""
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
 
 
 def spec_from_args(args: argparse.Namespace, seed: int) -> Any:
     """The run spec of ``seed`` from the options of :func:`add_spec_options` (``--lr`` goes into
-    the optimizer's hyper-parameters; no ``--controller-arg`` means no controller)."""
+    the optimizer's hyper-parameters; no ``--controller-arg`` means the quantizer's default
+    controller, ``--no-controller`` none)."""
     from chimera.run.spec import RunSpec
 
     values = {}
@@ -151,7 +167,12 @@ def spec_from_args(args: argparse.Namespace, seed: int) -> Any:
         if "lr" in values["optimizer_hparams"]:
             raise ValueError("--lr and --opt-arg lr both set the learning rate; give one")
         values["optimizer_hparams"]["lr"] = args.lr
-    values["controller"] = values["controller"] or None
+    if args.no_controller:
+        if values["controller"]:
+            raise ValueError("--no-controller and --controller-arg contradict each other; give one")
+        values["controller"] = False
+    else:
+        values["controller"] = values["controller"] or None
     return RunSpec(**{**values, "seed": seed})
 
 
@@ -254,8 +275,18 @@ def _cmd_export(args: argparse.Namespace) -> None:
         print(f"{key}: {value}")
 
 
+def stress_lr(items: Sequence[str]) -> float | dict[str, float] | None:
+    """``--lr`` of ``chimera stress``: nothing (each configuration's own), one number (every
+    problem), or ``PROBLEM=LR`` items (those problems)."""
+    if not items:
+        return None
+    if len(items) == 1 and "=" not in items[0]:
+        return parse_value(items[0], "--lr")
+    return parse_kv(items, "--lr")
+
+
 def _cmd_stress(args: argparse.Namespace) -> None:
-    from chimera.bench.jobs.stress import STRESS_CONFIGS, run_stress
+    from chimera.bench.jobs.stress import STRESS_CONFIGS, StressOptions, run_stress
     from chimera.bench.report.tables import stress_table
     from chimera.data.stress_problems import STRESS
     from chimera.run.records import RecordWriter
@@ -266,10 +297,13 @@ def _cmd_stress(args: argparse.Namespace) -> None:
         for name in names or ():
             registry.get(name)
     seeds, steps = _seed_range(args.seeds), integer("--steps", args.steps, 1)
+    given = {name: getattr(args, name) for name, _, _ in _STRESS_OPTIONS
+             if getattr(args, name) is not None}
+    options = StressOptions(**given, lr=stress_lr(args.lr))
     check_output_file("--out", args.out)
     with RecordWriter(args.out) as writer:
         finals = run_stress(problems, configs, seeds=seeds, steps=steps, writer=writer,
-                            progress=not args.quiet)
+                            progress=not args.quiet, options=options)
     print(stress_table(finals))
     print(f"records: {args.out}")
 
@@ -424,6 +458,15 @@ def _o(*flags: str, **kwargs: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
 
 
 _SEEDS = "number of seeds (0..N-1)"
+# chimera stress's problem and timing options (unset: StressOptions' defaults, docs/suites.md)
+_STRESS_OPTIONS = (
+    ("batch_size", int, "examples per step"), ("in_features", int, "inputs of the model"),
+    ("hidden_features", int, "hidden units of the model"),
+    ("noise_scale", float, "scale of the target / gradient noise"),
+    ("sparsity", float, "share of zeroed inputs of sparse_relu, in [0, 1)"),
+    ("timing_warmup_steps", int, "first steps left out of the step-time median"),
+    ("diag_every", int, "steps between optimizer diagnostics and step records (1: every step)"),
+)
 _OUT = "JSONL record file (appended)"
 _WORKERS = "processes, one job each (default: the cores available)"
 _WAIT = _o("--wait", action="store_true", help="if another command is writing into --out, wait "
@@ -450,6 +493,11 @@ COMMANDS: dict[str, tuple[Any, str, Any, bool]] = {
         _o("--optimizers", default="",
            help="comma-separated configurations (default: all; see `chimera list`)"),
         _o("--seeds", type=int, default=3, help=_SEEDS), _o("--steps", type=int, default=300),
+        *(_o(f"--{name.replace('_', '-')}", type=kind, default=None, help=text)
+          for name, kind, text in _STRESS_OPTIONS),
+        _o("--lr", action="append", default=[], metavar="LR | PROBLEM=LR",
+           help="learning rate of every configuration: one number for every problem, or "
+                "PROBLEM=LR (repeatable) per problem (default: each configuration's own)"),
         _o("--out", default="stress.jsonl", help=_OUT),
     ], True),
     "bench": (_cmd_bench, "the main job on embedded data", [

@@ -234,3 +234,37 @@ def test_override_suite_sets_seeds_epochs_and_steps():
     with pytest.raises(ValueError, match=r"\[\[grid\]\] #1 'digits': epochs: Input should be "
                        "greater than or equal to 1, got 0"):
         load_suite(override_suite(bench_suite(), epochs=0))
+
+
+def test_cifar10_ablation_suite_holds_the_original_recipes_and_trains(tmp_path, monkeypatch,
+                                                                       one_thread):
+    """configs/cifar10_ablation.toml: fp32 + SGD, strict_bitnet + Chimera21, chimera (sparse,
+    target bits on alpha_override) + Chimera21; each recipe's first run trains one batch on a
+    tiny CIFAR-10 in the real format."""
+    import dataclasses
+
+    from chimera.data.cifar10 import write_cifar10_fixture
+    from chimera.run.trainer import train
+
+    suite = load_suite(Path(__file__).resolve().parents[2] / "configs" / "cifar10_ablation.toml")
+    recipes = {g.name: g.specs for g in suite.grids}
+    assert list(recipes) == ["fp32_sgd", "strict_bitnet", "chimera_sparse"]
+    firsts = [specs[0] for specs in recipes.values()]
+    assert [(s.optimizer, s.quantizer) for s in firsts] == [
+        ("sgd", "fp32"), ("chimera21", "strict_bitnet"), ("chimera21", "chimera")]
+    assert all(s.optimizer_hparams["lr"] == 1e-3 and s.batch_size == 16 and s.epochs == 1
+               for s in firsts)
+    assert [s.controller_config for s in firsts[:2]] == [None, None]
+    assert firsts[2].controller_config["affects"] == "alpha_override"
+    assert firsts[2].controller_config["target_bits"] == 1.32
+    assert firsts[1].quant_config.skip == firsts[2].quant_config.skip == ()
+    assert {s.seed for s in suite.specs} == {7, 8, 9}
+
+    monkeypatch.setenv("CHIMERA_DATA", str(write_cifar10_fixture(tmp_path / "c10", 4)))
+    for spec in firsts:
+        tiny = dataclasses.replace(spec, batch_size=4, eval_batch_size=2, max_batches=1,
+                                   eval_max_batches=1)
+        final = train(tiny, progress=False)
+        assert final["steps"] == 1 and final["test_loss"] is not None
+        assert (final.get("quant_num_ternary_layers") or 0) == (22 if spec.quantizer != "fp32"
+                                                                 else 0)

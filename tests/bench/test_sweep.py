@@ -81,13 +81,25 @@ def test_rule_axis_expands_with_its_hyper_parameters():
     assert load_suite(BASE).specs[0].rule == "backprop"  # no rule: backprop
 
 
+SHIPPED_CONFIGS = {  # quantizers and number of runs of each file in configs/
+    "cifar10_resmlp.toml": ({"fp32", "chimera"}, 6),
+    "cifar10_resnet20.toml": ({"fp32", "chimera"}, 6),
+    "cifar10_ablation.toml": ({"fp32", "strict_bitnet", "chimera"}, 9),
+}
+
+
+def test_every_shipped_config_is_checked():
+    assert {p.name for p in (ROOT / "configs").glob("*.toml")} == set(SHIPPED_CONFIGS)
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_parse(path):
     model = tomllib.loads(path.read_text(encoding="utf-8"))["model"]
     if model not in MODELS.names():
         pytest.skip(f"model {model!r} is not registered yet")
     specs = load_suite(path).specs
-    assert {s.quantizer for s in specs} == {"fp32", "chimera"} and len(specs) == 6
+    quantizers, runs = SHIPPED_CONFIGS[path.name]
+    assert {s.quantizer for s in specs} == quantizers and len(specs) == runs
 
 
 @pytest.mark.parametrize(("change", "message"), [

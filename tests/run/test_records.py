@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from chimera.run.records import RecordWriter, read_records
+from chimera.run.records import RecordWriter, read_records, without_time
 from chimera.run.spec import RunSpec
 
 
@@ -15,11 +15,12 @@ def test_writer_flushes_each_record_and_reader_round_trips(tmp_path):
     w.write("step", step=1, loss=torch.tensor(0.5))
     # flushed: readable before close
     recs = read_records(path)
-    assert recs == [{"run_id": "a", "record_type": "step", "step": 1, "loss": 0.5}]
+    assert [without_time(r) for r in recs] == [
+        {"run_id": "a", "record_type": "step", "step": 1, "loss": 0.5}]
     w.with_identity(seed=3).write("final", loss=float("nan"), acc=math.inf)
     w.close()
     recs = read_records(path)
-    assert recs[1] == {"run_id": "a", "seed": 3, "record_type": "final", "loss": None,
+    assert without_time(recs[1]) == {"run_id": "a", "seed": 3, "record_type": "final", "loss": None,
                        "acc": None}
     assert read_records(path, record_type="final") == [recs[1]]
 
@@ -111,3 +112,20 @@ def test_run_id_is_deterministic_and_seed_only_changes_suffix():
 def test_run_spec_rejects_impossible_values(field, value):
     with pytest.raises(ValueError, match=field):
         RunSpec("mnist1d", "cnn", "adamw", **{field: value})
+
+
+def test_every_record_carries_its_utc_write_time(tmp_path, monkeypatch):
+    from datetime import UTC, datetime, timedelta
+
+    path = tmp_path / "r.jsonl"
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    with RecordWriter(path, identity={"run_id": "a"}) as w:
+        w.write("step", step=1)
+        monkeypatch.setattr("chimera.run.records.utc_now", lambda: "2030-01-01T00:00:00.000Z")
+        w.with_identity(seed=0).write("final", acc=0.5)
+    first, last = read_records(path)
+    assert first["time"].endswith("Z") and len(first["time"]) == len("2025-01-31T12:00:00.123Z")
+    stamp = datetime.fromisoformat(first["time"].replace("Z", "+00:00"))
+    assert before <= stamp <= datetime.now(UTC)
+    assert last["time"] == "2030-01-01T00:00:00.000Z"
+    assert without_time(last) == {"run_id": "a", "seed": 0, "record_type": "final", "acc": 0.5}

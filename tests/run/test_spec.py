@@ -129,3 +129,28 @@ def test_specs_and_probes_leave_the_rng_and_the_data_alone(digits):
     probe_run(spec, digits)
     assert torch.equal(torch.rand(3), expected)
     assert torch.equal(digits.x_train, x)
+
+
+def test_act_ste_passes_through_the_quantizer_options():
+    """``act_ste`` (TernaryConfig): the spec passes quantizer arguments through unchanged, so
+    runs, suites and ``chimera train --quant-arg act_ste=false`` reach the Bit layers."""
+    from chimera.bench.suite.schema import load_suite
+    from chimera.cli import build_parser, spec_from_args
+    from chimera.nn.bit_layers import BitLayer
+    from chimera.run.build import build_run_model
+
+    spec = RunSpec("digits", "mlp", "adamw", quantizer="chimera", quant_hparams={"act_ste": False})
+    assert spec.quant_config.act_ste is False
+    assert spec.quant_config.to_dict()["act_ste"] is False
+    layers = [m for m in build_run_model(spec, (64,), 10).modules() if isinstance(m, BitLayer)]
+    assert layers and all(m.act_ste is False for m in layers)
+    assert RunSpec("digits", "mlp", "adamw", quantizer="chimera").quant_config.act_ste is True
+    assert spec.run_id != RunSpec("digits", "mlp", "adamw", quantizer="chimera").run_id
+    with pytest.raises(ValueError, match="act_ste"):
+        RunSpec("digits", "mlp", "adamw", quantizer="chimera", quant_hparams={"act_ste": "no"})
+    args = build_parser().parse_args(["train", "--quantizer", "strict_bitnet", "--quant-arg",
+                                      "act_ste=false"])
+    assert spec_from_args(args, 0).quant_config.act_ste is False
+    suite = load_suite({"task": "digits", "model": "mlp", "optimizer": "adamw",
+                        "quantizer": "chimera", "quant_hparams": {"act_ste": False}})
+    assert suite.specs[0].quant_config.act_ste is False

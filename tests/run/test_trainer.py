@@ -60,7 +60,7 @@ def test_chimera21_diagnostics_reach_step_records(tmp_path, digits):
     with RecordWriter(tmp_path / "r.jsonl") as w:
         train(s, w, data=digits, progress=False)
     step = read_records(tmp_path / "r.jsonl", record_type="step")[0]
-    assert 0.5 <= step["opt_kappa_mean"] <= 2.0 and "opt_collision_score" in step
+    assert 0.5 <= step["opt_mean_kappa"] <= 2.0 and "opt_collision_score" in step
 
 
 def test_cuda_without_cuda_is_a_clear_error(digits):

@@ -1,9 +1,10 @@
 """ResNet-20 for 32x32 images (docs/algorithms.md#resnet-20) and its ternary versions via
 ``ternarize``.
 
-conv3x3(3 -> 16) -> BN -> ReLU -> 3 stages x 3 BasicBlocks (16, 32, 64 channels; the first block
-of stages 2 and 3 has stride 2) -> global average pool -> linear. BasicBlock: conv3x3 -> BN ->
-ReLU -> conv3x3 -> BN, plus the shortcut (1x1 conv + BN where the shape changes), ReLU.
+conv1 (3x3, 3 -> 16) -> bn1 -> ReLU -> layer1..layer3, 3 BasicBlocks each (16, 32, 64 channels;
+the first block of layer2 and layer3 has stride 2) -> avgpool (global) -> fc. BasicBlock: conv1
+(3x3) -> bn1 -> ReLU -> conv2 (3x3) -> bn2, plus the shortcut (1x1 conv + BN where the shape
+changes), ReLU. The names are the original project's, so its checkpoints load.
 Convolutions have no bias; 272,474 parameters for 10 classes. PyTorch's default initialisation.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from chimera._validate import choice, integer, require
@@ -19,48 +21,63 @@ from chimera.nn.quantize import POSITIONAL_SKIPS, ternarize
 RESNET_MODES = ("fp32_baseline", "strict_bitnet", "chimera", "int_ternary")
 
 
-def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int) -> list[nn.Module]:
-    conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False)
-    return [conv, nn.BatchNorm2d(c_out)]
+def _conv(c_in: int, c_out: int, kernel: int, stride: int) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False)
 
 
 class BasicBlock(nn.Module):
-    """``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``."""
+    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; the shortcut is
+    ``Sequential(conv1x1, BN)`` where the shape changes, else the identity."""
 
     def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
         super().__init__()
-        self.residual = nn.Sequential(
-            *_conv_bn(c_in, c_out, 3, stride), nn.ReLU(inplace=True), *_conv_bn(c_out, c_out, 3, 1)
-        )
+        self.conv1 = _conv(c_in, c_out, 3, stride)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv(c_out, c_out, 3, 1)
+        self.bn2 = nn.BatchNorm2d(c_out)
         if stride != 1 or c_in != c_out:
-            self.shortcut: nn.Module = nn.Sequential(*_conv_bn(c_in, c_out, 1, stride))
+            self.shortcut: nn.Module = nn.Sequential(_conv(c_in, c_out, 1, stride),
+                                                     nn.BatchNorm2d(c_out))
         else:
             self.shortcut = nn.Identity()
-        self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.relu(self.residual(x) + self.shortcut(x))
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def _stage(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+    """Three blocks; the first one changes the width and applies ``stride``."""
+    return nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out),
+                         BasicBlock(c_out, c_out))
 
 
 class ResNet20(nn.Module):
-    """The CIFAR ResNet-20 of He et al. (2016) with projection shortcuts."""
+    """The CIFAR ResNet-20 of He et al. (2016) with projection shortcuts. Module names follow
+    the original project's ``ChimeraResNet20`` (``conv1``, ``bn1``, ``layer1``-``layer3`` of
+    blocks ``conv1``/``bn1``/``conv2``/``bn2``/``shortcut``, ``avgpool``, ``fc``), so its float
+    checkpoints load with ``load_state_dict``."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
         num_classes = integer("num_classes", num_classes, 1)
-        blocks: list[nn.Module] = []
-        c_in = 16
-        for stage, width in enumerate((16, 32, 64)):
-            for i in range(3):
-                blocks.append(BasicBlock(c_in, width, stride=2 if stage > 0 and i == 0 else 1))
-                c_in = width
-        self.stem = nn.Sequential(*_conv_bn(in_channels, 16, 3, 1), nn.ReLU(inplace=True))
-        self.blocks = nn.Sequential(*blocks)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.conv1 = _conv(in_channels, 16, 3, 1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = _stage(16, 16, 1)
+        self.layer2 = _stage(16, 32, 2)
+        self.layer3 = _stage(32, 64, 2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(64, num_classes)
 
+    def features(self, x: Tensor) -> Tensor:
+        """The last stage's output, (N, 64, H/4, W/4)."""
+        x = self.relu(self.bn1(self.conv1(x)))
+        return self.layer3(self.layer2(self.layer1(x)))
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.pool(self.blocks(self.stem(x))))
+        return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
 def resnet20(num_classes: int = 10, in_channels: int = 3) -> ResNet20:
@@ -71,10 +88,9 @@ def resnet20(num_classes: int = 10, in_channels: int = 3) -> ResNet20:
 class ChimeraResNet20(ResNet20):
     """ResNet-20 with every conv/linear layer converted by ``ternarize(self, mode, ...)``.
 
-    ``mode="fp32_baseline"`` converts nothing; ``first_last_fp32`` keeps the stem convolution and
-    the classifier in fp32; ``quant_config`` holds the keyword arguments of the mode's layers.
-    ``mode`` is a quantizer name (its config is looked up in ``QUANTIZERS`` when the model is
-    built).
+    ``mode="fp32_baseline"`` converts nothing; ``first_last_fp32`` keeps ``conv1`` and ``fc``
+    in fp32; ``quant_config`` holds the keyword arguments of the mode's layers. ``mode`` is a
+    quantizer name (its config is looked up in ``QUANTIZERS`` when the model is built).
     """
 
     def __init__(

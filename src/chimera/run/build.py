@@ -132,8 +132,8 @@ def probe_run(spec: RunSpec, data: TaskData) -> None:
             model = build_run_model(spec, data.input_shape, data.num_classes)
         with _part(f"optimizer '{spec.optimizer}' with {spec.optimizer_hparams}"):
             opt = build_optimizer(spec.optimizer, model, **spec.optimizer_hparams)
-        if spec.controller is not None:
-            AlphaControl(model, spec.controller)
+        if spec.controller_config is not None:
+            AlphaControl(model, spec.controller_config)
         with _part(f"rule '{spec.rule}' with {spec.rule_hparams}"):
             build_run_rule(spec, model, opt, data.num_classes, total_steps=1)
         with _part(f"model '{spec.model}' on task '{spec.task}'"), \

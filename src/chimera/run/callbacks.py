@@ -3,6 +3,8 @@ to a run's records, and the state they keep in its checkpoints.
 
 Hooks, in the order the :class:`~chimera.run.trainer.Trainer` calls them:
 
+- ``on_fit_start()`` once per ``fit()``, after a resumed run's state is restored and before its
+  first training step;
 - ``on_step()`` after every training step; ``step_fields()`` when a step record is written;
 - ``on_epoch_end()`` after an epoch's last step, before evaluation (fields of the epoch record);
 - ``on_eval(x, y)`` after evaluation (fields of the eval record);
@@ -30,6 +32,9 @@ class Callback:
     """No-op base; ``name`` keys the callback's state in checkpoints."""
 
     name = ""
+
+    def on_fit_start(self) -> None:
+        """Before the first training step of ``fit()`` (after a resume)."""
 
     def on_step(self) -> None:
         """After every training step."""
@@ -89,12 +94,21 @@ class QuantStats(Callback):
 
 
 class Controller(Callback):
-    """Steps the target-bits controller every batch or every epoch and records its alpha."""
+    """Steps the target-bits controller every batch or every epoch and records its alpha.
+
+    With ``affects = "alpha_override"`` every Bit layer's override is set to the controller's
+    current alpha when ``fit()`` starts, so the first forward already runs at the controller's
+    (initial) alpha, as in the original project, instead of the warm-up's alpha_min."""
 
     name = "controller"
 
     def __init__(self, model: nn.Module, config: dict[str, Any]) -> None:
         self.control = AlphaControl(model, config)
+
+    def on_fit_start(self) -> None:
+        if self.control.affects == "alpha_override":
+            for layer in self.control.layers:
+                layer.alpha_override = self.control.alpha
 
     def on_step(self) -> None:
         if self.control.frequency == "batch":
@@ -199,11 +213,11 @@ class RuleCredit(Callback):
 def default_callbacks(
     spec: RunSpec, model: nn.Module, opt: torch.optim.Optimizer, rule: LearningRule | None
 ) -> list[Callback]:
-    """The callbacks every run registers: quantizer statistics, the controller when the spec
-    has one, the optimizer's metrics and the learning rule's credit."""
+    """The callbacks every run registers: quantizer statistics, the controller when the run
+    uses one (``spec.controller_config``), the optimizer's metrics and the rule's credit."""
     callbacks: list[Callback] = [QuantStats(model)]
-    if spec.controller is not None:
-        callbacks.append(Controller(model, spec.controller))
+    if spec.controller_config is not None:
+        callbacks.append(Controller(model, spec.controller_config))
     callbacks.append(OptimizerMetrics(opt))
     if rule is not None:
         callbacks.append(RuleCredit(rule, spec.seed))

@@ -5,7 +5,9 @@ crash can at worst leave one unterminated last line; on reopening a file the wri
 tail off, and the reader ignores it, so no reader ever sees a broken record. Any other malformed
 line (disk or copy corruption, a hand edit) is skipped by the reader and reported to a caller
 that asks (``read_records(..., skipped=[])``), so one bad line never blocks a sweep or a report.
-The schema is in docs/records.md.
+Every record carries ``time``, when it was written: ISO 8601 UTC with milliseconds
+(``2025-01-31T12:00:00.123Z``). It is bookkeeping, not a measurement: compare records of two
+runs with :func:`without_time`. The schema is in docs/records.md.
 """
 
 from __future__ import annotations
@@ -14,10 +16,22 @@ import json
 import math
 import os
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
 RECORD_TYPES = ("step", "epoch", "eval", "final", "summary")
+TIME_KEY = "time"
+
+
+def utc_now() -> str:
+    """The current time as ISO 8601 UTC with milliseconds, e.g. ``2025-01-31T12:00:00.123Z``."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def without_time(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` without its ``time`` (for comparing records of two runs)."""
+    return {k: v for k, v in record.items() if k != TIME_KEY}
 
 
 def _clean(value: Any) -> Any:
@@ -55,10 +69,12 @@ class RecordWriter:
         self._file = self.path.open("a", encoding="utf-8")
 
     def write(self, record_type: str, **fields: Any) -> dict[str, Any]:
-        """Write one record of ``record_type`` (one of RECORD_TYPES) and flush it."""
+        """Write one record of ``record_type`` (one of RECORD_TYPES), stamped with ``time``
+(:func:`utc_now`), and flush it."""
         if record_type not in RECORD_TYPES:
             raise ValueError(f"record_type must be one of {RECORD_TYPES}, got {record_type!r}")
-        record = _clean({**self.identity, "record_type": record_type, **fields})
+        record = _clean({**self.identity, "record_type": record_type, TIME_KEY: utc_now(),
+                         **fields})
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         return record

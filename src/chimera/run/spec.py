@@ -44,10 +44,13 @@ LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")  # bf16: torch.autocast(dtype=torch.bfloat16) around forward + loss
 # Fields hashed into the run id only when they differ from these defaults, so that adding them
 # left the ids of existing runs unchanged.
-OPTIONAL_ID_FIELDS = {"precision": "fp32"}
+OPTIONAL_ID_FIELDS = {"precision": "fp32", "max_batches": None, "eval_max_batches": None}
 HPARAM_FIELDS = ("optimizer_hparams", "model_hparams", "quant_hparams", "rule_hparams")
 DEVICE_TYPES = ("cpu", "cuda")
-MAX_COUNT = 2**31 - 1  # epochs, batch sizes, log_every
+MAX_COUNT = 2**31 - 1  # epochs, batch sizes, batch limits, log_every
+# the quantizers whose runs get the target-bits controller when ``controller`` is None (as in the
+# original project, whose chimera mode always ran it)
+CONTROLLED_BY_DEFAULT = ("chimera",)
 MAX_SEED = 2**32 - 1  # what every RNG of the run accepts
 
 
@@ -152,9 +155,10 @@ class RunSpec:
         f"{' | '.join(QUANTIZERS.names())} (int_ternary trains with --optimizer scaled_optum)"))
     quant_hparams: dict[str, Any] = field(default_factory=dict, metadata=_opt(
         'quantizer argument, e.g. alpha_target=0.7, skip=["first"] (repeatable)', "--quant-arg"))
-    controller: dict[str, Any] | None = field(default=None, metadata=_opt(
-        "enables the target-bits controller: target_bits=1.32, branch=sparse, "
-        "frequency=epoch|batch, affects=alpha_target|alpha_override, ...", "--controller-arg"))
+    controller: dict[str, Any] | bool | None = field(default=None, metadata=_opt(
+        "target-bits controller setting: target_bits=1.32, branch=sparse, frequency=epoch|batch, "
+        "affects=alpha_target|alpha_override, ... (on by default for quantizer chimera; "
+        "--no-controller turns it off)", "--controller-arg"))
     rule: str = field(default="backprop", metadata=_opt(
         f"{' | '.join(RULES.names())} (rules but backprop need a residual model, e.g. --model "
         "resmlp)"))
@@ -166,6 +170,10 @@ class RunSpec:
         "constant | cosine (per step, to 0)"))
     precision: str = field(default="fp32", metadata=_opt(
         "fp32 | bf16 (torch.autocast to bfloat16 around forward and loss)"))
+    max_batches: int | None = field(default=None, metadata=_opt(
+        "training batches per epoch at most (none: the whole split)"))
+    eval_max_batches: int | None = field(default=None, metadata=_opt(
+        "evaluation batches at most (none: the whole test split)"))
 
     def __post_init__(self) -> None:
         """Validate every field (see the module docstring): one ``ValueError`` line."""
@@ -189,6 +197,12 @@ class RunSpec:
                     or not 1 <= value <= MAX_COUNT):
                 raise ValueError(f"{name} must be a positive integer (at most {MAX_COUNT}), "
                                  f"got {value!r}")
+        for name in ("max_batches", "eval_max_batches"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 1 <= value <= MAX_COUNT):
+                raise ValueError(f"{name} must be a positive integer (at most {MAX_COUNT}) or "
+                                 f"None, got {value!r}")
         if (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                 or not 0 <= self.seed <= MAX_SEED):
             raise ValueError(f"seed must be a non-negative integer (at most {MAX_SEED}), "
@@ -209,8 +223,9 @@ class RunSpec:
                    "hyper-parameter")
 
     def _check_quantizer(self) -> None:
-        """The quantizer's arguments, the optimizer it requires, and the controller: settings
-        that exist and a quantizer with Bit layers for it to drive."""
+        """The quantizer's arguments, the optimizer it requires, and the controller (a table,
+        ``False`` or None): settings that exist and a quantizer with Bit layers for it to
+        drive."""
         config = self.quant_config
         needs = config.requires_optimizer
         if needs is not None and self.optimizer != needs:
@@ -218,10 +233,10 @@ class RunSpec:
                 f"quantizer {self.quantizer!r} has no float weights and is trained by optimizer "
                 f"{needs!r}; got optimizer {self.optimizer!r}"
             )
-        if self.controller is None:
+        if self.controller is None or self.controller is False:
             return
         require(isinstance(self.controller, dict), "controller", self.controller,
-                "a table or None")
+                "a table of settings, false (off) or None (the quantizer's default)")
         check_plain_table("controller", self.controller)
         if not config.controllable:
             raise ValueError(
@@ -235,16 +250,28 @@ class RunSpec:
         once per spec."""
         return quantizer_config(self.quantizer, **self.quant_hparams)
 
+    @property
+    def controller_config(self) -> dict[str, Any] | None:
+        """The controller the run uses: the ``controller`` table; with None, the default
+        controller (``{}``) for the quantizers of ``CONTROLLED_BY_DEFAULT`` and none otherwise;
+        with ``False``, none."""
+        if self.controller is None:
+            return {} if self.quantizer in CONTROLLED_BY_DEFAULT else None
+        return None if self.controller is False else self.controller
+
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain JSON-able data."""
         return dataclasses.asdict(self)
 
     @property
     def config_id(self) -> str:
-        """Identity of the configuration: every field but the seed (its seeds share it); the
+        """Identity of the configuration: every field but the seed (its seeds share it), with the
+        controller the run uses (:attr:`controller_config`: a default controller and its
+        explicit ``{}`` share an id, as do ``False`` and no controller); the
         ``OPTIONAL_ID_FIELDS`` count only when they differ from their default."""
         d = self.to_dict()
         d.pop("seed")
+        d["controller"] = self.controller_config
         for name, default in OPTIONAL_ID_FIELDS.items():
             if d[name] == default:
                 d.pop(name)

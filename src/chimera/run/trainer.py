@@ -64,9 +64,11 @@ def identity_of(spec: RunSpec) -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-             precision: str = "fp32") -> dict[str, float]:
-    """Mean cross-entropy and accuracy of ``model`` on (x, y) (forward in ``precision``); the
-    model's mode is restored."""
+             precision: str = "fp32", max_batches: int | None = None) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of ``model`` on (x, y), or on its first ``max_batches``
+    batches (forward in ``precision``); the model's mode is restored."""
+    if max_batches is not None:
+        x, y = x[: max_batches * batch_size], y[: max_batches * batch_size]
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
@@ -129,6 +131,9 @@ class Trainer:
         self.x_test, self.y_test = self.data.x_test.to(device), self.data.y_test.to(device)
         self.gen = torch.Generator().manual_seed(spec.seed)
         self.steps_per_epoch = math.ceil(len(self.x_train) / spec.batch_size)
+        if spec.max_batches is not None:
+            self.steps_per_epoch = min(self.steps_per_epoch, spec.max_batches)
+        self.samples_per_epoch = min(len(self.x_train), self.steps_per_epoch * spec.batch_size)
         total_steps = spec.epochs * self.steps_per_epoch
         self.scheduler = lr_scheduler(self.opt, spec.lr_schedule, total_steps)
         self.rule = build_run_rule(spec, self.model, self.opt, self.data.num_classes, total_steps)
@@ -153,6 +158,8 @@ class Trainer:
                     self.restore(self.checkpoint)
                 except CorruptCheckpointError as e:  # raised before any state is touched
                     self.restart_after(self.checkpoint, e)
+        for cb in self.callbacks:
+            cb.on_fit_start()
         self._start = time.perf_counter()
         epochs = range(self.progress.epoch + 1, self.spec.epochs + 1)
         bar = tqdm(epochs, desc=self.spec.run_id, disable=not self.show_progress, leave=False)
@@ -163,7 +170,9 @@ class Trainer:
         return self.finish()
 
     def train_epoch(self, epoch: int) -> tuple[float, float]:
-        """One pass over the shuffled training split; returns its mean loss and accuracy."""
+        """One pass over the shuffled training split (its first ``max_batches`` batches when the
+        spec limits them; the whole permutation is drawn either way); returns the mean loss and
+        accuracy of the examples seen."""
         self.model.train()
         n, bs = len(self.x_train), self.spec.batch_size
         perm = torch.randperm(n, generator=self.gen).to(self.x_train.device)
@@ -175,7 +184,7 @@ class Trainer:
             loss, logits = self.train_step(epoch, xb, yb)
             loss_sum += loss * len(idx)
             correct += (logits.argmax(1) == yb).sum().item()
-        return loss_sum / n, correct / n
+        return loss_sum / self.samples_per_epoch, correct / self.samples_per_epoch
 
     def train_step(self, epoch: int, xb: torch.Tensor, yb: torch.Tensor
                    ) -> tuple[float, torch.Tensor]:
@@ -201,11 +210,11 @@ class Trainer:
 
     def end_epoch(self, epoch: int, train_loss: float, train_acc: float) -> dict[str, float]:
         """Callbacks, evaluation, the epoch and eval records and the checkpoint of an epoch."""
-        p, n = self.progress, len(self.x_train)
+        p, n = self.progress, self.samples_per_epoch
         epoch_time = time.perf_counter() - self._epoch_start
         epoch_fields = {k: v for cb in self.callbacks for k, v in cb.on_epoch_end().items()}
         p.eval = evaluate(self.model, self.x_test, self.y_test, self.spec.eval_batch_size,
-                          self.spec.precision)
+                          self.spec.precision, self.spec.eval_max_batches)
         p.best_acc = max(p.best_acc, p.eval["accuracy"])
         eval_fields = {k: v for cb in self.callbacks
                        for k, v in cb.on_eval(self.x_test, self.y_test).items()}

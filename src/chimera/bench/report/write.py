@@ -52,7 +52,8 @@ KINDS = ("training", "toy_lq", "stress")  # configuration kinds, in report order
 CREDIT_PREFIXES = ("credit_", "costate_")
 # Spec fields that tell apart configurations whose task/model/optimizer/quantizer/rule coincide.
 LABEL_KEYS = ("epochs", "batch_size", "lr_schedule", "optimizer_hparams", "model_hparams",
-              "quant_hparams", "controller", "eval_batch_size", "log_every", "device")
+              "quant_hparams", "controller", "eval_batch_size", "log_every", "device",
+              "max_batches", "eval_max_batches")
 IDENTITY_COLUMNS = ("task", "model", "optimizer", "quantizer", "rule", "problem", "config",
                     "variant")
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from chimera.bench.suite.schema import SuiteTable
 
 BUDGET_KEYS = ("epochs", "batch_size", "eval_batch_size", "lr_schedule", "device", "log_every",
-               "precision")
+               "precision", "max_batches", "eval_max_batches")
 # A [[grid]] that sets any key of a group replaces the whole top-level group: a choice and its
 # hyper-parameters go together. ``name`` and ``title`` are never inherited.
 INHERITED_GROUPS = (
@@ -57,8 +57,8 @@ def _probe(spec: RunSpec) -> None:
         with torch.random.fork_rng(devices=[]):
             model = quantize_(_probe_model(spec), spec.quant_config)
             opt = build_optimizer(spec.optimizer, model, **spec.optimizer_hparams)
-            if spec.controller is not None:
-                AlphaControl(model, spec.controller)
+            if spec.controller_config is not None:
+                AlphaControl(model, spec.controller_config)
             build_run_rule(spec, model, opt, num_classes=2, total_steps=1)
     except (TypeError, ValueError) as e:
         raise ValueError(f"run {spec.run_id}: {e}") from None
@@ -181,7 +181,8 @@ def expand(table: SuiteTable, where: str) -> Suite:
     if table.stress is not None:
         s = table.stress
         stress = StressSection(title=s.title, seeds=tuple(s.seeds or seeds), steps=s.steps,
-                               problems=tuple(s.problems), configs=tuple(s.configs))
+                               problems=tuple(s.problems), configs=tuple(s.configs),
+                               options=s.options())
     if table.toy_lq is not None:
         t = table.toy_lq
         toy_lq = ToyLQSection(title=t.title, seeds=tuple(t.seeds or seeds), steps=t.steps,

@@ -12,6 +12,7 @@ table and the key, before anything runs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import os
@@ -31,13 +32,15 @@ from pydantic import (
     Tag,
     ValidationError,
     ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     create_model,
     field_validator,
     model_validator,
 )
 
 from chimera._validate import known_keys
-from chimera.bench.jobs.stress import STRESS_CONFIGS
+from chimera.bench.jobs.stress import DEFAULT_OPTIONS, STRESS_CONFIGS, StressOptions
 from chimera.bench.jobs.toy_lq import DEFAULT_VARIANTS, TOY_VARIANTS
 from chimera.bench.suite.expand import expand, grid_label
 from chimera.bench.suite.sections import Suite
@@ -124,6 +127,14 @@ PositiveInt = Annotated[int, Field(ge=1)]
 Seeds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1),
                   AfterValidator(_distinct)]
 Hparams = Annotated[dict[str, Any], AfterValidator(_finite_table)]
+
+
+def _false_or(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    return False if value is False else handler(value)
+
+
+# a table of controller settings, or false: no controller (not even a quantizer's default)
+Controller = Annotated[Hparams | None, WrapValidator(_false_or)]
 Device = Annotated[str, AfterValidator(check_device)]
 SectionName = Annotated[str, AfterValidator(_section_name)]
 
@@ -177,7 +188,7 @@ class QuantizerEntry(_Table):
 
     quantizer: _registered_name(QUANTIZERS)
     quant_hparams: Hparams = Field(default_factory=dict)
-    controller: Hparams | None = None
+    controller: Controller = None
 
 
 OptimizerList = _entries(OPTIMIZERS, OptimizerEntry, "{name, <hyper-parameters>}")
@@ -202,7 +213,7 @@ class GridFields(_Table):
     quantizer: _registered_name(QUANTIZERS) | None = None
     quantizers: QuantizerList | None = None
     quant_hparams: Hparams | None = None
-    controller: Hparams | None = None
+    controller: Controller = None
     rule: _registered_name(RULES) | None = None
     rules: RuleList | None = None
     rule_hparams: Hparams | None = None
@@ -214,6 +225,8 @@ class GridFields(_Table):
     device: Device | None = None
     log_every: PositiveInt | None = None
     precision: Literal[PRECISIONS] | None = None
+    max_batches: PositiveInt | None = None
+    eval_max_batches: PositiveInt | None = None
 
     @field_validator("model_hparams")
     @classmethod
@@ -246,6 +259,24 @@ class StressTable(_Table):
     steps: PositiveInt = 300
     problems: _registered_names(STRESS) = Field(default_factory=STRESS.names)
     configs: _registered_names(STRESS_CONFIGS) = Field(default_factory=STRESS_CONFIGS.names)
+    batch_size: PositiveInt = DEFAULT_OPTIONS.batch_size
+    in_features: PositiveInt = DEFAULT_OPTIONS.in_features
+    hidden_features: PositiveInt = DEFAULT_OPTIONS.hidden_features
+    noise_scale: float = DEFAULT_OPTIONS.noise_scale
+    sparsity: float = DEFAULT_OPTIONS.sparsity
+    lr: float | dict[str, float] | None = None
+    timing_warmup_steps: Annotated[int, Field(ge=0)] = DEFAULT_OPTIONS.timing_warmup_steps
+    diag_every: PositiveInt = DEFAULT_OPTIONS.diag_every
+
+    @model_validator(mode="after")
+    def _options_valid(self) -> StressTable:
+        self.options()
+        return self
+
+    def options(self) -> StressOptions:
+        """The table's :class:`~chimera.bench.jobs.stress.StressOptions` (validated)."""
+        return StressOptions(**{f.name: getattr(self, f.name)
+                                for f in dataclasses.fields(StressOptions)})
 
 
 class ToyLQTable(_Table):

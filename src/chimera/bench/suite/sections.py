@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chimera.bench.jobs.stress import run_stress
+from chimera.bench.jobs.stress import DEFAULT_OPTIONS, StressOptions, run_stress, stress_config_id
 from chimera.bench.jobs.toy_lq import run_toy_lq
 from chimera.bench.report.tables import stress_table, toy_lq_table
 from chimera.run.records import RecordWriter, read_records
@@ -86,19 +86,20 @@ class StressSection(OneFileSection):
 
     problems: tuple[str, ...] = ()
     configs: tuple[str, ...] = ()
+    options: StressOptions = DEFAULT_OPTIONS
 
     file = "stress.jsonl"
 
     def _run(self, writer: RecordWriter) -> list[dict[str, Any]]:
         return run_stress(self.problems, self.configs, seeds=self.seeds, steps=self.steps,
-                          writer=writer, progress=False)
+                          writer=writer, progress=False, options=self.options)
 
     def _key(self, final: dict[str, Any]) -> tuple:
-        return final.get("problem"), final.get("config"), final.get("seed"), final.get("steps")
+        return final.get("config_id"), final.get("seed"), final.get("steps")
 
     def _expected(self) -> list[tuple]:
-        return [(*k, self.steps) for k in itertools.product(self.problems, self.configs,
-                                                             self.seeds)]
+        return [(stress_config_id(p, c, self.options), s, self.steps)
+                for p, c, s in itertools.product(self.problems, self.configs, self.seeds)]
 
     def table(self, finals: list[dict[str, Any]]) -> str:
         return stress_table(finals)
