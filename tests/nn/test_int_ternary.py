@@ -28,14 +28,25 @@ def backward_with_weight_grad(layer: IntTernaryLinear, g: torch.Tensor) -> None:
     (y * g.T).sum().backward()
 
 
-def test_buffers_dtypes_and_no_float_latent_weight():
+def test_buffers_dtypes_and_the_float_weight_is_a_cache_of_the_integer_state():
     layer = IntTernaryLinear(70, 5)
     buffers = dict(layer.named_buffers())
     assert {k: v.dtype for k, v in buffers.items()} == {
         "T": torch.int8, "E": torch.int8, "corr_accum": torch.int64, "step": torch.int64,
         "pressure": torch.int8,
     }
-    assert [name for name, _ in layer.named_parameters()] == ["bias"]
+    assert [name for name, _ in layer.named_parameters()] == ["weight", "bias"]
+    assert torch.equal(layer.weight, layer.effective_weight())  # a cache of W = T * S
+    with torch.no_grad():
+        layer.weight.fill_(3.0)
+    state = layer.state_dict()
+    fresh = IntTernaryLinear(70, 5)
+    fresh.load_state_dict(state)  # the saved cache is ignored: W comes from the integer state
+    assert torch.equal(fresh.weight, layer.effective_weight())
+    del state["weight"]  # a checkpoint saved before the cache existed
+    old = IntTernaryLinear(70, 5)
+    result = old.load_state_dict(state)
+    assert not result.missing_keys and torch.equal(old.weight, layer.effective_weight())
     assert set(layer.T.unique().tolist()) <= {-1, 0, 1}
     assert layer.E.shape == layer.corr_accum.shape == (5, 3)  # ceil(70 / 32) groups per row
 
@@ -50,6 +61,7 @@ def test_effective_weight_formula_and_step_zero():
     expected0 = layer.T.float() * power.repeat_interleave(2, dim=1)
     assert torch.equal(layer.effective_weight(), expected0)  # step == 0: S = 2^E
     layer.step.fill_(4)  # S = 2^E * (1 + corr / (step * gs))
+    layer.sync_weight()  # the buffers were written directly
     s = power * (1 + torch.tensor([[3.0, -2.0], [0.0, 5.0]]) / 8)
     expected = layer.T.float() * s.repeat_interleave(2, dim=1)
     assert torch.allclose(layer.effective_weight(), expected, rtol=0, atol=1e-7)
@@ -117,7 +129,7 @@ def test_update_corr_hand_computed_and_sign_convention():
     for expected in ([[0, 1]], [[0, 2]]):
         backward_with_weight_grad(layer, g)
         assert layer.update_corr()
-        layer.release_weight_grad()
+        layer.zero_grad()
         assert torch.equal(layer.corr_accum, torch.tensor(expected))
     assert layer.corr_accum.dtype == torch.int64 and int(layer.step) == 2
     outward = torch.tensor([[-1.0, -1.0, 1.0, 0.0]])  # every non-zero weight pushed outward
@@ -193,11 +205,14 @@ def test_eval_and_no_grad_forwards_mutate_nothing():
     x = torch.randn(3, 8, requires_grad=True)
     layer(x).sum().backward()
     layer.update_corr()
-    layer.release_weight_grad()
+    layer.zero_grad()
     snapshot = copy.deepcopy(layer.state_dict())
     layer.eval()
-    layer(x).sum().backward()
-    assert layer.weight_grad is None and not layer.update_corr()
+    y = layer(x)
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in snapshot.items())
+    y.sum().backward()  # as in nn.Linear, eval mode still differentiates
+    assert layer.weight_grad is not None
+    layer.zero_grad()
     layer.train()
     with torch.no_grad():
         layer(x)
@@ -279,7 +294,7 @@ def test_non_finite_gradient_entries_count_as_zero():
     with torch.no_grad():
         layer.T.fill_(1)
     layer(torch.randn(1, 2)).sum().backward()
-    layer._weight_leaf.grad = torch.tensor([[float("nan"), -1.0]])  # an entry-wise NaN
+    layer.weight.grad = torch.tensor([[float("nan"), -1.0]])  # an entry-wise NaN
     assert layer.weight_grad.tolist() == [[0.0, -1.0]]
     layer.update_corr()
     assert layer.corr_accum.tolist() == [[1]]
@@ -300,7 +315,8 @@ def test_empty_batch_behaves_like_the_float_layer_and_changes_no_state(layer, fl
     y0 = layer(torch.randn(full))  # a first, non-empty forward (and its dL/dW in training)
     if y0.requires_grad:
         y0.sum().backward()
-    leaf, stats = layer._weight_leaf, layer.get_last_stats()
+    grad, stats = layer.weight.grad, layer.get_last_stats()
+    grad = None if grad is None else grad.clone()
     buffers = {k: v.clone() for k, v in layer.state_dict().items()}
     x = torch.randn(shape, requires_grad=True)
     y = layer(x)
@@ -309,5 +325,7 @@ def test_empty_batch_behaves_like_the_float_layer_and_changes_no_state(layer, fl
     assert x.grad.shape == x.shape
     if layer.bias is not None:
         assert layer.bias.grad is not None
-    assert layer._weight_leaf is leaf and layer.get_last_stats() == stats
+    assert layer.get_last_stats() == stats
+    assert (layer.weight.grad is None) == (grad is None)  # no dL/dW from an empty batch
+    assert grad is None or torch.equal(layer.weight.grad, grad)
     assert all(torch.equal(v, layer.state_dict()[k]) for k, v in buffers.items())

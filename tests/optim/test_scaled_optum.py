@@ -76,7 +76,8 @@ def test_add_ternary_modules_checks_type_group_size_and_duplicates():
     opt.add_ternary_modules([layer])
     assert opt.ternary_modules == [layer]
     group = opt.ternary_group
-    assert group["params"] == [] and group["threshold"] == 64 and group["lr"] == 8.0
+    assert group["params"] == [layer.weight] and group["threshold"] == 64
+    assert group["ternary_lr"] == 8.0 and group["lr"] == 1.0  # lr: the schedule's multiplier
     assert sum(1 for g in opt.param_groups if g.get("ternary")) == 1
 
 
@@ -85,8 +86,9 @@ def test_for_model_registers_modules_and_float_parameters():
     model[3].bias.requires_grad_(False)
     opt = ScaledOptum.for_model(model, lr=0.01)
     assert opt.ternary_modules == [model[0]]
-    floats = [p for g in opt.param_groups for p in g["params"]]
+    floats = [p for g in opt.param_groups if not g.get("ternary") for p in g["params"]]
     assert [id(p) for p in floats] == [id(model[0].bias), id(model[3].weight)]
+    assert opt.ternary_group["params"] == [model[0].weight]
     assert opt.param_groups[0]["lr"] == 0.01
 
 
@@ -131,7 +133,7 @@ def test_pressure_increment_formula():
     assert pressure_increment(torch.zeros(2, 2), 8.0, 5).tolist() == [[0, 0], [0, 0]]
 
 
-def test_step_applies_corr_pressure_and_releases_the_gradient():
+def test_step_applies_corr_pressure_and_keeps_the_gradient_until_zero_grad():
     model = mlp()
     opt = ScaledOptum.for_model(model, lr=0.01, threshold=3, ternary_lr=2.0)
     layer = model[0]
@@ -147,11 +149,16 @@ def test_step_applies_corr_pressure_and_releases_the_gradient():
     assert torch.equal(layer.pressure, torch.where(fire, 0, inc).to(torch.int8))
     moved = (t0 + inc.sign()).clamp(-1, 1)
     assert torch.equal(layer.T, torch.where(fire, moved, t0).to(torch.int8))
+    assert torch.equal(layer.weight, layer.effective_weight())  # the cache follows the state
+    assert torch.equal(layer.weight.grad, g)  # as in torch's optimizers, step keeps .grad
+    opt.step()  # a second step without zero_grad applies the same gradient again
+    assert int(layer.step) == 2
+    opt.zero_grad()
     buffers = {k: v.clone() for k, v in layer.named_buffers()}
     bias = layer.bias.detach().clone()
-    opt.step()  # the gradient was consumed: integer state unchanged, floats take another step
+    opt.step()  # no gradient: nothing changes
     assert all(torch.equal(v, buffers[k]) for k, v in layer.named_buffers())
-    assert not torch.equal(layer.bias, bias)
+    assert torch.equal(layer.bias, bias)
 
 
 def test_e_policy_track_rebalances_exponents():
@@ -184,10 +191,10 @@ def test_state_dict_round_trip_then_identical_continuation():
 def test_a_state_with_the_ternary_group_elsewhere_is_rejected():
     model = mlp()
     ternary = ScaledOptum.for_model(model, threshold=4)  # groups: floats, then ternary
-    floats = ScaledOptum([{"params": list(model[2].parameters())}, {"params": []}])
-    floats.param_groups[0]["params"] = list(ternary.param_groups[0]["params"])  # same counts
+    floats = ScaledOptum([{"params": list(ternary.param_groups[0]["params"])},
+                          {"params": [model[0].weight]}])  # same parameter counts
     with pytest.raises(ValueError, match=r"^loaded param group 1 lacks e_policy, ternary, "
-                                         r"threshold: not a ScaledOptum state$"):
+                                         r"ternary_lr and 1 more: not a ScaledOptum state$"):
         ternary.load_state_dict(floats.state_dict())
     with pytest.raises(ValueError, match=r"^loaded param group 1: ternary must be False \(this "
                                          r"is a float group\), got True$"):

@@ -14,32 +14,44 @@ Groups: for a weight of shape (out, *fan_in_dims) the fan-in ``in_features`` or
 is padded with weights that are always 0 (they add nothing to a score; the denominator keeps
 ``gs`` exactly as in the equation). Buffers ``E`` and ``corr_accum`` have shape (out, groups).
 
-Training protocol (driven by :class:`chimera.optim.scaled_optum.ScaledOptum`):
+The layer's float ``weight`` (an ``nn.Parameter`` of the weight's shape) is a cache of ``W``,
+not training state: the layer rewrites it (``sync_weight``) after every change of ``T``, ``E``,
+``corr_accum`` or ``step`` by its own methods, after ``load_float_weight`` and after
+``load_state_dict``; code that writes the buffers directly calls ``sync_weight()``. The forward
+uses it, so its ``.grad`` is ``dL/dW`` and follows torch's conventions: it accumulates over
+backward passes until ``zero_grad`` (micro-batches, ``gradient_accumulation_steps``), DDP
+all-reduces it, ``clip_grad_norm_`` and grad-norm logging see it, and
+``weight.requires_grad_(False)`` freezes the ternary state. ``state_dict()`` holds it like any
+parameter (exporters and checkpoint tools expect every parameter there), but loading ignores its
+value and recomputes it from the loaded integer state; a checkpoint without it (saved before the
+cache existed) loads too. The cache costs 4 bytes per weight (fp32) in memory and checkpoints,
+plus 4 for its gradient; no float optimizer may update it (:class:`chimera.optim.scaled_optum.
+ScaledOptum` keeps it in its ternary group, where nothing float touches it).
 
-1. a training-mode forward with grad enabled builds ``W`` as a fresh leaf tensor that requires
-   grad, so that after ``backward`` its ``.grad`` (``weight_grad``) is ``dL/dW``; only the last
-   forward is remembered (one forward per optimizer step), until ``release_weight_grad()``;
-2. ``update_corr()``: ``descent_sign = -sign(dL/dW)`` (int16), per group
+Training protocol (driven by ``ScaledOptum``; ``g = dL/dW``, non-finite entries read as 0):
+
+1. ``update_corr(g)``: ``descent_sign = -sign(g)`` (int16), per group
    ``score = sum(descent_sign * T)``, ``step += 1``, ``corr_accum += score`` (int64, never
    reset or clipped): the scale grows where descent pushes weights outward;
-3. ``update_ternary(increment, threshold)`` (design choice, see ``docs/int_ternary.md``): a
+2. ``update_ternary(increment, threshold)`` (design choice, see ``docs/int_ternary.md``): a
    per-weight int8 ``pressure`` counter accumulates signed integer increments (the optimizer
-   derives them from ``dL/dW``); where ``|pressure| >= threshold``, ``T`` moves one step toward
+   derives them from ``g``); where ``|pressure| >= threshold``, ``T`` moves one step toward
    ``sign(pressure)`` (clamped to {-1, 0, +1}) and that counter resets to 0. So
    ``threshold * T + pressure`` is an integer latent weight and ``T`` its quantization with
    hysteresis;
-4. optionally ``rebalance_exponent()`` (E tracks the corr-derived scale): where the factor
+3. optionally ``rebalance_exponent()`` (E tracks the corr-derived scale): where the factor
    ``f = 1 + corr_accum / (step * gs)`` reaches 3/2, ``E += 1`` and ``corr_accum`` is rescaled
    to ``f / 2``; where it falls to 2/3, ``E -= 1`` and it becomes ``2 f`` (S is kept up to
    integer rounding; the hysteresis 3/2 vs 2/3 prevents flip-flopping).
 
 An empty batch (``x.numel() == 0``) gives the float layer's empty output (backward works, with
-zero gradients) and changes no state: the remembered ``dL/dW`` and last statistics stay those of
-the last non-empty forward.
+zero gradients for the input and bias) and changes no state: ``weight.grad`` and the last
+statistics stay those of the earlier forwards.
 
 Training state bytes per ternary weight (``T`` is the weight itself, not state): ``pressure``
 1 + ``corr_accum`` 8/gs + ``E`` 1/gs + ``step`` 8/numel, i.e. 1.28 bytes with gs = 32.
-Eval mode and ``torch.no_grad()`` forwards mutate nothing.
+Eval mode and ``torch.no_grad()`` forwards mutate nothing. ``2^E`` is computed as
+``pow(2, E)`` (exact for integer E, and an op every exporter knows).
 """
 
 from __future__ import annotations
@@ -93,8 +105,8 @@ class IntTernaryModule(nn.Module):
         self.register_buffer("corr_accum", torch.zeros(out, num_groups, dtype=torch.int64))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.register_buffer("pressure", torch.zeros(weight_shape, dtype=torch.int8))
+        self.weight = nn.Parameter(torch.zeros(weight_shape))  # the cache of W (docstring)
         self.bias = nn.Parameter(torch.zeros(out)) if bias else None
-        self._weight_leaf: Tensor | None = None
         self._last_counts: Tensor | None = None
         self._last_gamma: Tensor | None = None
         init = torch.empty(weight_shape)
@@ -139,10 +151,11 @@ class IntTernaryModule(nn.Module):
         self.corr_accum.zero_()
         self.step.zero_()
         self.pressure.zero_()
+        self.sync_weight()
 
     def group_scale(self) -> Tensor:
         """Per-group ``S = 2^E * (1 + corr_accum / (step * gs))`` (float32, shape (out, groups))."""
-        power = torch.exp2(self.E.float())
+        power = torch.pow(2.0, self.E.float())  # exact, like exp2, and exportable
         n = (self.step * self.group_size).clamp_min(1).float()  # tensor ops: no device sync
         return torch.where(self.step > 0, power * (1 + self.corr_accum.float() / n), power)
 
@@ -152,23 +165,32 @@ class IntTernaryModule(nn.Module):
             s = self.group_scale().unsqueeze(-1)
             return self._ungrouped(self._grouped(self.T.float()) * s)
 
+    @torch.no_grad()
+    def sync_weight(self) -> None:
+        """Rewrite the ``weight`` cache from the integer state: ``weight = W`` (its dtype)."""
+        self.weight.copy_(self.effective_weight())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if prefix + "weight" in missing_keys:  # a checkpoint from before the cache existed
+            missing_keys.remove(prefix + "weight")
+        self.sync_weight()  # the loaded integer state defines W
+
     # ---- forward --------------------------------------------------------------------------
 
     def _project(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.effective_weight().to(x.dtype)
-        if self.training and torch.is_grad_enabled():
-            w.requires_grad_(True)  # a fresh leaf: after backward, w.grad == dL/dW
-        if x.numel() == 0:  # no activations, no training state (module docstring)
-            return self._project(x, w, self.bias)
-        if w.requires_grad:
-            self._weight_leaf = w
+        if x.numel() == 0:  # no activations: no gradient for W, no statistics (docstring)
+            return self._project(x, self.weight.detach().to(x.dtype), self.bias)
         with torch.no_grad():
             self._last_counts = ternary_counts(self.T)
             self._last_gamma = self.group_scale().mean()
-        return self._project(quantize_activations(x, self.act_quant), w, self.bias)
+        return self._project(quantize_activations(x, self.act_quant), self.weight.to(x.dtype),
+                             self.bias)
 
     def get_last_stats(self) -> dict[str, float] | None:
         """``{gamma, zero_ratio, plus_ratio, minus_ratio, effective_bits, num_weights}`` of the
@@ -182,26 +204,23 @@ class IntTernaryModule(nn.Module):
 
     @property
     def weight_grad(self) -> Tensor | None:
-        """``dL/dW`` of the last training forward, non-finite entries read as 0 (None before a
-        backward)."""
-        grad = None if self._weight_leaf is None else self._weight_leaf.grad
+        """``dL/dW`` accumulated since the last ``zero_grad`` (``weight.grad``), non-finite
+        entries read as 0; None without one."""
+        grad = self.weight.grad
         return None if grad is None else torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
 
-    def release_weight_grad(self) -> None:
-        """Forget the remembered ``dL/dW`` (the optimizer calls this once it has used it)."""
-        self._weight_leaf = None
-
     @torch.no_grad()
-    def update_corr(self) -> bool:
+    def update_corr(self, grad: Tensor | None = None) -> bool:
         """``step += 1``; per group ``corr_accum += sum(descent_sign * T)`` with
-        ``descent_sign = -sign(dL/dW)`` (int16). Returns False (and changes nothing) without a
-        gradient."""
-        grad = self.weight_grad
+        ``descent_sign = -sign(grad)`` (int16; ``grad`` defaults to ``weight_grad``). Returns
+        False (and changes nothing) without a gradient."""
+        grad = self.weight_grad if grad is None else grad
         if grad is None:
             return False
         descent = -torch.sign(grad).to(torch.int16)
         self.step += 1
         self.corr_accum += self._grouped(descent * self.T).sum(-1, dtype=torch.int64)
+        self.sync_weight()
         return True
 
     @torch.no_grad()
@@ -215,6 +234,7 @@ class IntTernaryModule(nn.Module):
         moved = (self.T.to(torch.int16) + p.sign()).clamp_(-1, 1)
         self.T.copy_(torch.where(fire, moved, self.T.to(torch.int16)))
         self.pressure.copy_(p.masked_fill_(fire, 0))
+        self.sync_weight()
 
     @torch.no_grad()
     def rebalance_exponent(self) -> None:
@@ -232,12 +252,14 @@ class IntTernaryModule(nn.Module):
         )
         self.corr_accum.copy_(torch.where(down, 2 * self.corr_accum + n, self.corr_accum))
         self.E += up.to(torch.int8) - down.to(torch.int8)
+        self.sync_weight()
 
     def extra_repr(self) -> str:
         return f"bias={self.bias is not None}, group_size={self.group_size}"
 
     def state_bytes(self) -> int:
-        """Bytes of integer training state (everything but the weight ``T`` itself)."""
+        """Bytes of integer training state (everything but the weight ``T`` itself and the
+        ``weight`` cache)."""
         return sum(b.numel() * b.element_size() for b in (self.pressure, self.corr_accum,
                                                            self.E, self.step))
 

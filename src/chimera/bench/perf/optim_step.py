@@ -23,8 +23,9 @@ chimera21 (fp32 psi)        p, g, m, v, psi            p, m, v, psi           36
 chimera21 (int8 psi)        p, g, m, v; psi (1)        p, m, v; psi (1)       30
 stac trunk / cap            p, g, b / as adamw         p, b / as adamw        20 / 28
 lion                        p, g, m                    p, m                   20
-scaled_optum ternary weight g; T, pressure (1 each);   T, pressure;           8 + 16/gs = 8.5
-                            corr_accum (8/gs)          corr_accum (8/gs)
+scaled_optum ternary weight g; T, pressure (1 each);   T, pressure;           12 + 16/gs = 12.5
+                            corr_accum (8/gs)          corr_accum (8/gs);
+                                                       the float W cache
 scaled_optum float param    p, g                       p                      12
 ==========================  =========================  =====================  ==============
 
@@ -148,10 +149,11 @@ def bytes_per_param(opt: torch.optim.Optimizer, optimizer: str) -> float:
     if optimizer == "stac":
         cap = sum(p.numel() for p in opt.partition.cap_parameters)
         return (BYTES["stac_trunk"] * (numel - cap) + BYTES["adamw"] * cap) / numel
-    if optimizer == "scaled_optum":
+    if optimizer == "scaled_optum":  # the ternary weights' float cache counts once, as a weight
         weights = sum(m.T.numel() for m in opt.ternary_modules)
-        per_weight = 8 + 16 / opt.default_group_size
-        return (per_weight * weights + BYTES["scaled_optum_float"] * numel) / (weights + numel)
+        floats = numel - weights
+        per_weight = 12 + 16 / opt.default_group_size  # + the 4-byte rewrite of the float cache
+        return (per_weight * weights + BYTES["scaled_optum_float"] * floats) / numel
     if optimizer == "chimera21" and opt.param_groups[0]["psi_storage"] == "int8":
         return BYTES["chimera21_int8"]
     return BYTES[optimizer]
@@ -179,6 +181,7 @@ def ternary_gradients(model: nn.Module) -> Callable[[], None]:
 
     def setup() -> None:
         for layer, x in zip(layers, probes, strict=True):
+            layer.weight.grad = None  # dL/dW accumulates across backward passes
             y = layer(x)
             y.backward(torch.randn_like(y))
 
