@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -132,7 +133,7 @@ def test_torch_style_aliases():
     opt = Chimera21([param([1.0])], betas=(0.8, 0.99), eps=1e-6)
     group = opt.param_groups[0]
     assert (group["beta1"], group["beta2"], group["eps_opt"]) == (0.8, 0.99, 1e-6)
-    assert "betas" not in group and "eps" not in group
+    assert group["betas"] == (0.8, 0.99) and "eps" not in group
     opt.add_param_group({"params": [param([2.0])], "betas": (0.5, 0.6), "eps": 1e-4})
     group = opt.param_groups[1]
     assert (group["beta1"], group["beta2"], group["eps_opt"]) == (0.5, 0.6, 1e-4)
@@ -382,21 +383,21 @@ def test_diagnostics_keys_and_values(foreach):
         updates.append((before[i] - params[i].detach()).flatten())
         psis.append(state["psi"].flatten())
     kappa, noise, eff_lr, update, psi = map(torch.cat, (kappas, noises, eff_lrs, updates, psis))
-    assert 0.5 <= diag["kappa_min"] <= diag["kappa_mean"] <= diag["kappa_max"] <= 2.0
-    assert diag["kappa_std"] > 0
+    assert 0.5 <= diag["min_kappa"] <= diag["mean_kappa"] <= diag["max_kappa"] <= 2.0
+    assert diag["std_kappa"] > 0
     expected = {
-        "kappa_mean": kappa.mean(),
-        "kappa_std": kappa.std(correction=0),
-        "kappa_min": kappa.min(),
-        "kappa_max": kappa.max(),
+        "mean_kappa": kappa.mean(),
+        "std_kappa": kappa.std(correction=0),
+        "min_kappa": kappa.min(),
+        "max_kappa": kappa.max(),
         "mean_noise_ratio": noise.mean(),
         "mean_effective_lr": eff_lr.mean(),
         "active_mean_effective_lr": eff_lr[g_all != 0].mean(),
         "applied_update_norm": update.norm(),
         "param_update_ratio": update.norm()
         / torch.cat([before[i].flatten() for i in with_grad]).norm(),
-        "update_abs_mean": update.abs().mean(),
-        "update_abs_max": update.abs().max(),
+        "mean_update_abs": update.abs().mean(),
+        "max_update_abs": update.abs().max(),
         "psi_abs_mean": psi.abs().mean(),
         "psi_saturation_ratio": (psi.abs() >= 0.999).float().mean(),
         "collision_score": (kappa.log().abs() * noise).mean(),
@@ -419,11 +420,12 @@ def test_diagnostics_without_any_gradient_and_saturation():
     p = param([1.0, 2.0])
     opt = Chimera21([p], log_diagnostics=True, rho_psi=0.0)
     opt.step()
-    assert opt.last_diagnostics["count"] == 0.0
-    assert math.isnan(opt.last_diagnostics["kappa_mean"])
+    assert opt.last_diagnostics == {}  # the original project's value
     run_steps(opt, [p], [[[1.0, 0.0]]])
     diag = opt.last_diagnostics
     assert diag["psi_saturation_ratio"] == 0.5 and diag["zero_grad_ratio"] == 0.5
+    run_steps(opt, [p], [[[0.0, 0.0]]])
+    assert opt.last_diagnostics["active_mean_effective_lr"] == 0.0  # no active element
 
 
 # ---------------------------------------------------------------- errors, state, copies
@@ -485,3 +487,80 @@ def test_deepcopy_continues_identically_and_keeps_diagnostics():
     run_steps(opt2, params2, grads[2:])
     assert all(torch.equal(a, b) for a, b in zip(params, params2, strict=True))
     assert opt2.last_diagnostics == opt.last_diagnostics
+
+
+# ---------------------------------------------------------------- betas for schedulers, maximize
+
+
+def test_betas_and_beta1_beta2_stay_one_value_in_every_group():
+    opt = Chimera21([param([1.0])], beta1=0.8)
+    opt.add_param_group({"params": [param([2.0])], "beta2": 0.9})
+    assert opt.defaults["betas"] == (0.8, 0.999)
+    assert [g["betas"] for g in opt.param_groups] == [(0.8, 0.999), (0.8, 0.9)]
+    group = opt.param_groups[0]
+    group["betas"] = (0.7, 0.95)  # what torch's schedulers write
+    assert (group["beta1"], group["beta2"]) == (0.7, 0.95)
+    group["beta1"] = 0.6
+    group.update(beta2=0.5)
+    assert group["betas"] == (0.6, 0.5)
+    with pytest.raises(ValueError, match=r"betas\[0\] must be a number in \[0, 1\)"):
+        group["betas"] = (1.5, 0.9)
+    for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        copied.param_groups[0]["betas"] = (0.3, 0.4)
+        assert copied.param_groups[0]["beta1"] == 0.3
+    state = opt.state_dict()
+    assert state["param_groups"][0]["betas"] == (0.6, 0.5)
+    opt2 = Chimera21([param([1.0])])
+    opt2.add_param_group({"params": [param([2.0])]})
+    opt2.load_state_dict(state)
+    opt2.param_groups[1]["betas"] = (0.2, 0.3)
+    assert opt2.param_groups[1]["beta1"] == 0.2
+
+
+def test_one_cycle_lr_cycles_the_beta1_the_step_uses():
+    """OneCycleLR(cycle_momentum=True) writes group['betas'] each step; the trajectory equals a
+    for-loop of steps with beta1 (and lr) set by hand to what the scheduler chose."""
+    grads = parity_grads(parity_setup()[0], steps=6)
+    params, groups = parity_setup()
+    opt = Chimera21(groups, foreach=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=0.1, total_steps=10, base_momentum=0.8, max_momentum=0.95
+    )
+    ref_params, ref_groups = parity_setup()
+    ref = Chimera21(ref_groups, foreach=False)  # lr and beta1 set by hand
+    const_params, const_groups = parity_setup()
+    const = Chimera21(const_groups, beta1=0.95)  # lr set by hand, beta1 never cycled
+    used = []
+    for step_grads in grads:
+        used.append(opt.param_groups[0]["beta1"])
+        for group, ref_group, const_group in zip(
+            opt.param_groups, ref.param_groups, const.param_groups, strict=True
+        ):
+            ref_group["lr"] = const_group["lr"] = group["lr"]
+            ref_group["beta1"] = group["betas"][0]
+        run_steps(opt, params, [step_grads])
+        run_steps(ref, ref_params, [step_grads])
+        run_steps(const, const_params, [step_grads])
+        sched.step()
+    assert used[0] == pytest.approx(0.95) and len(set(used)) == len(used)  # cycled every step
+    assert all(torch.equal(a, b) for a, b in zip(params, ref_params, strict=True))
+    assert not torch.equal(params[0], const_params[0])
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_maximize_equals_stepping_on_the_negated_gradient(foreach):
+    grads = parity_grads(parity_setup()[0], steps=4)
+    negated = [[None if g is None else -g for g in step] for step in grads]
+    results = []
+    for maximize, step_grads in ((True, grads), (False, negated)):
+        params, groups = parity_setup()
+        opt = Chimera21(groups, maximize=maximize, foreach=foreach, zero_grad_policy="inertia",
+                        kappa_gate_mode="noise_ratio", psi_storage="int8", weight_decay=0.1)
+        run_steps(opt, params, step_grads)
+        results.append((params, opt))
+    (p1, o1), (p2, o2) = results
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2, strict=True))
+    for a, b in zip(p1, p2, strict=True):
+        for key, value in o1.state.get(a, {}).items():
+            assert torch.equal(value, o2.state[b][key]), key
+    assert not torch.equal(p1[0], parity_setup()[0][0])

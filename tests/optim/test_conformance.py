@@ -48,15 +48,15 @@ INFOS = {
                 fast_paths=[{"foreach": True}], checks_loaded_state=False),
         OptInfo("lion", {"lr": 0.005, "weight_decay": 0.01},
                 [{"lr": -1.0}, {"betas": (1.0, 0.9)}, {"betas": (0.9, -0.1)},
-                 {"weight_decay": -1.0}, {"maximize": 1}]),
+                 {"weight_decay": -1.0}, {"maximize": 1}, {"foreach": "yes"}],
+                fast_paths=[{"foreach": True}, {"foreach": True, "maximize": True}]),
         OptInfo("chimera21", {"lr": 0.02, "weight_decay": 0.01},
                 [{"lr": -1.0}, {"beta1": 1.0}, {"beta2": -0.1}, {"eps_opt": 0.0},
                  {"weight_decay": -1.0}, {"rho_psi": 1.5}, {"kappa_min": 0.0},
                  {"kappa_min": 1.0, "kappa_max": 0.5}, {"zero_grad_policy": "bogus"},
                  {"idle_decay": 1.5}, {"kappa_gate_mode": "bogus"}, {"gate_sharpness": -1.0},
-                 {"psi_storage": "fp16"}],
-                maximize=False,
-                fast_paths=[{"foreach": True},
+                 {"psi_storage": "fp16"}, {"maximize": 1}],
+                fast_paths=[{"foreach": True}, {"foreach": True, "maximize": True},
                             {"foreach": True, "psi_storage": "int8",
                              "kappa_gate_mode": "noise_ratio"}],
                 optional_numbers=["eps"]),
@@ -69,8 +69,9 @@ INFOS = {
         # on a model without integer-ternary modules: sign-SGD of the float parameters
         OptInfo("scaled_optum", {"lr": 0.005},
                 [{"lr": -1.0}, {"threshold": 0}, {"threshold": 128},
-                 {"default_group_size": 0}, {"ternary_lr": -1.0}, {"e_policy": "bogus"}],
-                maximize=False, param_state=False),
+                 {"default_group_size": 0}, {"ternary_lr": -1.0}, {"e_policy": "bogus"},
+                 {"maximize": 1}, {"weight_decay": -1.0}],
+                param_state=False),
     ]
 }
 NAMES = OPTIMIZERS.names()
@@ -288,7 +289,10 @@ def test_fast_path_matches_for_loop_path(name, fast):
         model, x, y = make_problem()
         model.lin2.bias.requires_grad_(False)  # a parameter that never has a gradient
         opt = build(name, model, **{**fast, "foreach": foreach})
-        run(opt, model, x, y, 6)
+        run(opt, model, x, y, 3)
+        model.lin1.bias.requires_grad_(False)  # frozen mid-run: its grad is None from here on
+        model.lin1.bias.grad = None
+        run(opt, model, x, y, 3)
         results.append((model, opt))
     (m1, o1), (m2, o2) = results
     torch.testing.assert_close(flat(m1), flat(m2), rtol=1e-6, atol=1e-7)
@@ -302,6 +306,7 @@ def test_fast_path_matches_for_loop_path(name, fast):
 
 @pytest.mark.parametrize(("name", "multi_tensor"), [
     ("chimera21", "chimera.optim.chimera21._multi_tensor_chimera21"),
+    ("lion", "chimera.optim.lion._multi_tensor_lion"),
     ("stac", "chimera.optim.stac._multi_tensor_stac_trunk"),
 ])
 def test_foreach_none_follows_one_policy(name, multi_tensor, monkeypatch):

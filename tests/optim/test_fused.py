@@ -66,8 +66,8 @@ def int_ternary_net() -> nn.Sequential:
 
 
 def build_chimera21(model: Net, **kw) -> Chimera21:
-    """Groups covering both psi storages, every zero-grad policy, the noise gate, weight decay
-    and a group lr; the frozen parameter sits in the first group."""
+    """Groups covering both psi storages, every zero-grad policy, the noise gate, weight decay,
+    maximize and a group lr; the frozen parameter sits in the first group."""
     groups = [
         {"params": [model.lin1.weight, model.frozen], "weight_decay": 0.1},
         {
@@ -81,6 +81,7 @@ def build_chimera21(model: Net, **kw) -> Chimera21:
             "zero_grad_policy": "decay",
             "kappa_gate_mode": "noise_ratio",
             "weight_decay": 0.05,
+            "maximize": True,
         },
         {
             "params": [*model.head.parameters()],
@@ -112,7 +113,7 @@ def drop_lin2_bias(model: Net) -> None:
 
 def drop_head_weight_and_second_module(model: nn.Sequential) -> None:
     model[4].weight.grad = None
-    model[2].release_weight_grad()
+    model[2].weight.grad = None
 
 
 def train(

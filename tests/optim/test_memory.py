@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from chimera.optim import Chimera21, optimizer_state_memory_summary
+from chimera.optim import Chimera21, optimizer_state_memory_bytes, optimizer_state_memory_summary
 
 
 def step_once(opt, model):
@@ -32,3 +32,12 @@ def test_empty_before_the_first_step():
     opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9)
     assert optimizer_state_memory_summary(opt) == {"m": 0, "v": 0, "psi": 0, "other": 0,
                                                    "total": 0}
+
+
+def test_optimizer_state_memory_bytes_is_the_total():
+    model = nn.Linear(10, 4)
+    opt = Chimera21(model.parameters(), psi_storage="int8")
+    assert optimizer_state_memory_bytes(opt) == 0
+    step_once(opt, model)
+    assert optimizer_state_memory_bytes(opt) == optimizer_state_memory_summary(opt)["total"] == (
+        44 * 4 * 2 + 44 + 2 * 4)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from chimera.optim.stac import STAC, partition_trainable_layers
+from chimera.optim.stac import STAC, normalize_name, partition_trainable_layers
 
 
 class Net(nn.Module):
@@ -202,8 +202,88 @@ def test_invalid_hyperparameters_name_the_argument(bad, name):
 
 
 def test_parameters_instead_of_a_model_are_rejected():
-    with pytest.raises(ValueError, match="nn.Module"):
+    with pytest.raises(ValueError, match=r"nn.Module\) or model.named_parameters\(\)"):
         STAC(make_net().parameters())
+    with pytest.raises(ValueError, match="nn.Module"):
+        STAC(torch.zeros(3))
+
+
+def test_param_groups_are_rejected_with_the_hugging_face_hint():
+    """Hugging Face's Trainer calls ``cls(param_groups, **kwargs)`` unless kwargs hold the
+    model, which it then passes instead: the error says so."""
+    model = make_net()
+    groups = [{"params": list(model.parameters())[:3], "weight_decay": 0.01},
+              {"params": list(model.parameters())[3:], "weight_decay": 0.0}]
+    with pytest.raises(ValueError, match=r"not param groups .*\{'model': model, \.\.\.\}"):
+        STAC(groups, lr=0.01)
+    kwargs = {"model": model, "lr": 0.01}  # what such a factory does with kwargs holding it
+    opt = STAC(kwargs.pop("model"), **kwargs)
+    assert opt.partition.cap_layer_names == ("head",)
+
+
+def test_named_parameters_give_the_model_partition_and_trajectory():
+    model, model2 = make_net(), make_net()
+    model.a.bias.requires_grad_(False)  # frozen: left out of the partition
+    opt = STAC(model, lr=0.01, last_n_layers=2)
+    named = [(n, p) for n, p in model2.named_parameters() if n != "a.bias"]
+    opt2 = STAC(iter(named), lr=0.01, last_n_layers=2)
+    assert opt2.last_n_layers == opt.last_n_layers == 2
+    assert opt2.partition.trunk_layer_names == opt.partition.trunk_layer_names == ("<root>", "a")
+    assert [g["layer_names"] for g in opt2.param_groups] == [
+        g["layer_names"] for g in opt.param_groups]
+    assert opt2.partition.trunk_layers[1].parameter_names == ("a.weight",)
+    train(model, opt, 3)
+    train(model2, opt2, 3)
+    assert_same(model, opt, model2, opt2)
+    assert copy.deepcopy(opt2).last_n_layers == 2
+
+
+@pytest.mark.parametrize(("name", "normal"), [
+    ("module._orig_mod.fc.weight", "fc.weight"),
+    ("_orig_mod.module.fc.weight", "fc.weight"),
+    ("block._orig_mod.0.bias", "block.0.bias"),
+    ("module.module.w", "w"),
+    ("module", "module"),
+    ("encoder.module.w", "encoder.module.w"),
+])
+def test_normalize_name_drops_wrapper_prefixes(name, normal):
+    assert normalize_name(name) == normal
+
+
+WRAPPERS = {
+    "plain": lambda m: m,
+    "compiled": torch.compile,
+    "data_parallel": nn.DataParallel,
+    "compiled_data_parallel": lambda m: torch.compile(nn.DataParallel(m)),
+}
+
+
+@pytest.mark.parametrize(("save", "load"), [
+    ("compiled", "plain"), ("plain", "compiled"), ("data_parallel", "plain"),
+    ("plain", "data_parallel"), ("compiled_data_parallel", "plain"),
+])
+def test_state_saved_on_a_wrapped_model_loads_on_the_plain_one_and_back(save, load):
+    model, model2 = make_net(), make_net()
+    opt = STAC(WRAPPERS[save](model), lr=0.01)
+    assert opt.partition.trunk_layer_names == ("<root>", "a", "b")
+    assert opt.partition.cap_layers[0].parameter_names == ("head.weight", "head.bias")
+    train(model, opt, 2)
+    model2.load_state_dict(model.state_dict())
+    opt2 = STAC(WRAPPERS[load](model2), lr=0.01)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    train(model, opt, 2, first_seed=7)
+    train(model2, opt2, 2, first_seed=7)
+    assert_same(model, opt, model2, opt2)
+
+
+def test_saved_layer_names_with_wrapper_prefixes_are_normalised_on_load():
+    model = make_net()
+    state = saved_state(model)
+    for group in state["param_groups"]:
+        group["layer_names"] = tuple(f"module._orig_mod.{n}" for n in group["layer_names"])
+    opt = STAC(make_net())
+    opt.load_state_dict(state)
+    assert opt.param_groups[1]["layer_names"] == ("head",)
 
 
 def test_add_param_group_is_refused_even_after_deepcopy():

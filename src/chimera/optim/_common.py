@@ -1,6 +1,6 @@
 """What the optimizers of the toolkit share: closures, the foreach policy, the sign that keeps
-NaN, the check of a state dict before it is loaded, and the base class of the optimizers with a
-``fused`` option."""
+NaN, the upgrade and the check of a state dict before it is loaded, and the base class of the
+optimizers with a ``fused`` option."""
 
 from __future__ import annotations
 
@@ -40,6 +40,30 @@ def use_foreach(foreach: bool | None, params: Sequence[Tensor]) -> bool:
     )
 
 
+def upgrade_saved_state(
+    state_dict: Any, group_defaults: dict[str, Any], step_dtype: torch.dtype
+) -> Any:
+    """A copy of ``state_dict`` (tensors shared) as this toolkit saves it: every param group gets
+    the keys of ``group_defaults`` it lacks (states of the original projects, or older ones, have
+    no ``foreach``, ``fused``, ...), and a Python-number ``step`` (the originals count steps in
+    ints) becomes a 0-dim tensor of ``step_dtype``. Anything not shaped like an optimizer state
+    dict is returned as is, for the check that follows to reject."""
+    groups, states = (state_dict.get(k) if isinstance(state_dict, dict) else None
+                      for k in ("param_groups", "state"))
+    if not (isinstance(groups, list) and isinstance(states, dict)):
+        return state_dict
+    groups = [{**group_defaults, **g} if isinstance(g, dict) else g for g in groups]
+    states = {pid: _tensor_step(s, step_dtype) for pid, s in states.items()}
+    return {**state_dict, "param_groups": groups, "state": states}
+
+
+def _tensor_step(state: Any, dtype: torch.dtype) -> Any:
+    step = state.get("step") if isinstance(state, dict) else None
+    if isinstance(step, int | float) and not isinstance(step, bool):
+        return {**state, "step": torch.tensor(float(step), dtype=dtype)}
+    return state
+
+
 def check_loaded_state(
     opt: torch.optim.Optimizer,
     state_dict: Any,
@@ -48,13 +72,14 @@ def check_loaded_state(
     check_group: Callable[[dict[str, Any], dict[str, Any]], None],
     state_keys: Callable[[dict[str, Any]], Iterable[str]],
     scalar_keys: Iterable[str] = ("step",),
+    optional_keys: Iterable[str] = ("fused",),
 ) -> None:
     """One-line ``ValueError`` unless ``state_dict`` is a state of ``opt``'s own kind for its
     parameters, checked before torch loads it (so nothing fails at the next ``step``).
 
     Per param group i (``group`` is ``opt``'s, ``saved`` the loaded one): as many groups and
-    parameters; every key ``group_keys(group)`` present in ``saved`` (``fused`` may be missing:
-    older states); ``check_group(saved, group)`` accepts the saved values (its ``ValueError`` is
+    parameters; every key ``group_keys(group)`` present in ``saved`` (but ``optional_keys``);
+    ``check_group(saved, group)`` accepts the saved values (its ``ValueError`` is
     prefixed with the group). Per parameter with a saved state: exactly the keys
     ``state_keys(group)``, each a tensor of the parameter's shape (0-dim for ``scalar_keys``).
     """
@@ -76,7 +101,7 @@ def check_loaded_state(
         if len(saved["params"]) != len(group["params"]):
             raise ValueError(f"{where} has {len(saved['params'])} parameters, this {owner}'s "
                              f"has {len(group['params'])}")
-        missing = sorted(set(group_keys(group)) - set(saved) - {"params", "fused"})
+        missing = sorted(set(group_keys(group)) - set(saved) - {"params", *optional_keys})
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             raise ValueError(f"{where} lacks {', '.join(missing[:3])}{more}: not a {owner} "

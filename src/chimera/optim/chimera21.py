@@ -24,6 +24,7 @@ from chimera.optim._common import (
     FusableOptimizer,
     check_loaded_state,
     evaluate_closure,
+    upgrade_saved_state,
     use_foreach,
 )
 from chimera.optim._fused import check_fused, run_compiled, use_fused
@@ -51,21 +52,26 @@ _MATH_KEYS = (
     "noise_threshold",
     "gate_sharpness",
     "psi_storage",
+    "maximize",
 )
+# Group keys a loaded state may lack (the original project's states, older ones): they take
+# this optimizer's constructor values; ``betas`` follows ``beta1``/``beta2``.
+_FILLED_ON_LOAD = ("maximize", "foreach", "fused")
 
+# The original project's names (Optimizer Chimera v0.13), plus ``count``.
 DIAGNOSTIC_KEYS = (
     "count",
-    "kappa_mean",
-    "kappa_std",
-    "kappa_min",
-    "kappa_max",
+    "mean_kappa",
+    "std_kappa",
+    "min_kappa",
+    "max_kappa",
     "mean_noise_ratio",
     "mean_effective_lr",
     "active_mean_effective_lr",
     "applied_update_norm",
     "param_update_ratio",
-    "update_abs_mean",
-    "update_abs_max",
+    "mean_update_abs",
+    "max_update_abs",
     "zero_grad_ratio",
     "active_grad_ratio",
     "psi_abs_mean",
@@ -95,6 +101,7 @@ def _check_hyperparameters(hp: dict[str, Any]) -> None:
     require(isinstance(hp["log_diagnostics"], bool), "log_diagnostics", hp["log_diagnostics"],
             "True or False")
     choice("psi_storage", hp["psi_storage"], PSI_STORAGES)
+    require(isinstance(hp["maximize"], bool), "maximize", hp["maximize"], "True or False")
     check_fused(hp["fused"], hp["foreach"])
 
 
@@ -203,13 +210,15 @@ _ROW = (
 
 
 def _summarize_diagnostics(rows: list[Tensor]) -> dict[str, float]:
-    """Aggregate per-parameter rows over all elements; empty → count 0, the rest NaN.
+    """Aggregate per-parameter rows over all elements; no row (no element had a gradient) gives
+    ``{}``, as in the original project.
 
-    ``kappa_std`` is the population standard deviation (combined exactly from per-parameter
-    means and centred sums of squares).
+    ``std_kappa`` is the population standard deviation (combined exactly from per-parameter
+    means and centred sums of squares); ``active_mean_effective_lr`` is 0.0 without an element
+    with ``g != 0`` (the original's value).
     """
     if not rows:
-        return {key: (0.0 if key == "count" else math.nan) for key in DIAGNOSTIC_KEYS}
+        return {}
     stacked = torch.stack([r.to(rows[0].device) for r in rows]).tolist()  # one host sync
     table = [dict(zip(_ROW, r, strict=True)) for r in stacked]
     tot = {key: sum(r[key] for r in table) for key in _ROW}
@@ -222,17 +231,17 @@ def _summarize_diagnostics(rows: list[Tensor]) -> dict[str, float]:
     param_norm = math.sqrt(tot["param_sq"])
     return {
         "count": n,
-        "kappa_mean": kappa_mean,
-        "kappa_std": math.sqrt(kappa_m2 / n),
-        "kappa_min": min(r["kappa_min"] for r in table),
-        "kappa_max": max(r["kappa_max"] for r in table),
+        "mean_kappa": kappa_mean,
+        "std_kappa": math.sqrt(kappa_m2 / n),
+        "min_kappa": min(r["kappa_min"] for r in table),
+        "max_kappa": max(r["kappa_max"] for r in table),
         "mean_noise_ratio": tot["noise"] / n,
         "mean_effective_lr": tot["eff_lr"] / n,
-        "active_mean_effective_lr": tot["active_eff_lr"] / active if active else math.nan,
+        "active_mean_effective_lr": tot["active_eff_lr"] / active if active else 0.0,
         "applied_update_norm": update_norm,
         "param_update_ratio": update_norm / param_norm if param_norm > 0 else math.nan,
-        "update_abs_mean": tot["update_abs"] / n,
-        "update_abs_max": max(r["update_abs_max"] for r in table),
+        "mean_update_abs": tot["update_abs"] / n,
+        "max_update_abs": max(r["update_abs_max"] for r in table),
         "zero_grad_ratio": (n - active) / n,
         "active_grad_ratio": active / n,
         "psi_abs_mean": tot["psi_abs"] / n,
@@ -264,6 +273,7 @@ def _single_tensor_chimera21(
     noise_threshold: float,
     gate_sharpness: float,
     psi_storage: str,
+    maximize: bool,
     diagnostics: list[Tensor] | None = None,
 ) -> None:
     """Chimera21 update, one tensor at a time (ground truth; equations in ``Chimera21``).
@@ -273,6 +283,7 @@ def _single_tensor_chimera21(
     """
     for p, g, m, v, psi, step_t in zip(params, grads, ms, vs, psis, steps, strict=True):
         p_sq = p.double().square().sum() if diagnostics is not None else None
+        g = -g if maximize else g
         step_t += 1
         t = step_t.item()
         if weight_decay != 0:
@@ -404,12 +415,15 @@ def _foreach_chimera21(
     noise_threshold: float,
     gate_sharpness: float,
     psi_storage: str,
+    maximize: bool,
 ) -> None:
     """The multi-tensor update after the step increment, shared by the foreach and the compiled
     paths; ``bias1``/``bias2`` are ``1 - beta^t`` per tensor, ``decay`` is ``1 - lr * wd``
     (None: no decay) and ``neg_lr`` is ``-lr``, as Python floats or 0-dim tensors. Exceptions
     to foreach, per tensor: the int8 decode's dtype cast and the zero-grad policy's
     ``torch.where`` (there is no foreach comparison or select)."""
+    if maximize:
+        grads = torch._foreach_neg(grads)
     if decay is not None:
         torch._foreach_mul_(params, decay)
     torch._foreach_mul_(ms, beta1)
@@ -480,6 +494,32 @@ def _static_items(hp: dict[str, Any]) -> list[tuple[str, Any]]:
     return [(k, v) for k, v in hp.items() if k not in ("lr", "weight_decay")]
 
 
+class _SyncedBetas(dict):
+    """A Chimera21 param group in which ``betas`` and ``beta1``/``beta2`` stay one value:
+    writing either spelling rewrites the other, so torch's schedulers that cycle ``betas``
+    (``OneCycleLR(cycle_momentum=True)``, ``CyclicLR``) drive the beta1 the step uses."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key == "betas":
+            value = number_tuple("betas", value, 2, 0, 1, high_open=True)
+            super().__setitem__("beta1", value[0])
+            super().__setitem__("beta2", value[1])
+        super().__setitem__(key, value)
+        if key in ("beta1", "beta2") and "betas" in self:
+            super().__setitem__("betas", (self["beta1"], self["beta2"]))
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+
+def _synced_group(group: dict[str, Any]) -> _SyncedBetas:
+    """``group`` as a ``_SyncedBetas`` whose ``betas`` is ``(beta1, beta2)``."""
+    synced = _SyncedBetas(group)
+    synced["betas"] = (group["beta1"], group["beta2"])
+    return synced
+
+
 class Chimera21(FusableOptimizer):
     r"""Agreement-gated Adam (docs/algorithms.md#chimera21).
 
@@ -502,8 +542,11 @@ class Chimera21(FusableOptimizer):
         p     <- p - lr * kappa * d
 
     kappa uses the unrounded psi'; with ``psi_storage="int8"`` the stored value is decoded as
-    ``psi / 127`` on the next step. ``betas=(b1, b2)`` and ``eps`` are accepted as aliases of
-    ``beta1``/``beta2`` and ``eps_opt``, in the constructor and in param groups.
+    ``psi / 127`` on the next step. ``maximize=True`` runs the step on ``-g`` (gradient ascent).
+    ``betas=(b1, b2)`` and ``eps`` are accepted as aliases of ``beta1``/``beta2`` and
+    ``eps_opt``, in the constructor and in param groups. Every group also carries ``betas``,
+    kept equal to ``(beta1, beta2)``: writing ``group["betas"]`` (as torch's
+    ``OneCycleLR(cycle_momentum=True)`` does) sets ``beta1``/``beta2``, and the other way round.
 
     State per parameter, created at its first step with a gradient: ``m``, ``v`` (like p),
     ``psi`` (like p with ``psi_storage="fp32"``, i.e. in p's floating dtype; int8 otherwise) and
@@ -529,16 +572,23 @@ class Chimera21(FusableOptimizer):
     difference in ``rho_psi * psi``). As for ``foreach``, ``load_state_dict`` restores the saved
     groups' ``fused``; a state saved by any path continues on any other.
 
+    ``load_state_dict`` also takes the states saved by the original project (Optimizer Chimera
+    v0.13: groups without ``maximize``/``foreach``/``fused``/``betas``, which take this
+    optimizer's values, and a Python-int ``step``) and continues as the original would; its
+    int8 ``psi`` is restored exactly (the original, reloading its own state, reads it as float).
+
     ``log_diagnostics`` (per group): after each step ``last_diagnostics`` maps
-    ``DIAGNOSTIC_KEYS`` to floats aggregated over every element of the logging groups that had
-    a gradient: kappa statistics (``kappa_std`` is the population std), ``mean_noise_ratio``,
-    ``mean_effective_lr`` = mean(lr * kappa / (s + eps_opt)) (``active_...`` over g != 0),
-    ``applied_update_norm`` = ||lr * kappa * d||_2, ``param_update_ratio`` = that norm over the
-    L2 norm of the same parameters before the step (before weight decay), ``update_abs_*``
-    over |lr * kappa * d|, zero/active gradient ratios, ``psi_abs_mean`` and
-    ``psi_saturation_ratio`` (|psi| >= 0.999) of the stored psi after the step, and
-    ``collision_score`` = mean(|ln kappa| * noise). Logging groups run the for-loop path.
-    Without any logging group ``last_diagnostics`` is ``{}`` and no diagnostic work is done.
+    ``DIAGNOSTIC_KEYS`` (the original project's names, plus ``count``) to floats aggregated
+    over every element of the logging groups that had a gradient: kappa statistics
+    (``std_kappa`` is the population std), ``mean_noise_ratio``, ``mean_effective_lr`` =
+    mean(lr * kappa / (s + eps_opt)) (``active_...`` over g != 0; 0.0 without such an
+    element), ``applied_update_norm`` = ||lr * kappa * d||_2, ``param_update_ratio`` = that norm
+    over the L2 norm of the same parameters before the step (before weight decay),
+    ``mean_update_abs``/``max_update_abs`` of |lr * kappa * d|, zero/active gradient ratios,
+    ``psi_abs_mean`` and ``psi_saturation_ratio`` (|psi| >= 0.999) of the stored psi after the
+    step, and ``collision_score`` = mean(|ln kappa| * noise). Logging groups run the for-loop
+    path. Without any logging group, or when no parameter of one had a gradient,
+    ``last_diagnostics`` is ``{}``.
     """
 
     _PICKLED_ATTRIBUTES = ("last_diagnostics",)
@@ -565,6 +615,7 @@ class Chimera21(FusableOptimizer):
         *,
         betas: tuple[float, float] | None = None,
         eps: float | None = None,
+        maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
@@ -585,31 +636,46 @@ class Chimera21(FusableOptimizer):
             noise_threshold=noise_threshold,
             gate_sharpness=gate_sharpness,
             psi_storage=psi_storage,
+            maximize=maximize,
             foreach=foreach,
             fused=fused,
         )
         defaults = _resolve_aliases({**defaults, "betas": betas, "eps": eps}, _CONSTRUCTOR_DEFAULTS)
         _check_hyperparameters(defaults)
+        defaults["betas"] = (defaults["beta1"], defaults["beta2"])  # read by torch's schedulers
         super().__init__(params, defaults)
         self.last_diagnostics: dict[str, float] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its hyper-parameters (aliases included) are validated first."""
-        group = _resolve_aliases(param_group, self.defaults)
-        _check_hyperparameters({**self.defaults, **group})
-        super().add_param_group(group)
+        group = {**self.defaults, **_resolve_aliases(param_group, self.defaults)}
+        _check_hyperparameters(group)
+        super().add_param_group(_synced_group(group))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """torch's, then every group as a ``_SyncedBetas`` (also after ``load_state_dict``);
+        states pickled before ``maximize`` existed get ``maximize=False``."""
+        super().__setstate__(state)
+        for i, group in enumerate(self.param_groups):
+            group.setdefault("maximize", False)
+            self.param_groups[i] = _synced_group(group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's loading, after checking that ``state_dict`` is a Chimera21 state for these
         parameters (groups with valid hyper-parameters; per parameter ``step``, ``m``, ``v``,
         ``psi`` of its shape), else ``ValueError``; an int8 ``psi`` stays int8 (torch casts
-        floating state to the parameter's dtype)."""
+        floating state to the parameter's dtype). States of the original project are upgraded
+        first (class docstring)."""
+        state_dict = upgrade_saved_state(
+            state_dict, {k: self.defaults[k] for k in _FILLED_ON_LOAD}, torch.float32
+        )
         check_loaded_state(
             self,
             state_dict,
             group_keys=lambda group: self.defaults,
-            check_group=lambda saved, group: _check_hyperparameters({"fused": None, **saved}),
+            check_group=lambda saved, group: _check_hyperparameters(saved),
             state_keys=lambda group: _STATE_KEYS,
+            optional_keys=("betas",),
         )
         int8_ids = {
             pid

@@ -1,8 +1,9 @@
 """``build_optimizer(name, model_or_params, **hparams)``: every optimizer of the toolkit by name.
 
-STAC needs the model (it partitions it into trunk and cap) and ScaledOptum registers the model's
-integer-ternary modules; the others take parameters. The registry hides the difference: pass a
-model to any of them.
+STAC needs the model or its ``named_parameters()`` (it partitions the layers into trunk and cap)
+and ScaledOptum registers the model's integer-ternary modules; the others take parameters or
+param groups (e.g. ``weight_decay_groups(model, wd)``). The registry hides the difference: pass
+a model to any of them.
 
 torch's SGD, Adam and AdamW check ranges but let ±inf through, so their numbers (constructor
 and param groups) are checked here first: finite ``lr``, ``momentum``, ``weight_decay``,
@@ -26,7 +27,9 @@ from chimera.optim.scaled_optum import ScaledOptum
 from chimera.optim.stac import STAC
 from chimera.registry import Registry
 
-OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
+OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry(
+    "optimizer", "chimera.optimizers"
+)
 
 _BY_PARAMS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -72,9 +75,7 @@ for _name, _cls in _BY_PARAMS.items():
 
 
 @OPTIMIZERS.register("stac")
-def _build_stac(model: nn.Module, **hparams) -> STAC:
-    if not isinstance(model, nn.Module):
-        raise ValueError("optimizer 'stac' needs the model (an nn.Module), not a parameter list")
+def _build_stac(model: nn.Module | Iterable, **hparams) -> STAC:
     return STAC(model, **hparams)
 
 

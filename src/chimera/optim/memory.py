@@ -33,3 +33,9 @@ def optimizer_state_memory_summary(opt: torch.optim.Optimizer) -> dict[str, int]
     out["other"] += sum(m.state_bytes() for m in getattr(opt, "ternary_modules", ()))
     out["total"] = sum(out.values())
     return out
+
+
+def optimizer_state_memory_bytes(opt: torch.optim.Optimizer) -> int:
+    """Total bytes of tensor state of ``opt``: ``optimizer_state_memory_summary(opt)["total"]``
+    (the original project's name and signature)."""
+    return optimizer_state_memory_summary(opt)["total"]

@@ -4,12 +4,14 @@ Drop-in for the public API of the ``stac-optimizer`` 0.1.2 package: ``STAC``, ``
 ``LayerGroup`` and ``partition_trainable_layers``. The model is split into *layers* (modules that
 directly own a trainable parameter, in registration order); the last ``last_n_layers`` layers
 form the *cap*, updated by AdamW, the others the *trunk*, updated by the sign of a momentum.
+Layers are found from the model or from ``(name, parameter)`` pairs (``model.named_parameters()``),
+under names without the wrappers' prefixes (``normalize_name``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -19,7 +21,12 @@ from torch import Tensor, nn
 from torch.optim.adamw import adamw
 
 from chimera._validate import integer, number, number_tuple, require
-from chimera.optim._common import FusableOptimizer, evaluate_closure, use_foreach
+from chimera.optim._common import (
+    FusableOptimizer,
+    evaluate_closure,
+    upgrade_saved_state,
+    use_foreach,
+)
 from chimera.optim._fused import check_fused, foreach_add_, run_compiled, use_fused
 
 TRUNK = "trunk"
@@ -60,30 +67,77 @@ class STACPartition:
         return tuple(p for layer in self.cap_layers for p in layer.parameters)
 
 
-def _trainable_layers(model: nn.Module) -> Iterator[LayerGroup]:
-    """Modules owning a not-yet-seen trainable parameter, in ``named_modules()`` order."""
+_WRAPPER_PREFIX = "module"  # DataParallel / DistributedDataParallel
+_COMPILED_MODULE = "_orig_mod"  # torch.compile's OptimizedModule
+
+
+def normalize_name(name: str) -> str:
+    """A qualified parameter or module name without wrapper components: every ``_orig_mod``
+    (``torch.compile``) and the leading ``module`` ones (``DataParallel``, DDP), so a wrapped and
+    a plain model give the same names (``"module._orig_mod.fc.weight"`` -> ``"fc.weight"``)."""
+    parts = [part for part in name.split(".") if part != _COMPILED_MODULE]
+    while len(parts) > 1 and parts[0] == _WRAPPER_PREFIX:
+        parts.pop(0)
+    return ".".join(parts)
+
+
+def _layer_of(name: str) -> str:
+    """The layer (owning module) of a normalised parameter name; ``"<root>"`` for the root's."""
+    return name.rpartition(".")[0] or ROOT_LAYER
+
+
+def _named_trainable(source: nn.Module | Iterable) -> list[tuple[str, nn.Parameter]]:
+    """``(normalised name, parameter)`` of every trainable parameter of a model or of
+    ``(name, parameter)`` pairs, first occurrence of each parameter only; what carries no names
+    is a one-line ``ValueError``."""
+    if isinstance(source, nn.Module):
+        pairs = list(source.named_parameters())
+    elif isinstance(source, Tensor) or not isinstance(source, Iterable):
+        raise ValueError(f"STAC needs the model (an nn.Module) or its named_parameters(), got "
+                         f"{type(source).__name__}")
+    else:
+        pairs = list(source)
+        if any(isinstance(item, dict) for item in pairs):
+            raise ValueError(
+                "STAC builds its own trunk/cap param groups, so it takes the model or "
+                "model.named_parameters(), not param groups (with Hugging Face's Trainer: "
+                "optimizer_cls_and_kwargs=(STAC, {'model': model, ...}))"
+            )
+        if not all(isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                   and isinstance(item[1], Tensor) for item in pairs):
+            raise ValueError(
+                "STAC orders layers by parameter name: pass the model (an nn.Module) or "
+                "model.named_parameters() ((name, parameter) pairs), not unnamed parameters"
+            )
     seen: set[int] = set()
-    for module_name, module in model.named_modules():
-        owned = [
-            (f"{module_name}.{name}" if module_name else name, p)
-            for name, p in module.named_parameters(recurse=False)
-            if p.requires_grad and id(p) not in seen
-        ]
-        if owned:
-            seen.update(id(p) for _, p in owned)
-            names, params = zip(*owned, strict=True)
-            yield LayerGroup(module_name or ROOT_LAYER, names, params)
+    named = []
+    for name, p in pairs:
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            named.append((normalize_name(name), p))
+    return named
 
 
-def partition_trainable_layers(model: nn.Module, *, last_n_layers: int = 1) -> STACPartition:
-    """Split the trainable layers of ``model``: the last ``last_n_layers`` are the cap.
+def partition_trainable_layers(
+    model: nn.Module | Iterable[tuple[str, Tensor]], *, last_n_layers: int = 1
+) -> STACPartition:
+    """Split the trainable layers of ``model`` (or of ``(name, parameter)`` pairs such as
+    ``model.named_parameters()``): the last ``last_n_layers`` are the cap.
 
-    A layer is a module directly owning (``recurse=False``) a parameter with ``requires_grad``;
-    a shared parameter belongs to its first owner; the root's own parameters are ``"<root>"``.
-    ``last_n_layers=0`` puts everything in the trunk, more than exist everything in the cap.
+    A layer is a module directly owning (``recurse=False``) a parameter with ``requires_grad``,
+    named after it (``normalize_name``), in order of first appearance (a model's registration
+    order); a shared parameter belongs to its first owner; the root's own parameters are
+    ``"<root>"``. ``last_n_layers=0`` puts everything in the trunk, more than exist everything
+    in the cap.
     """
     integer("last_n_layers", last_n_layers, 0)
-    layers = list(_trainable_layers(model))
+    by_layer: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    for name, p in _named_trainable(model):
+        by_layer.setdefault(_layer_of(name), []).append((name, p))
+    layers = [
+        LayerGroup(layer, *(tuple(column) for column in zip(*owned, strict=True)))
+        for layer, owned in by_layer.items()
+    ]
     if not layers:
         raise ValueError(
             "STAC needs a model with at least one trainable parameter (requires_grad=True)"
@@ -234,13 +288,21 @@ class STAC(FusableOptimizer):
     recompiles nothing. Results match the for-loop path up to float rounding. As for
     ``foreach``, ``load_state_dict`` restores the saved groups' ``fused``; a state saved by any
     path continues on any other.
+
+    ``model``: the model, or ``(name, parameter)`` pairs such as ``model.named_parameters()``
+    (what factories calling ``cls(params, **kwargs)`` can pass); unnamed parameters or param
+    groups are a ``ValueError`` (the layer order needs names). Layer names drop the prefixes
+    of ``torch.compile`` and DDP/DataParallel (``normalize_name``), so a state saved on a
+    wrapped model loads on the plain one and the other way round. ``load_state_dict`` also
+    takes the states saved by ``stac-optimizer`` 0.1.2 (groups without ``foreach``/``fused``,
+    which take this optimizer's values; a Python-int cap ``step``) and continues as it would.
     """
 
-    _PICKLED_ATTRIBUTES = ("partition", "nonfinite_skipped_steps")
+    _PICKLED_ATTRIBUTES = ("partition", "last_n_layers", "nonfinite_skipped_steps")
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | Iterable[tuple[str, Tensor]],
         *,
         lr: float = 1e-3,
         trunk_lr: float | None = None,
@@ -258,8 +320,6 @@ class STAC(FusableOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"STAC needs the model (an nn.Module), got {type(model).__name__}")
         number("lr", lr, 0)
         number("trunk_momentum", trunk_momentum, 0, 1, high_open=True)
         number_tuple("betas", betas, 2, 0, 1, high_open=True)
@@ -307,6 +367,7 @@ class STAC(FusableOptimizer):
         )
         super().__init__(groups, defaults)
         self.partition = partition  # from here on add_param_group refuses
+        self.last_n_layers = last_n_layers
         self.nonfinite_skipped_steps = 0
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -325,9 +386,14 @@ class STAC(FusableOptimizer):
         return {**super().state_dict(), "nonfinite_skipped_steps": self.nonfinite_skipped_steps}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by a STAC with the same partition; anything else is a ValueError."""
+        """Load a state saved by a STAC (this one's or ``stac-optimizer``'s) with the same
+        partition; anything else is a ValueError."""
+        filled = {key: self.defaults[key] for key in ("foreach", "fused")}
+        state_dict = upgrade_saved_state(state_dict, filled, _scalar_dtype())
         self._check_same_partition(state_dict)
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # the saved names may carry wrapper prefixes
+            group["layer_names"] = tuple(map(normalize_name, group["layer_names"]))
         self.nonfinite_skipped_steps = int(state_dict.get("nonfinite_skipped_steps", 0))
 
     def _check_same_partition(self, state_dict: dict[str, Any]) -> None:
@@ -358,7 +424,8 @@ class STAC(FusableOptimizer):
                     f"loaded {role} group has {len(saved['params'])} parameters, "
                     f"expected {len(group['params'])}"
                 )
-            if tuple(saved.get("layer_names", ())) != tuple(group["layer_names"]):
+            saved_names = tuple(map(normalize_name, saved.get("layer_names", ())))
+            if saved_names != tuple(group["layer_names"]):
                 raise ValueError(
                     f"loaded {role} layer names {list(saved.get('layer_names', ()))} differ from "
                     f"this partition's {list(group['layer_names'])}"

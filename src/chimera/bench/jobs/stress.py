@@ -146,7 +146,7 @@ def run_stress_one(
         elapsed = time.perf_counter() - t0
         losses.append(loss.item())
         if diag_step:
-            collisions.append(opt.last_diagnostics["collision_score"])
+            collisions.append(opt.last_diagnostics.get("collision_score", float("nan")))
         if step > options.timing_warmup_steps and (not diag_step or options.diag_every == 1):
             times.append(elapsed)
         if log is not None and record_step:
