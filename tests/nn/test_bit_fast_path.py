@@ -129,3 +129,19 @@ def test_each_configuration_compiles_its_own_code_object():
     codes = [f._torchdynamo_orig_callable.__code__ for f in (first, other)]
     original = bit_layers.quantized_operands.__code__  # code objects compare equal by value
     assert all(c is not original for c in codes) and codes[0] is not codes[1]
+
+
+def test_fast_path_is_one_graph_over_the_warm_up(monkeypatch):
+    """alpha reaches the compiled function as a device tensor: no recompile per warm-up step and
+    no graph break (a symbolic float checked in Python would break the graph)."""
+    monkeypatch.setattr(bit_layers, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    layer = BitLinear(8, 3, warmup_steps=6, rho_s=0.875, compiled=True)
+    alphas = []
+    for _ in range(8):
+        layer(torch.randn(2, 8)).sum().backward()
+        alphas.append(layer.get_last_stats()["alpha"])
+    assert len(set(alphas)) == 6
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not torch._dynamo.utils.counters["graph_break"]

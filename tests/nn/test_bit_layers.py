@@ -108,6 +108,43 @@ def test_gradients_reach_input_weight_and_bias_through_both_stes(name):
     torch.testing.assert_close(layer.weight_master.grad, gamma * w_eff.grad)
 
 
+def training_alphas(layer, steps):
+    alphas = []
+    for _ in range(steps):
+        layer(torch.randn(2, layer.in_features))
+        alphas.append(layer.get_last_stats()["alpha"])
+    return alphas
+
+
+@pytest.mark.parametrize(("warmup_steps", "expected"), [
+    (4, [0.0, 0.7 / 3, 1.4 / 3, 0.7, 0.7]),  # alpha_target at training forward number 4
+    (2, [0.0, 0.7, 0.7]),
+    (1, [0.7, 0.7]),  # one warm-up forward: alpha_target from the first one
+    (0, [0.7, 0.7]),
+])
+def test_warmup_reaches_alpha_target_at_forward_number_warmup_steps(warmup_steps, expected):
+    layer = BitLinear(4, 4, alpha_target=0.7, warmup_steps=warmup_steps)
+    assert training_alphas(layer, len(expected)) == pytest.approx(expected, abs=1e-15)
+
+
+@pytest.mark.parametrize("name", GEOMETRIES)
+def test_warmup_alpha_on_the_device_equals_the_python_float_formula(name):
+    """Each warm-up forward equals, bit for bit, a twin driven by ``alpha_override`` set to the
+    schedule written in Python floats (the eager path before alpha moved to the device)."""
+    torch.manual_seed(7)
+    make, shape, _ = GEOMETRIES[name]
+    layer = make(alpha_min=0.05, alpha_target=1.1, warmup_steps=7)
+    twin = make()
+    twin.load_state_dict(layer.state_dict())
+    for step in range(9):
+        expected_alpha = 0.05 + (1.1 - 0.05) * min(step / 6, 1.0)
+        twin.alpha_override = expected_alpha
+        x = torch.randn(shape)
+        assert torch.equal(layer(x), twin(x)), step
+        assert layer.get_last_stats()["alpha"] == expected_alpha
+        assert torch.equal(layer.scale_ema, twin.scale_ema)
+
+
 def test_warmup_schedule_override_and_run_time_target():
     layer = BitLinear(4, 4, alpha_min=0.2, alpha_target=1.0, warmup_steps=4)
     x = torch.randn(2, 4)
@@ -117,9 +154,9 @@ def test_warmup_schedule_override_and_run_time_target():
         alphas.append(layer.get_last_stats()["alpha"])
         if i == 1:  # eval forwards use but do not advance the schedule
             layer.eval()(x)
-            assert layer.get_last_stats()["alpha"] == pytest.approx(0.6)
+            assert layer.get_last_stats()["alpha"] == pytest.approx(0.2 + 0.8 * 2 / 3)
             layer.train()
-    assert alphas == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
+    assert alphas == pytest.approx([0.2, 0.2 + 0.8 / 3, 0.2 + 1.6 / 3, 1.0, 1.0, 1.0])
     assert int(layer.forward_step) == 6
     layer.alpha_target = 0.3
     assert layer.current_alpha() == 0.3
@@ -359,3 +396,40 @@ def test_empty_inner_dimension_and_empty_batch_before_any_forward():
     assert layer.get_last_stats() is None and int(layer.forward_step) == 0
     layer(torch.randn(0, 6)).sum().backward()  # no bias: the graph still reaches the weight
     assert torch.equal(layer.weight_master.grad, torch.zeros(4, 6))
+
+
+@pytest.mark.parametrize("name", GEOMETRIES)
+@pytest.mark.parametrize("act", ["per_tensor", "per_token"])
+def test_act_ste_false_reproduces_the_original_input_gradient(name, act):
+    """Without the activation STE (the original layers) the values and the weight and bias
+    gradients are unchanged, and x gets the zero gradient of ``round``."""
+    torch.manual_seed(8)
+    make, shape, _ = GEOMETRIES[name]
+    ste, plain = make(act_quant=act), make(act_quant=act, act_ste=False)
+    plain.load_state_dict(ste.state_dict())
+    x1 = torch.randn(shape, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    y1, y2 = ste(x1), plain(x2)
+    assert torch.equal(y1, y2)
+    grad_y = torch.randn_like(y1)
+    y1.backward(grad_y)
+    y2.backward(grad_y)
+    assert x1.grad.abs().sum() > 0 and torch.equal(x2.grad, torch.zeros_like(x2))
+    assert torch.equal(ste.weight_master.grad, plain.weight_master.grad)
+    assert torch.equal(ste.bias.grad, plain.bias.grad)
+    assert "act_ste=False" in repr(plain)
+
+
+def test_act_ste_false_blocks_gradient_to_earlier_layers_and_config_passes_it():
+    from chimera.nn.quantize import TernaryConfig, quantize_
+
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 2))
+    quantize_(model, TernaryConfig(skip=(), act_ste=False))
+    assert [m.act_ste for m in model] == [False] * 3
+    model(torch.randn(4, 6)).square().sum().backward()
+    assert model[2].weight_master.grad.abs().sum() > 0
+    assert torch.equal(model[0].weight_master.grad, torch.zeros(6, 6))  # as in the original
+    assert TernaryConfig().act_ste is True
+    with pytest.raises(ValueError, match="^act_ste must be True or False, got 1$"):
+        TernaryConfig(act_ste=1)

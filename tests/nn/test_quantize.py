@@ -187,3 +187,93 @@ def test_quantize_takes_a_config_and_ternarize_is_its_one_line_form():
                                                  b.state_dict().values(), strict=True))
     with pytest.raises(ValueError, match="config must be a quantizer config"):
         quantize_(mlp(), "chimera")
+
+
+def float_cnn():
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(36, 8),
+                         nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_a_float_checkpoint_loads_strictly_into_a_ternarized_model():
+    """``ternarized.load_state_dict(float_model.state_dict())`` gives the state of converting
+    that float model: weight -> weight_master, scale_ema from it, warm-up from step 0, the
+    layer's own alpha settings."""
+    pretrained = float_cnn()
+    expected = ternarize(float_cnn(), "chimera", skip=("last",), alpha_target=0.4)
+    torch.manual_seed(6)  # other random weights, then some training steps
+    target = ternarize(nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(),
+                                     nn.Linear(36, 8), nn.ReLU(), nn.Linear(8, 3)),
+                       "chimera", skip=("last",), alpha_target=0.4)
+    for _ in range(3):
+        target(torch.randn(2, 2, 5, 5))
+    target[0].alpha_override = 0.9
+    result = target.load_state_dict(pretrained.state_dict())  # strict
+    assert not result.missing_keys and not result.unexpected_keys
+    got, want = target.state_dict(), expected.state_dict()
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]) or key == "0._extra_state", key
+    assert int(target[0].forward_step) == 0 and target[0].alpha_override == 0.9  # kept
+    target[0].alpha_override = None
+    x = torch.randn(2, 2, 5, 5)
+    assert torch.equal(target(x), expected(x))
+
+
+def test_float_checkpoint_details():
+    bf16 = {k: v.to(torch.bfloat16) for k, v in nn.Linear(4, 3).state_dict().items()}
+    layer = BitLinear(4, 3, stat_mode="median")
+    layer.load_state_dict(bf16)
+    assert layer.weight_master.dtype == torch.float32
+    assert layer.scale_ema == bf16["weight"].float().abs().median()
+    with_scale = {**nn.Linear(4, 3).state_dict(), "scale_ema": torch.tensor(0.125)}
+    layer.load_state_dict(with_scale, strict=False)  # a given scale_ema is kept
+    assert layer.scale_ema.item() == 0.125
+    twin = BitLinear(4, 3)
+    twin.load_state_dict(layer.state_dict())  # a Bit layer's own checkpoint is untouched
+    assert torch.equal(twin.weight_master, layer.weight_master) and twin.scale_ema == 0.125
+    with pytest.raises(RuntimeError, match="size mismatch for weight_master"):
+        BitLinear(5, 3).load_state_dict(nn.Linear(4, 3).state_dict())
+
+
+class TiedMLM(nn.Module):
+    """An MLM head whose decoder shares the embedding's weight and its parent's bias."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.embeddings = nn.Embedding(10, 6)
+        self.body = nn.Linear(6, 6)
+        self.decoder = nn.Linear(6, 10)
+        self.bias = nn.Parameter(torch.zeros(10))
+        self.decoder.weight = self.embeddings.weight
+        self.decoder.bias = self.bias
+
+    def forward(self, ids):
+        return self.decoder(torch.relu(self.body(self.embeddings(ids))))
+
+
+def test_tied_weights_stay_tied_in_bit_layers():
+    model = ternarize(TiedMLM(), "chimera", skip=())
+    assert isinstance(model.decoder, BitLinear)
+    assert model.decoder.weight_master is model.embeddings.weight
+    assert model.decoder.bias is model.bias
+    assert model.decoder.scale_ema.item() == pytest.approx(
+        model.embeddings.weight.abs().mean().item())
+    model(torch.tensor([[1, 2, 3]])).sum().backward()
+    assert model.embeddings.weight.grad.abs().sum() > 0  # one gradient from both uses
+    assert len(list(model.parameters())) == 4  # embeddings, body weight and bias, tied bias
+    fresh = ternarize(TiedMLM(), "chimera", skip=())
+    fresh.load_state_dict(TiedMLM().state_dict())  # a float checkpoint with tied keys
+    assert fresh.decoder.weight_master is fresh.embeddings.weight
+
+
+def test_schemes_without_float_weights_refuse_a_tied_layer():
+    model = TiedMLM()
+    with pytest.raises(ValueError, match=r"^layer 'decoder' cannot be converted by quantizer "
+                       r"'int_ternary': its weight is tied to \['embeddings.weight'\].*"
+                       r"skip=\['decoder'\]$"):
+        ternarize(model, "int_ternary", skip=())
+    assert type(model.body) is nn.Linear  # nothing was converted
+    converted = ternarize(TiedMLM(), "int_ternary", skip=["decoder"])
+    assert type(converted.decoder) is nn.Linear

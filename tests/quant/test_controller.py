@@ -100,7 +100,8 @@ def test_invalid_arguments(kwargs, match):
 
 
 @pytest.mark.parametrize(("alpha", "zero_ratio", "match"), [
-    (0.5, 1.5, "zero_ratio"), (0.5, -0.1, "zero_ratio"), (0.5, math.nan, "zero_ratio"),
+    (0.5, 1.5, "^current_zero_ratio must be"), (0.5, -0.1, "zero_ratio"),
+    (0.5, math.nan, "zero_ratio"),
     (math.nan, 0.5, "alpha"), ("0.5", 0.5, "alpha"),
     (math.inf, 0.5, "^alpha must be a finite number, got inf$"),
     (-math.inf, 0.5, "^alpha must be a finite number, got -inf$"),
@@ -109,3 +110,15 @@ def test_invalid_arguments(kwargs, match):
 def test_invalid_update_arguments(alpha, zero_ratio, match):
     with pytest.raises(ValueError, match=match):
         TargetBitsController().update(alpha, zero_ratio)
+
+
+def test_original_names_of_the_controller():
+    """The original project's keyword (``current_zero_ratio``) and alias
+    (``SparseBranchController``)."""
+    from chimera.quant import SparseBranchController
+
+    c = SparseBranchController(target_zero_ratio=0.5, tolerance=0.0, step_size=0.25)
+    assert SparseBranchController is TargetBitsController
+    assert c.update(alpha=0.5, current_zero_ratio=0.25) == 0.75 and c.last_error == -0.25
+    with pytest.raises(TypeError, match="zero_ratio"):
+        c.update(0.5, zero_ratio=0.25)

@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 
 from chimera.quant.functions import (
     abs_stat,
+    ema_update,
     quantize_activations,
     quantize_weight_chimera,
     quantize_weight_strict_bitnet,
@@ -74,3 +75,38 @@ def test_activation_quantization_none_and_bad_mode():
     assert quantize_activations(x, "none") is x
     with pytest.raises(ValueError, match="act_quant"):
         quantize_activations(x, "per_channel")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_tensor_alpha_gives_the_float_alpha_result_bit_for_bit(dtype):
+    """A float64 0-dim alpha (the layers' device-side schedule) and the same Python float give
+    the same T, also for weights on the threshold's last bits."""
+    gamma = torch.tensor(0.37, dtype=dtype)
+    for k in range(1, 60):
+        alpha = 0.3 + 0.8 * k / 59  # warm-up style values, most not representable in float32
+        threshold = (alpha * gamma).to(dtype)
+        u = threshold * torch.tensor([1.0, -1.0, 0.5, 2.0], dtype=dtype)
+        u = torch.cat([u, torch.nextafter(u, torch.zeros_like(u)),
+                       torch.nextafter(u, 2 * u), torch.randn(50, dtype=dtype)])
+        expected = quantize_weight_chimera(u, gamma, alpha)
+        got = quantize_weight_chimera(u, gamma, torch.tensor(alpha, dtype=torch.float64))
+        assert torch.equal(got, expected), (dtype, alpha)
+    assert expected.dtype == got.dtype == dtype
+
+
+@pytest.mark.parametrize("mode", ["per_tensor", "per_token"])
+def test_activation_quantization_without_ste_has_the_same_value_and_no_input_gradient(mode):
+    x = torch.randn(8, 64, requires_grad=True)
+    with_ste, without = quantize_activations(x, mode), quantize_activations(x, mode, ste=False)
+    assert torch.equal(with_ste, without)
+    without.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))  # round has derivative 0 (the original's)
+
+
+def test_ema_update():
+    old, new = torch.tensor(2.0), torch.tensor(4.0)
+    assert ema_update(old, new, 0.75).item() == 2.5 and old.item() == 2.0  # a new tensor
+    assert ema_update(old, new, 1.0).item() == 2.0 and ema_update(old, new, 0.0).item() == 4.0
+    for rho in (-0.1, 1.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"^rho must be a number in \[0, 1\], got"):
+            ema_update(old, new, rho)

@@ -1,7 +1,15 @@
 """Ternary execution layers and the quantization API ``quantize_(model, config)``
 (docs/algorithms.md#bit-layers, docs/algorithms.md#integer-ternary-layers)."""
 
-from chimera.nn.bit_layers import QUANT_MODES, BitConv1d, BitConv2d, BitLayer, BitLinear
+from chimera.nn.bit_layers import (
+    QUANT_MODES,
+    BitConv1d,
+    BitConv2d,
+    BitLayer,
+    BitLinear,
+    ChimeraConv2d,
+    load_float_weights,
+)
 from chimera.nn.int_ternary import (
     IntTernaryConv1d,
     IntTernaryConv2d,
@@ -28,6 +36,7 @@ __all__ = [
     "BitConv2d",
     "BitLayer",
     "BitLinear",
+    "ChimeraConv2d",
     "FloatConfig",
     "IntTernaryConfig",
     "IntTernaryConv1d",
@@ -36,6 +45,7 @@ __all__ = [
     "IntTernaryModule",
     "QuantConfig",
     "TernaryConfig",
+    "load_float_weights",
     "quantize_",
     "quantizer_config",
     "ternarize",

@@ -6,9 +6,10 @@ Forward (all quantization logic lives in :class:`BitLayer`; subclasses only add 
 
 1. ``x_ste = x + (beta * clamp(round(x / beta), -127, 127) - x).detach()``,
    ``beta = max|x| / 127 + eps_beta`` per tensor or per row of the last dimension (``per_token``;
-   for convolutions that is a row of the width axis)
-2. training only: ``scale_ema = rho_s * scale_ema + (1 - rho_s) * abs_stat(W)``
-3. ``gamma = max(scale_ema, eps_gamma)``, ``alpha = current_alpha()``
+   for convolutions that is a row of the width axis); ``act_ste=False`` drops the STE as the
+   original layers did (same value, no gradient reaches x)
+2. training only: ``scale_ema = ema_update(scale_ema, abs_stat(W), rho_s)``
+3. ``gamma = max(scale_ema, eps_gamma)``, ``alpha = alpha_tensor()``
 4. ``T = quantize(W, gamma[, alpha])``; ``w_ste = clamp(W + (T - W).detach(), -ste_clip, ste_clip)``
    (the clamp acts on the forward value T, so any ``ste_clip >= 1`` leaves values and gradients
    unchanged; ``ste_clip < 1`` shrinks nonzero weights to ``±ste_clip`` and blocks their gradient)
@@ -20,13 +21,17 @@ An empty batch (``x.numel() == 0``) gives the float layer's empty output (backwa
 zero gradients) and changes no state: no scale EMA update, no warm-up step, the last statistics
 kept (it is no training step and has no activations to quantize).
 
-Alpha schedule: ``alpha_override`` if set; else ``alpha_target`` if ``warmup_steps == 0``; else
-``alpha_min + (alpha_target - alpha_min) * min(forward_step / warmup_steps, 1)``, i.e. the first
-training forward (``forward_step == 0``) uses alpha_min and the forward with
-``forward_step == warmup_steps`` and all later ones use alpha_target. ``strict_bitnet`` ignores
-alpha (it equals ``chimera`` at alpha 0.5); the reported alpha is still ``current_alpha()``.
-``alpha_target`` and ``alpha_override`` (set at run time by a controller) are saved in the
-``state_dict`` as the module's extra state, so a checkpoint restores the exact threshold.
+Alpha schedule: ``alpha_override`` if set; else ``alpha_target`` if ``warmup_steps <= 1``; else
+``alpha_min + (alpha_target - alpha_min) * min(forward_step / (warmup_steps - 1), 1)``, i.e. the
+first training forward (``forward_step == 0``) uses alpha_min, training forward number
+``warmup_steps`` (1-based) and all later ones alpha_target, linear in between. It is computed on
+the device from the ``forward_step`` buffer (:meth:`BitLayer.alpha_tensor`), so a forward never
+syncs with the host and traces into one graph (``torch.compile(fullgraph=True)``,
+``torch.export``). ``strict_bitnet`` ignores alpha (it equals ``chimera`` at alpha 0.5); the
+reported alpha is still the schedule's. ``alpha_target`` and ``alpha_override`` (set at run time
+by a controller) are saved in the ``state_dict`` as the module's extra state, so a checkpoint
+restores the exact threshold. A float layer's checkpoint (``weight``, no ``weight_master``) loads
+too: see :func:`load_float_weights`.
 
 Fast path (``compiled``): steps 1-4 live in one function, :func:`quantized_operands`, the ground
 truth. ``compiled=True`` runs it under ``torch.compile`` (inductor fuses the activation
@@ -62,10 +67,16 @@ from chimera._validate import (
 )
 from chimera.compile_support import compile_usable
 from chimera.quant import functions
-from chimera.quant.functions import ACT_QUANT_MODES, STAT_MODES, abs_stat, quantize_activations
+from chimera.quant.functions import (
+    ACT_QUANT_MODES,
+    STAT_MODES,
+    abs_stat,
+    ema_update,
+    quantize_activations,
+)
 from chimera.quant.stats import stats_from_counts, ternary_counts
 
-WEIGHT_QUANTIZERS: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
+WEIGHT_QUANTIZERS: dict[str, Callable[[Tensor, Tensor, Tensor | float], Tensor]] = {
     "strict_bitnet": lambda w, gamma, alpha: functions.quantize_weight_strict_bitnet(w, gamma),
     "chimera": functions.quantize_weight_chimera,
 }
@@ -84,22 +95,22 @@ def quantized_operands(
     rho_s: float,
     stat_mode: str,
     eps_gamma: float,
-    alpha: float,
+    alpha: Tensor,
     quant_mode: str,
     ste_clip: float | None,
     act_quant: str,
+    act_ste: bool,
     eps_beta: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Steps 1-4 of the forward: ``(x_ste, gamma * w_ste, gamma, [#0, #(+1), #(-1)] of T)``.
 
-    ``update_ema`` (training) first sets ``scale_ema = rho_s * scale_ema + (1 - rho_s) *
-    abs_stat(W)`` in place. The eager ground truth of both paths (see the module docstring).
+    ``update_ema`` (training) first sets ``scale_ema = ema_update(scale_ema, abs_stat(W), rho_s)``
+    in place. The eager ground truth of both paths (see the module docstring).
     """
-    x_ste = quantize_activations(x, act_quant, eps_beta)
+    x_ste = quantize_activations(x, act_quant, eps_beta, ste=act_ste)
     if update_ema:
         with torch.no_grad():
-            stat = abs_stat(w.detach(), stat_mode)
-            scale_ema.mul_(rho_s).add_(stat, alpha=1 - rho_s)
+            scale_ema.copy_(ema_update(scale_ema, abs_stat(w.detach(), stat_mode), rho_s))
     gamma = scale_ema.clamp(min=eps_gamma)
     t = WEIGHT_QUANTIZERS[quant_mode](w.detach(), gamma, alpha)
     w_ste = w + (t - w).detach()
@@ -111,7 +122,7 @@ def quantized_operands(
 @functools.cache
 def compiled_operands(config: tuple[Any, ...], backend: str) -> Callable[..., tuple[Tensor, ...]]:
     """``torch.compile(quantized_operands, dynamic=True, backend=backend)`` for one static
-    ``config`` (the non-tensor keyword arguments but alpha, and the ranks of x and W, as sorted
+    ``config`` (the non-tensor keyword arguments, and the ranks of x and W, as sorted
     items). Each config compiles a private copy of the function's code object: dynamo keeps graphs
     and its recompile limit per code object, so many layer configurations in one process never
     push each other back to eager. Shapes are dynamic (one graph serves every layer size of a
@@ -129,6 +140,8 @@ class BitLayer(nn.Module):
 
     ``compiled`` (attribute and keyword): True runs steps 1-4 under ``torch.compile``, False
     eagerly, None (default) compiled on CUDA when triton is usable, eager elsewhere.
+    ``act_ste`` (default True): the activation straight-through estimator; False reproduces the
+    original project's layers, whose ``round`` passes no gradient to x.
     """
 
     _FLOAT_TYPE: type[nn.Module]
@@ -148,10 +161,13 @@ class BitLayer(nn.Module):
         eps_beta: float = 1e-6,
         ste_clip: float | None = 1.0,
         act_quant: str = "per_tensor",
+        act_ste: bool = True,
         compiled: bool | None = None,
     ) -> None:
         super().__init__()
         self.compiled = optional_bool("compiled", compiled)
+        require(isinstance(act_ste, bool), "act_ste", act_ste, "True or False")
+        self.act_ste = act_ste
         self.stat_mode = choice("stat_mode", stat_mode, STAT_MODES)
         self.quant_mode = choice("quant_mode", quant_mode, QUANT_MODES)
         self.act_quant = choice("act_quant", act_quant, ACT_QUANT_MODES)
@@ -168,8 +184,9 @@ class BitLayer(nn.Module):
         self.bias = nn.Parameter(torch.empty(weight_shape[:1], dtype=fp32)) if bias else None
         self.register_buffer("scale_ema", torch.zeros(()))
         self.register_buffer("forward_step", torch.zeros((), dtype=torch.int64))
-        self._last_stats: tuple[Tensor, float, Tensor] | None = None
+        self._last_stats: tuple[Tensor, Tensor, Tensor] | None = None
         self.reset_parameters()
+        self.register_load_state_dict_pre_hook(load_float_weights)
 
     # -- alpha ------------------------------------------------------------------------------
     @property
@@ -190,14 +207,35 @@ class BitLayer(nn.Module):
     def alpha_override(self, value: float | None) -> None:
         self._alpha_override = optional_number("alpha_override", value, 0)
 
-    def current_alpha(self) -> float:
-        """``alpha_override``, else the linear warm-up from alpha_min to alpha_target."""
+    def alpha_tensor(self) -> Tensor:
+        """The alpha of the next forward as a 0-dim tensor on the layer's device, without a host
+        sync: ``alpha_override``, else ``alpha_target`` if ``warmup_steps <= 1``, else
+        ``alpha_min + (alpha_target - alpha_min) * min(forward_step / (warmup_steps - 1), 1)``.
+
+        float64 (MPS: float32), so each value equals the same formula in Python floats.
+        """
+        step = self.forward_step
+        dtype = torch.float32 if step.device.type == "mps" else torch.float64  # MPS has no fp64
         if self.alpha_override is not None:
-            return self.alpha_override
-        if self.warmup_steps == 0:
-            return self.alpha_target
-        progress = min(int(self.forward_step) / self.warmup_steps, 1.0)
+            return torch.full((), self.alpha_override, dtype=dtype, device=step.device)
+        if self.warmup_steps <= 1:
+            return torch.full((), self.alpha_target, dtype=dtype, device=step.device)
+        progress = (step.to(dtype) / (self.warmup_steps - 1)).clamp(max=1.0)
         return self.alpha_min + (self.alpha_target - self.alpha_min) * progress
+
+    def current_alpha(self) -> float:
+        """:meth:`alpha_tensor` as a Python float (a host sync)."""
+        return float(self.alpha_tensor())
+
+    def quantize_weight(
+        self, gamma: Tensor | float | None = None, alpha: Tensor | float | None = None
+    ) -> Tensor:
+        """The ternary T of the current latent weights (detached), at ``gamma`` (default the
+        current ``max(scale_ema, eps_gamma)``) and ``alpha`` (default the schedule's); changes
+        no state."""
+        gamma = self.scale_ema.clamp(min=self.eps_gamma) if gamma is None else gamma
+        alpha = self.alpha_tensor() if alpha is None else alpha
+        return WEIGHT_QUANTIZERS[self.quant_mode](self.weight_master.detach(), gamma, alpha)
 
     def get_extra_state(self) -> Tensor:
         """``[alpha_target, has_override, alpha_override or 0]`` as float64 (exact floats)."""
@@ -267,7 +305,8 @@ class BitLayer(nn.Module):
         static = dict(update_ema=self.training and not empty, rho_s=self.rho_s,
                       stat_mode=self.stat_mode, eps_gamma=self.eps_gamma,
                       quant_mode=self.quant_mode, ste_clip=self.ste_clip,
-                      act_quant="none" if empty else self.act_quant, eps_beta=self.eps_beta)
+                      act_quant="none" if empty else self.act_quant, act_ste=self.act_ste,
+                      eps_beta=self.eps_beta)
         operands, w = quantized_operands, self.weight_master
         if not empty and self.use_compiled(x):
             if self.ste_clip is not None and self.ste_clip >= 1:
@@ -275,10 +314,10 @@ class BitLayer(nn.Module):
             key = (*sorted(static.items()), ("x_dim", x.dim()), ("w_dim", w.dim()))
             operands = compiled_operands(key, COMPILE_BACKEND)
             w = w.view(w.shape)  # a plain tensor: dynamo keeps Parameter shapes static
-        alpha = self.current_alpha()
+        alpha = self.alpha_tensor()
         x_ste, weight, gamma, counts = operands(x, w, self.scale_ema, alpha=alpha, **static)
         y = self._project(x_ste, weight, self.bias)
-        if not empty:
+        if not empty and not torch.compiler.is_exporting():  # export keeps no traced stats
             self._last_stats = (gamma.detach(), alpha, counts)
             if self.training:
                 self.forward_step.add_(1)
@@ -286,18 +325,42 @@ class BitLayer(nn.Module):
 
     def get_last_stats(self) -> dict[str, float] | None:
         """``{gamma, alpha, zero_ratio, plus_ratio, minus_ratio, effective_bits, num_weights}``
-        of the last forward (``None`` before the first one)."""
+        of the last forward as Python numbers (``None`` before the first one); the forward
+        keeps them as device tensors, converted only here."""
         if self._last_stats is None:
             return None
         gamma, alpha, counts = self._last_stats
         stats = stats_from_counts(*counts.tolist())
-        return {"gamma": float(gamma), "alpha": alpha, **stats,
+        return {"gamma": float(gamma), "alpha": float(alpha), **stats,
                 "num_weights": self.weight_master.numel()}
 
     def extra_repr(self) -> str:
         return (f"quant_mode={self.quant_mode}, alpha_target={self.alpha_target}, "
                 f"warmup_steps={self.warmup_steps}, act_quant={self.act_quant}, "
-                f"bias={self.bias is not None}")
+                f"act_ste={self.act_ste}, bias={self.bias is not None}")
+
+
+def load_float_weights(
+    layer: BitLayer, state_dict: dict[str, Any], prefix: str, *_: Any
+) -> None:
+    """``load_state_dict`` pre-hook of every Bit layer: a float layer's checkpoint (``weight``
+    and no ``weight_master`` under ``prefix``) loads as latent weights, so
+    ``ternarized.load_state_dict(float_model.state_dict())`` works, strict included.
+
+    ``weight`` becomes ``weight_master``; a missing ``scale_ema`` is ``abs_stat`` of that weight
+    (as :meth:`BitLayer.from_float` sets it), a missing ``forward_step`` 0 (the warm-up starts
+    over) and missing extra state the layer's current ``alpha_target`` / ``alpha_override``.
+    """
+    weight = state_dict.get(prefix + "weight")
+    if weight is None or prefix + "weight_master" in state_dict:
+        return
+    del state_dict[prefix + "weight"]
+    state_dict[prefix + "weight_master"] = weight
+    if prefix + "scale_ema" not in state_dict:
+        latent = weight.detach().to(layer.weight_master.dtype)
+        state_dict[prefix + "scale_ema"] = abs_stat(latent, layer.stat_mode)
+    state_dict.setdefault(prefix + "forward_step", torch.zeros((), dtype=torch.int64))
+    state_dict.setdefault(prefix + "_extra_state", layer.get_extra_state())
 
 
 class BitLinear(BitLayer):
@@ -407,3 +470,6 @@ class BitConv2d(_BitConvNd):
     """Ternary ``nn.Conv2d``."""
 
     _DIMS, _CONV, _FLOAT_TYPE = 2, F.conv2d, nn.Conv2d
+
+
+ChimeraConv2d = BitConv2d  # the original project's name

@@ -78,6 +78,15 @@ class QuantConfig:
         """The quantized twin of one convertible layer."""
         return module
 
+    def keep_tie(self, name: str, module: nn.Module, layer: nn.Module, attr: str,
+                 others: list[str]) -> None:
+        """Keep ``module.<attr>``, a Parameter also registered as ``others`` (tied weights),
+        shared by the converted ``layer``; this scheme cannot, so it refuses in one line."""
+        raise ValueError(
+            f"layer '{name}' cannot be converted by quantizer '{self.name}': its {attr} is tied "
+            f"to {others} and its quantized layer keeps no float {attr}; leave it in float with "
+            f"skip=[{name!r}]")
+
     def to_dict(self) -> dict[str, Any]:
         """``{"quantizer": name, **fields}``: plain data that :func:`quantizer_config` rebuilds."""
         return {"quantizer": self.name, **dataclasses.asdict(self)}
@@ -111,6 +120,7 @@ class TernaryConfig(QuantConfig):
     eps_beta: float = 1e-6
     ste_clip: float | None = 1.0
     act_quant: str = "per_tensor"
+    act_ste: bool = True
     compiled: bool | None = None
     controllable: ClassVar[bool] = True
 
@@ -129,6 +139,11 @@ class TernaryConfig(QuantConfig):
 
     def convert(self, module: nn.Module) -> nn.Module:
         return _BIT_LAYERS[type(module)].from_float(module, **self.layer_kwargs())
+
+    def keep_tie(self, name: str, module: nn.Module, layer: nn.Module, attr: str,
+                 others: list[str]) -> None:
+        """The Bit layer takes the tied Parameter itself as its latent weight (or bias)."""
+        setattr(layer, "weight_master" if attr == "weight" else attr, getattr(module, attr))
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self)}
@@ -151,7 +166,7 @@ class IntTernaryConfig(QuantConfig):
         return IntTernaryModule.from_float(module, **self.layer_kwargs())
 
 
-QUANTIZERS: Registry[type[QuantConfig]] = Registry("quantizer")
+QUANTIZERS: Registry[type[QuantConfig]] = Registry("quantizer", "chimera.quantizers")
 QUANTIZERS.register("fp32")(FloatConfig)
 for _mode in QUANT_MODES:
     QUANTIZERS.register(_mode)(TernaryConfig)
@@ -205,10 +220,32 @@ def _nothing_converted(config: QuantConfig, names: list[str]) -> str:
             "converts every one)")
 
 
+def _parameter_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every qualified name under which ``model`` registers each Parameter (by id)."""
+    names: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules():
+        for attr, param in module._parameters.items():
+            if param is not None:
+                names.setdefault(id(param), []).append(f"{module_name}.{attr}".lstrip("."))
+    return names
+
+
+def _ties(names: dict[int, list[str]], name: str, module: nn.Module) -> dict[str, list[str]]:
+    """``{attr: other names}`` for each of ``module``'s weight and bias registered elsewhere too
+    (a tied Parameter, e.g. a decoder sharing the embedding's weight)."""
+    own = {attr: getattr(module, attr) for attr in ("weight", "bias")}
+    others = {attr: [n for n in names[id(p)] if n != f"{name}.{attr}".lstrip(".")]
+              for attr, p in own.items() if p is not None}
+    return {attr: o for attr, o in others.items() if o}
+
+
 def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
     """Swap every ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` of ``model`` (but ``config.skip``)
     for ``config``'s layer, in place; returns the model (or the converted module when ``model``
     itself is one layer). A layer shared by several parents is converted once and stays shared.
+    A weight or bias tied to another module's Parameter stays tied: the Bit layer uses that
+    Parameter as its latent weight; a scheme without float weights (``int_ternary``) refuses
+    such a layer with a ValueError naming it and suggesting ``skip``.
 
     A quantizing config that would convert nothing (``skip`` covers every convertible layer, or
     the model has none) raises ``ValueError``: the model would silently stay in float while its
@@ -222,7 +259,13 @@ def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
     layers = [(n, m) for n, m in model.named_modules() if type(m) in CONVERTIBLE_TYPES]
     names = [n for n, _ in layers]
     skipped = _skipped(names, config.skip)
-    replaced = {id(m): config.convert(m) for n, m in layers if n not in skipped}
+    names_of = _parameter_names(model)
+    replaced = {}
+    for n, m in layers:
+        if n not in skipped:
+            replaced[id(m)] = config.convert(m)
+            for attr, others in _ties(names_of, n, m).items():
+                config.keep_tie(n, m, replaced[id(m)], attr, others)
     if not replaced:
         raise ValueError(_nothing_converted(config, names))
     if id(model) in replaced:

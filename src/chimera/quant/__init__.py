@@ -2,11 +2,12 @@
 effective bits, the target-bits controller, and ternary packing
 (docs/algorithms.md#quantizers-and-ternary-layers)."""
 
-from chimera.quant.controller import TargetBitsController
+from chimera.quant.controller import SparseBranchController, TargetBitsController
 from chimera.quant.functions import (
     ACT_QUANT_MODES,
     STAT_MODES,
     abs_stat,
+    ema_update,
     quantize_activations,
     quantize_weight_chimera,
     quantize_weight_strict_bitnet,
@@ -37,8 +38,10 @@ __all__ = [
     "MAX_TERNARY_BITS",
     "STAT_MODES",
     "PackedTernary",
+    "SparseBranchController",
     "TargetBitsController",
     "abs_stat",
+    "ema_update",
     "entropy_from_ternary_ratios",
     "model_quant_stats",
     "pack_ternary",

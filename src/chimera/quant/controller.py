@@ -16,7 +16,8 @@ from chimera.quant.stats import BRANCHES, MAX_TERNARY_BITS, symmetric_zero_ratio
 
 
 class TargetBitsController:
-    """``update(alpha, zero_ratio) -> alpha'``; ``last_error = zero_ratio - target_zero_ratio``."""
+    """``update(alpha, current_zero_ratio) -> alpha'``;
+    ``last_error = current_zero_ratio - target_zero_ratio``."""
 
     _CONFIG = ("target_bits", "branch", "target_zero_ratio", "tolerance", "step_size",
                "alpha_min", "alpha_max")
@@ -43,10 +44,10 @@ class TargetBitsController:
         self.alpha_max = number("alpha_max", alpha_max, self.alpha_min)
         self.last_error: float | None = None
 
-    def update(self, alpha: float, zero_ratio: float) -> float:
+    def update(self, alpha: float, current_zero_ratio: float) -> float:
         """The next alpha: one ``step_size`` toward the target band, clipped."""
         alpha = number("alpha", alpha)
-        zero_ratio = number("zero_ratio", zero_ratio, 0, 1)
+        zero_ratio = number("current_zero_ratio", current_zero_ratio, 0, 1)
         self.last_error = zero_ratio - self.target_zero_ratio
         if self.last_error < -self.tolerance:
             alpha += self.step_size
@@ -68,3 +69,6 @@ class TargetBitsController:
         error = state["last_error"]
         restored.last_error = None if error is None else number("last_error", error, -1, 1)
         self.__dict__.update(restored.__dict__)
+
+
+SparseBranchController = TargetBitsController  # the original project's name
