@@ -52,7 +52,7 @@ def test_perf_optim_runs_every_optimizer(tmp_path, capsys):
         assert c["median_ms"] > 0 and c["bound_fraction"] > 0 and c["num_tensors"] == 16
         assert c["state"]["total"] == pytest.approx(c["state_bytes_per_param"] * c["num_params"])
     so = next(c for c in cases if c["optimizer"] == "scaled_optum")
-    assert so["state_bytes_per_param"] < 2 and so["bytes_per_param"] < 12
+    assert so["state_bytes_per_param"] < 2 and 12 <= so["bytes_per_param"] <= 12.5
     assert len(goals) == 3 and all(g["goal"].startswith("gpt2 ") for g in goals)
 
 
