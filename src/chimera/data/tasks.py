@@ -27,7 +27,7 @@ class TaskData:
         return tuple(self.x_train.shape[1:])
 
 
-TASKS: Registry[Callable[..., TaskData]] = Registry("task")
+TASKS: Registry[Callable[..., TaskData]] = Registry("task", "chimera.tasks")
 
 
 def load_task(name: str, **kwargs) -> TaskData:

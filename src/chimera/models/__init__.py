@@ -17,7 +17,7 @@ from chimera.models.resmlp import ResMLP
 from chimera.models.resnet import ChimeraResNet20, ResNet20, resnet20
 from chimera.registry import Registry
 
-MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model", "chimera.models")
 MODELS.register("mlp")(MLP)
 MODELS.register("cnn")(CNN1d)
 MODELS.register("resmlp")(ResMLP)

@@ -101,7 +101,8 @@ def check_loaded_state(
         if len(saved["params"]) != len(group["params"]):
             raise ValueError(f"{where} has {len(saved['params'])} parameters, this {owner}'s "
                              f"has {len(group['params'])}")
-        missing = sorted(set(group_keys(group)) - set(saved) - {"params", *optional_keys})
+        missing = sorted(set(group_keys(group)) - set(saved)
+                         - {"params", "differentiable", *optional_keys})
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             raise ValueError(f"{where} lacks {', '.join(missing[:3])}{more}: not a {owner} "

@@ -94,9 +94,9 @@ _build_scaled_optum.__wrapped__ = ScaledOptum  # type: ignore[attr-defined]
 
 def optimizer_hparam_names(name: str) -> list[str]:
     """Hyper-parameters the optimizer ``name`` accepts (its constructor's keyword arguments)."""
-    cls = OPTIMIZERS.get(name).__wrapped__
-    sig = inspect.signature(cls.__init__)
-    return [p for p in sig.parameters if p not in ("self", "params", "model")]
+    factory = OPTIMIZERS.get(name)
+    target = getattr(factory, "__wrapped__", factory)  # a plugin may register any callable
+    return list(inspect.signature(target).parameters)[1:]  # all but the model / params
 
 
 def build_optimizer(

@@ -405,7 +405,7 @@ class LearningRule:
                              f"[0, out_dim={self.out_dim}), got shape {tuple(c.shape)}")
 
 
-RULES: Registry[type[LearningRule]] = Registry("learning rule")
+RULES: Registry[type[LearningRule]] = Registry("learning rule", "chimera.rules")
 
 
 def build_rule(name: str, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
