@@ -80,6 +80,19 @@ def test_create_optimizer_builds_chimera21_with_weight_decay_groups(registered):
     assert isinstance(wrapped, Lookahead) and isinstance(wrapped.optimizer, Chimera21)
 
 
+def test_create_optimizer_builds_stac_when_given_the_model(monkeypatch):
+    """pytorch-optimizer passes unnamed param groups; ``named_by`` (forwarded through its
+    kwargs) names them, so STAC gets the same trunk/cap partition as ``STAC(model)``."""
+    monkeypatch.setitem(PO_OPTIMIZERS, "stac", STAC)
+    model = _model()
+    opt = create_optimizer(model, "stac", lr=1e-2, weight_decay=0.01, named_by=model)
+    layers = ("trunk_layer_names", "cap_layer_names")
+    assert isinstance(opt, STAC)
+    assert [getattr(opt.partition, n) for n in layers] == [
+        getattr(STAC(model).partition, n) for n in layers]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.01]
+
+
 @pytest.mark.parametrize("name", ["chimera21", "stac"])
 def test_lookahead_wraps_chimera_optimizers(tmp_path, name):
     def build(model: nn.Module) -> torch.optim.Optimizer:

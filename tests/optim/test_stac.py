@@ -202,23 +202,35 @@ def test_invalid_hyperparameters_name_the_argument(bad, name):
 
 
 def test_parameters_instead_of_a_model_are_rejected():
-    with pytest.raises(ValueError, match=r"nn.Module\) or model.named_parameters\(\)"):
+    with pytest.raises(ValueError, match=r"or unnamed parameters with named_by=model"):
         STAC(make_net().parameters())
     with pytest.raises(ValueError, match="nn.Module"):
         STAC(torch.zeros(3))
 
 
-def test_param_groups_are_rejected_with_the_hugging_face_hint():
-    """Hugging Face's Trainer calls ``cls(param_groups, **kwargs)`` unless kwargs hold the
-    model, which it then passes instead: the error says so."""
+def names(opt: STAC) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return opt.partition.trunk_layer_names, opt.partition.cap_layer_names
+
+
+def test_param_groups_are_named_by_the_model():
+    """Factories call ``cls(param_groups, **kwargs)``: without ``named_by`` the error says how
+    to name them; with it STAC partitions the model's layers those groups hold."""
     model = make_net()
     groups = [{"params": list(model.parameters())[:3], "weight_decay": 0.01},
               {"params": list(model.parameters())[3:], "weight_decay": 0.0}]
-    with pytest.raises(ValueError, match=r"not param groups .*\{'model': model, \.\.\.\}"):
+    with pytest.raises(ValueError, match=r"param groups with named_by=model"):
         STAC(groups, lr=0.01)
-    kwargs = {"model": model, "lr": 0.01}  # what such a factory does with kwargs holding it
-    opt = STAC(kwargs.pop("model"), **kwargs)
-    assert opt.partition.cap_layer_names == ("head",)
+    whole = names(STAC(model, lr=0.01))
+    assert names(STAC(groups, named_by=model, lr=0.01)) == whole
+    assert names(STAC(list(model.parameters()), named_by=model)) == whole
+    head_only = STAC([model.head.weight, model.head.bias], named_by=model, last_n_layers=0)
+    assert names(head_only) == (("head",), ())
+    with pytest.raises(ValueError, match="a parameter that the named_by model does not own"):
+        STAC([nn.Parameter(torch.zeros(2))], named_by=model)
+    with pytest.raises(ValueError, match="with named_by, STAC takes parameters or param groups"):
+        STAC(model, named_by=model)
+    kwargs = {"model": model, "lr": 0.01}  # Hugging Face's Trainer passes kwargs' model first
+    assert names(STAC(kwargs.pop("model"), **kwargs)) == whole
 
 
 def test_named_parameters_give_the_model_partition_and_trajectory():

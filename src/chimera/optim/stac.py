@@ -86,6 +86,30 @@ def _layer_of(name: str) -> str:
     return name.rpartition(".")[0] or ROOT_LAYER
 
 
+def _stac_source(
+    params: nn.Module | Iterable[Any], named_by: nn.Module | None
+) -> nn.Module | Iterable[Any]:
+    """What STAC partitions: ``params`` alone, or the ``(name, parameter)`` pairs of
+    ``named_by`` restricted to the parameters (or param groups) ``params`` lists."""
+    if named_by is None:
+        return params
+    if not isinstance(named_by, nn.Module):
+        raise ValueError(f"named_by must be an nn.Module, got {type(named_by).__name__}")
+    if isinstance(params, Tensor | nn.Module) or not isinstance(params, Iterable):
+        raise ValueError("with named_by, STAC takes parameters or param groups of that model, "
+                         f"got {type(params).__name__}")
+    tensors = []
+    for item in params:
+        members = item["params"] if isinstance(item, dict) else [item]
+        members = [members] if isinstance(members, Tensor) else members
+        tensors += [m[1] if isinstance(m, tuple) else m for m in members]
+    wanted = {id(p) for p in tensors}
+    pairs = [(name, p) for name, p in named_by.named_parameters() if id(p) in wanted]
+    if len({id(p) for _, p in pairs}) != len(wanted):
+        raise ValueError("STAC was given a parameter that the named_by model does not own")
+    return pairs
+
+
 def _named_trainable(source: nn.Module | Iterable) -> list[tuple[str, nn.Parameter]]:
     """``(normalised name, parameter)`` of every trainable parameter of a model or of
     ``(name, parameter)`` pairs, first occurrence of each parameter only; what carries no names
@@ -99,15 +123,14 @@ def _named_trainable(source: nn.Module | Iterable) -> list[tuple[str, nn.Paramet
         pairs = list(source)
         if any(isinstance(item, dict) for item in pairs):
             raise ValueError(
-                "STAC builds its own trunk/cap param groups, so it takes the model or "
-                "model.named_parameters(), not param groups (with Hugging Face's Trainer: "
-                "optimizer_cls_and_kwargs=(STAC, {'model': model, ...}))"
+                "STAC builds its own trunk/cap param groups: pass the model, "
+                "model.named_parameters(), or param groups with named_by=model"
             )
         if not all(isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
                    and isinstance(item[1], Tensor) for item in pairs):
             raise ValueError(
-                "STAC orders layers by parameter name: pass the model (an nn.Module) or "
-                "model.named_parameters() ((name, parameter) pairs), not unnamed parameters"
+                "STAC orders layers by parameter name: pass the model (an nn.Module), "
+                "model.named_parameters(), or unnamed parameters with named_by=model"
             )
     seen: set[int] = set()
     named = []
@@ -289,21 +312,26 @@ class STAC(FusableOptimizer):
     ``foreach``, ``load_state_dict`` restores the saved groups' ``fused``; a state saved by any
     path continues on any other.
 
-    ``model``: the model, or ``(name, parameter)`` pairs such as ``model.named_parameters()``
-    (what factories calling ``cls(params, **kwargs)`` can pass); unnamed parameters or param
-    groups are a ``ValueError`` (the layer order needs names). Layer names drop the prefixes
-    of ``torch.compile`` and DDP/DataParallel (``normalize_name``), so a state saved on a
-    wrapped model loads on the plain one and the other way round. ``load_state_dict`` also
-    takes the states saved by ``stac-optimizer`` 0.1.2 (groups without ``foreach``/``fused``,
-    which take this optimizer's values; a Python-int cap ``step``) and continues as it would.
+    ``model``: the model, or ``(name, parameter)`` pairs such as ``model.named_parameters()``;
+    or unnamed parameters or param groups with ``named_by=the_model`` naming them (what
+    factories calling ``cls(params, **kwargs)`` can pass, e.g. pytorch-optimizer's
+    ``create_optimizer(model, "stac", named_by=model)``): STAC then trains those of the model's
+    parameters, ignoring the groups' own settings (it builds its trunk/cap groups). Unnamed
+    parameters without ``named_by`` are a ``ValueError`` (the layer order needs names). Layer
+    names drop the prefixes of ``torch.compile`` and DDP/DataParallel (``normalize_name``), so
+    a state saved on a wrapped model loads on the plain one and the other way round.
+    ``load_state_dict`` also takes the states saved by ``stac-optimizer`` 0.1.2 (groups without
+    ``foreach``/``fused``, which take this optimizer's values; a Python-int cap ``step``) and
+    continues as it would.
     """
 
     _PICKLED_ATTRIBUTES = ("partition", "last_n_layers", "nonfinite_skipped_steps")
 
     def __init__(
         self,
-        model: nn.Module | Iterable[tuple[str, Tensor]],
+        model: nn.Module | Iterable[Any],
         *,
+        named_by: nn.Module | None = None,
         lr: float = 1e-3,
         trunk_lr: float | None = None,
         cap_lr: float | None = None,
@@ -329,7 +357,8 @@ class STAC(FusableOptimizer):
         for flag, value in flags.items():
             require(isinstance(value, bool), flag, value, "True or False")
         check_fused(fused, foreach)
-        partition = partition_trainable_layers(model, last_n_layers=last_n_layers)
+        partition = partition_trainable_layers(_stac_source(model, named_by),
+                                               last_n_layers=last_n_layers)
 
         if trunk_lr is None:
             both = bool(partition.trunk_layers and partition.cap_layers)
