@@ -1,19 +1,23 @@
-"""Every ```python block of README.md runs as written."""
+"""Every ```python block of README.md and docs/integrations.md runs as written."""
 
 import re
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = {"README.md": 3, "docs/integrations.md": 6}  # each file's least number of examples
+BLOCKS = {name: re.findall(r"```python\n(.*?)```", (ROOT / name).read_text(encoding="utf-8"),
+                           re.S) for name in DOCS}
 
 
-def test_readme_has_examples():
-    assert len(BLOCKS) >= 3
+@pytest.mark.parametrize("name", DOCS)
+def test_docs_have_examples(name):
+    assert len(BLOCKS[name]) >= DOCS[name]
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_example_runs(index, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("name", "index"),
+                         [(name, i) for name, blocks in BLOCKS.items() for i in range(len(blocks))])
+def test_doc_example_runs(name, index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    exec(compile(BLOCKS[index], f"README block {index}", "exec"), {})
+    exec(compile(BLOCKS[name][index], f"{name} block {index}", "exec"), {})

@@ -17,14 +17,6 @@ from chimera.nn.int_ternary import E_MAX, E_MIN, IntTernaryConv2d, IntTernaryLin
 from chimera.optim.scaled_optum import ScaledOptum, ternary_rate
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mlp(seed: int = 0, act_quant: str = "per_tensor") -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(IntTernaryLinear(8, 16, group_size=4, act_quant=act_quant), nn.ReLU(),
