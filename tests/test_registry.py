@@ -84,8 +84,10 @@ def test_registering_a_name_a_plugin_holds_is_refused(plugin_dist):
 
 
 def test_broken_plugin_is_one_line_naming_the_entry_point(plugin_dist):
-    plugin_dist({GROUP: {"broken": "fakeplug_missing:f", "bad": "fakeplug_value:VALUE"}},
-                {"fakeplug_value": "VALUE = 3\n"})
+    plugin_dist({GROUP: {"broken": "fakeplug_missing:f", "bad": "fakeplug_value:VALUE",
+                         "loud": "fakeplug_loud:f"}},
+                {"fakeplug_value": "VALUE = 3\n",
+                 "fakeplug_loud": "raise RuntimeError('first line\\n  second line')\n"})
     reg = Registry("widget", GROUP)
     with pytest.raises(ImportError) as info:
         reg.get("broken")
@@ -97,6 +99,8 @@ def test_broken_plugin_is_one_line_naming_the_entry_point(plugin_dist):
     with pytest.raises(TypeError, match="widget plugin entry point 'bad = fakeplug_value:VALUE'"
                                         r".* must name a callable, got int"):
         reg.get("bad")
+    with pytest.raises(ImportError, match="RuntimeError: first line second line$"):
+        reg.get("loud")
 
 
 def test_closed_registry_never_reads_entry_points(monkeypatch):

@@ -83,8 +83,9 @@ class Registry(Generic[F]):
         try:
             fn = ep.load()
         except Exception as exc:
+            detail = " ".join(str(exc).split())  # one line, whatever the plugin raised
             raise ImportError(f"{self.kind} plugin {_describe(ep)} failed to load: "
-                              f"{type(exc).__name__}: {exc}") from exc
+                              f"{type(exc).__name__}: {detail}") from exc
         if not callable(fn):
             raise TypeError(f"{self.kind} plugin {_describe(ep)} must name a callable, got "
                             f"{type(fn).__name__}")

@@ -517,6 +517,24 @@ def test_betas_and_beta1_beta2_stay_one_value_in_every_group():
     assert opt2.param_groups[1]["beta1"] == 0.2
 
 
+@pytest.mark.parametrize("betas", [(0.5, 0.999), "x", (0.9,)])
+def test_saved_betas_must_equal_beta1_and_beta2(betas):
+    opt = Chimera21([param([1.0])])
+    state = opt.state_dict()
+    state["param_groups"][0]["betas"] = betas
+    with pytest.raises(ValueError, match="loaded param group 0: betas"):
+        Chimera21([param([1.0])]).load_state_dict(state)
+
+
+def test_a_deepcopied_optimizer_loads_its_own_state():
+    """torch's ``__setstate__`` (deepcopy, pickle, accelerate's prepare) adds
+    ``differentiable`` to ``defaults``; the saved groups lack it and still load."""
+    opt = copy.deepcopy(Chimera21([param([1.0])]))
+    assert "differentiable" in opt.defaults
+    opt.load_state_dict(Chimera21([param([1.0])]).state_dict())
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999)
+
+
 def test_one_cycle_lr_cycles_the_beta1_the_step_uses():
     """OneCycleLR(cycle_momentum=True) writes group['betas'] each step; the trajectory equals a
     for-loop of steps with beta1 (and lr) set by hand to what the scheduler chose."""

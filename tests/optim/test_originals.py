@@ -142,6 +142,8 @@ def test_original_state_with_a_bad_step_is_rejected_before_loading():
     opt = Chimera21(params)
     run(opt, params, grads[:1])
     original = as_original(opt.state_dict())
-    original["state"][0]["step"] = "3"
-    with pytest.raises(ValueError, match="'step'"):
-        Chimera21([nn.Parameter(p.detach().clone()) for p in params]).load_state_dict(original)
+    for bad in ("3", 2.5, float("nan"), -1, True):
+        original["state"][0]["step"] = bad
+        with pytest.raises(ValueError, match="'step'"):
+            Chimera21([nn.Parameter(p.detach().clone()) for p in params]).load_state_dict(
+                original)

@@ -86,6 +86,14 @@ def test_only_the_decay_group_decays(name):
             assert torch.equal(p, old), name_
 
 
-def test_stac_takes_no_groups_and_says_so():
-    with pytest.raises(ValueError, match="not param groups"):
-        build_optimizer("stac", weight_decay_groups(Net(), 0.1))
+def test_stac_needs_named_by_for_groups_and_keeps_its_own_decay():
+    """STAC builds its trunk/cap groups: param groups need ``named_by`` to be named, and their
+    weight decays are replaced by STAC's own."""
+    model = Net()
+    with pytest.raises(ValueError, match="param groups with named_by=model"):
+        build_optimizer("stac", weight_decay_groups(model, 0.1))
+    opt = build_optimizer("stac", weight_decay_groups(model, 0.1), named_by=model,
+                          weight_decay=0.3)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.3, 0.3]
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == trainable

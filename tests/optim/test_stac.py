@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from chimera.optim.stac import STAC, normalize_name, partition_trainable_layers
+from chimera.optim.stac import STAC, normalize_names, partition_trainable_layers
 
 
 class Net(nn.Module):
@@ -250,16 +250,34 @@ def test_named_parameters_give_the_model_partition_and_trajectory():
     assert copy.deepcopy(opt2).last_n_layers == 2
 
 
-@pytest.mark.parametrize(("name", "normal"), [
-    ("module._orig_mod.fc.weight", "fc.weight"),
-    ("_orig_mod.module.fc.weight", "fc.weight"),
-    ("block._orig_mod.0.bias", "block.0.bias"),
-    ("module.module.w", "w"),
-    ("module", "module"),
-    ("encoder.module.w", "encoder.module.w"),
+@pytest.mark.parametrize(("names", "normal"), [
+    (["module._orig_mod.fc.weight", "module.w"], ["fc.weight", "w"]),
+    (["_orig_mod.module.fc.weight"], ["fc.weight"]),
+    (["block._orig_mod.0.bias"], ["block.0.bias"]),
+    (["module.module.w"], ["w"]),
+    (["module"], ["module"]),
+    (["encoder.module.w"], ["encoder.module.w"]),
+    (["scale", "module.weight", "head.weight"], ["scale", "module.weight", "head.weight"]),
 ])
-def test_normalize_name_drops_wrapper_prefixes(name, normal):
-    assert normalize_name(name) == normal
+def test_normalize_names_drops_wrapper_prefixes(names, normal):
+    assert normalize_names(names) == normal
+
+
+def test_layer_names_of_a_wrapped_root_become_the_root():
+    assert normalize_names(["module", "module.fc"], root="<root>") == ["<root>", "fc"]
+    assert normalize_names(["_orig_mod", "_orig_mod.fc"], root="<root>") == ["<root>", "fc"]
+
+
+def test_a_child_called_module_is_a_layer_of_a_plain_model():
+    """Only a prefix every name shares is a wrapper's: a plain model's child ``module`` stays."""
+    model = nn.Module()
+    model.scale = nn.Parameter(torch.ones(2))
+    model.module, model.head = nn.Linear(2, 2), nn.Linear(2, 1)
+    opt = STAC(model, last_n_layers=1)
+    assert opt.partition.trunk_layer_names == ("<root>", "module")
+    wrapped = STAC(nn.DataParallel(model), last_n_layers=1)
+    assert wrapped.partition.trunk_layer_names == ("<root>", "module")
+    wrapped.load_state_dict(opt.state_dict())
 
 
 WRAPPERS = {
@@ -580,6 +598,25 @@ def test_saved_state_without_roles_is_rejected():
     adamw = torch.optim.AdamW(model.parameters())
     with pytest.raises(ValueError, match="stac_role"):
         STAC(make_net(), last_n_layers=9).load_state_dict(adamw.state_dict())
+
+
+@pytest.mark.parametrize("bad", [None, [], {}, {"state": {}}, {"state": {}, "param_groups": [1]}])
+def test_a_state_that_is_no_state_dict_is_a_value_error(bad):
+    with pytest.raises(ValueError, match="must be an optimizer state dict"):
+        STAC(make_net()).load_state_dict(bad)
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("maximize", "yes"), ("amsgrad", 1), ("error_if_nonfinite", None), ("foreach", "no"),
+    ("fused", 2),
+])
+def test_saved_switches_are_validated_before_loading(key, value):
+    state = saved_state(make_net())
+    state["param_groups"][1][key] = value
+    opt = STAC(make_net())
+    with pytest.raises(ValueError, match=f"loaded cap group: {key} must be"):
+        opt.load_state_dict(state)
+    assert opt.param_groups[1][key] in (False, None)  # nothing was loaded
 
 
 def test_closure_runs_with_grad_and_its_value_is_returned():

@@ -45,23 +45,42 @@ def upgrade_saved_state(
 ) -> Any:
     """A copy of ``state_dict`` (tensors shared) as this toolkit saves it: every param group gets
     the keys of ``group_defaults`` it lacks (states of the original projects, or older ones, have
-    no ``foreach``, ``fused``, ...), and a Python-number ``step`` (the originals count steps in
-    ints) becomes a 0-dim tensor of ``step_dtype``. Anything not shaped like an optimizer state
-    dict is returned as is, for the check that follows to reject."""
-    groups, states = (state_dict.get(k) if isinstance(state_dict, dict) else None
-                      for k in ("param_groups", "state"))
-    if not (isinstance(groups, list) and isinstance(states, dict)):
+    no ``foreach``, ``fused``, ...), and a Python-int ``step`` >= 0 (the originals count steps
+    in ints) becomes a 0-dim tensor of ``step_dtype``; any other non-tensor ``step`` (a float,
+    NaN, a negative count) is left for the check that follows to reject, as is anything not
+    shaped like an optimizer state dict."""
+    if not is_state_dict_form(state_dict):
         return state_dict
-    groups = [{**group_defaults, **g} if isinstance(g, dict) else g for g in groups]
+    groups, states = state_dict["param_groups"], state_dict["state"]
+    groups = [{**group_defaults, **g} for g in groups]
     states = {pid: _tensor_step(s, step_dtype) for pid, s in states.items()}
     return {**state_dict, "param_groups": groups, "state": states}
 
 
 def _tensor_step(state: Any, dtype: torch.dtype) -> Any:
     step = state.get("step") if isinstance(state, dict) else None
-    if isinstance(step, int | float) and not isinstance(step, bool):
+    if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
         return {**state, "step": torch.tensor(float(step), dtype=dtype)}
     return state
+
+
+def is_state_dict_form(state_dict: Any) -> bool:
+    """Whether ``state_dict`` is shaped like an optimizer state dict: a dict whose ``state`` is
+    a dict and whose ``param_groups`` is a list of dicts, each with a ``params`` list."""
+    return (
+        isinstance(state_dict, dict)
+        and isinstance(state_dict.get("state"), dict)
+        and isinstance(state_dict.get("param_groups"), list)
+        and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                for g in state_dict["param_groups"])
+    )
+
+
+def require_state_dict_form(state_dict: Any) -> None:
+    """One-line ``ValueError`` unless :func:`is_state_dict_form`."""
+    if not is_state_dict_form(state_dict):
+        raise ValueError(f"state_dict must be an optimizer state dict (a dict with 'state' and "
+                         f"'param_groups'), got {type(state_dict).__name__}")
 
 
 def check_loaded_state(
@@ -84,13 +103,7 @@ def check_loaded_state(
     ``state_keys(group)``, each a tensor of the parameter's shape (0-dim for ``scalar_keys``).
     """
     owner = type(opt).__name__
-    ok = isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict)
-    ok = ok and isinstance(state_dict.get("param_groups"), list)
-    ok = ok and all(isinstance(g, dict) and isinstance(g.get("params"), list)
-                    for g in state_dict["param_groups"])
-    if not ok:
-        raise ValueError(f"state_dict must be an optimizer state dict (a dict with 'state' and "
-                         f"'param_groups'), got {type(state_dict).__name__}")
+    require_state_dict_form(state_dict)
     saved_groups, states = state_dict["param_groups"], state_dict["state"]
     if len(saved_groups) != len(opt.param_groups):
         raise ValueError(f"loaded state has {len(saved_groups)} param groups, this {owner} has "

@@ -105,6 +105,16 @@ def _check_hyperparameters(hp: dict[str, Any]) -> None:
     check_fused(hp["fused"], hp["foreach"])
 
 
+def _check_saved_group(saved: dict[str, Any]) -> None:
+    """A loaded param group: valid hyper-parameters, and a ``betas`` (absent from the original
+    project's states) equal to ``(beta1, beta2)``, as every group of this optimizer keeps it."""
+    _check_hyperparameters(saved)
+    if "betas" in saved:
+        betas = number_tuple("betas", saved["betas"], 2, 0, 1, high_open=True)
+        require(betas == (saved["beta1"], saved["beta2"]), "betas", saved["betas"],
+                f"(beta1, beta2) = {(saved['beta1'], saved['beta2'])}")
+
+
 def _resolve_aliases(hp: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """Map the torch spellings ``betas=(b1, b2)`` and ``eps`` onto ``beta1``/``beta2``/``eps_opt``.
 
@@ -673,7 +683,7 @@ class Chimera21(FusableOptimizer):
             self,
             state_dict,
             group_keys=lambda group: self.defaults,
-            check_group=lambda saved, group: _check_hyperparameters(saved),
+            check_group=lambda saved, group: _check_saved_group(saved),
             state_keys=lambda group: _STATE_KEYS,
             optional_keys=("betas",),
         )

@@ -33,8 +33,8 @@ def weight_decay_groups(
     A parameter is decayed unless it has at most one dimension (biases, norm scales, scalars)
     or belongs to a module of a ``no_decay_modules`` type (default ``NORM_MODULES``). A shared
     parameter counts once, with its first owner; frozen ones (``requires_grad=False``) are left
-    out. STAC takes no param groups (it groups by layer): give it ``trunk_weight_decay`` and
-    ``cap_weight_decay`` instead.
+    out. STAC builds its own groups by layer and ignores these groups' weight decays: give it
+    ``trunk_weight_decay`` and ``cap_weight_decay`` instead.
 
     Example: ``torch.optim.AdamW(weight_decay_groups(model, 0.01), lr=1e-3)``.
     """

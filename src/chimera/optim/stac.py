@@ -5,13 +5,13 @@ Drop-in for the public API of the ``stac-optimizer`` 0.1.2 package: ``STAC``, ``
 directly own a trainable parameter, in registration order); the last ``last_n_layers`` layers
 form the *cap*, updated by AdamW, the others the *trunk*, updated by the sign of a momentum.
 Layers are found from the model or from ``(name, parameter)`` pairs (``model.named_parameters()``),
-under names without the wrappers' prefixes (``normalize_name``).
+under names without the wrappers' prefixes (``normalize_names``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -24,6 +24,7 @@ from chimera._validate import integer, number, number_tuple, require
 from chimera.optim._common import (
     FusableOptimizer,
     evaluate_closure,
+    require_state_dict_form,
     upgrade_saved_state,
     use_foreach,
 )
@@ -71,14 +72,28 @@ _WRAPPER_PREFIX = "module"  # DataParallel / DistributedDataParallel
 _COMPILED_MODULE = "_orig_mod"  # torch.compile's OptimizedModule
 
 
-def normalize_name(name: str) -> str:
-    """A qualified parameter or module name without wrapper components: every ``_orig_mod``
-    (``torch.compile``) and the leading ``module`` ones (``DataParallel``, DDP), so a wrapped and
-    a plain model give the same names (``"module._orig_mod.fc.weight"`` -> ``"fc.weight"``)."""
-    parts = [part for part in name.split(".") if part != _COMPILED_MODULE]
-    while len(parts) > 1 and parts[0] == _WRAPPER_PREFIX:
-        parts.pop(0)
-    return ".".join(parts)
+def normalize_names(names: Sequence[str], *, root: str | None = None) -> list[str]:
+    """Qualified parameter or layer names without wrapper components: every ``_orig_mod``
+    (``torch.compile``), and a leading ``module`` while every name starts with it (DataParallel
+    and DDP wrap the whole model), so a wrapped and a plain model give the same names
+    (``["module._orig_mod.fc.weight", "module.w"]`` -> ``["fc.weight", "w"]``). A plain model's
+    child called ``module`` keeps its name unless it holds every parameter. ``root`` (for layer
+    names) is what a name that becomes empty turns into: the wrapped model's own layer."""
+    split = [[part for part in name.split(".") if part != _COMPILED_MODULE] for name in names]
+    while split and all(parts and parts[0] == _WRAPPER_PREFIX for parts in split):
+        if root is None and any(len(parts) == 1 for parts in split):
+            break
+        split = [parts[1:] for parts in split]
+    return [".".join(parts) or root for parts in split]
+
+
+def _saved_layer_names(groups: Sequence[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """Each group's ``layer_names``, normalised over all groups together."""
+    names = [tuple(g.get("layer_names", ())) for g in groups]
+    if not all(isinstance(n, str) for group in names for n in group):
+        raise ValueError("loaded layer_names must be strings: not a STAC state")
+    flat = iter(normalize_names([n for group in names for n in group], root=ROOT_LAYER))
+    return [tuple(next(flat) for _ in group) for group in names]
 
 
 def _layer_of(name: str) -> str:
@@ -137,8 +152,8 @@ def _named_trainable(source: nn.Module | Iterable) -> list[tuple[str, nn.Paramet
     for name, p in pairs:
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
-            named.append((normalize_name(name), p))
-    return named
+            named.append((name, p))
+    return list(zip(normalize_names([n for n, _ in named]), [p for _, p in named], strict=True))
 
 
 def partition_trainable_layers(
@@ -148,7 +163,7 @@ def partition_trainable_layers(
     ``model.named_parameters()``): the last ``last_n_layers`` are the cap.
 
     A layer is a module directly owning (``recurse=False``) a parameter with ``requires_grad``,
-    named after it (``normalize_name``), in order of first appearance (a model's registration
+    named after it (``normalize_names``), in order of first appearance (a model's registration
     order); a shared parameter belongs to its first owner; the root's own parameters are
     ``"<root>"``. ``last_n_layers=0`` puts everything in the trunk, more than exist everything
     in the cap.
@@ -276,6 +291,17 @@ def _check_group_numbers(group: dict[str, Any]) -> None:
     number("eps", group["eps"], 0, low_open=True)
 
 
+_GROUP_FLAGS = ("amsgrad", "maximize", "error_if_nonfinite")
+
+
+def _check_group_flags(group: dict[str, Any]) -> None:
+    """The switches of a param group: ``_GROUP_FLAGS`` bools, ``foreach``/``fused`` as
+    ``check_fused`` allows."""
+    for flag in _GROUP_FLAGS:
+        require(isinstance(group[flag], bool), flag, group[flag], "True or False")
+    check_fused(group["fused"], group["foreach"])
+
+
 class STAC(FusableOptimizer):
     r"""Sign-momentum trunk, AdamW cap.
 
@@ -318,7 +344,7 @@ class STAC(FusableOptimizer):
     ``create_optimizer(model, "stac", named_by=model)``): STAC then trains those of the model's
     parameters, ignoring the groups' own settings (it builds its trunk/cap groups). Unnamed
     parameters without ``named_by`` are a ``ValueError`` (the layer order needs names). Layer
-    names drop the prefixes of ``torch.compile`` and DDP/DataParallel (``normalize_name``), so
+    names drop the prefixes of ``torch.compile`` and DDP/DataParallel (``normalize_names``), so
     a state saved on a wrapped model loads on the plain one and the other way round.
     ``load_state_dict`` also takes the states saved by ``stac-optimizer`` 0.1.2 (groups without
     ``foreach``/``fused``, which take this optimizer's values; a Python-int cap ``step``) and
@@ -353,10 +379,9 @@ class STAC(FusableOptimizer):
         number_tuple("betas", betas, 2, 0, 1, high_open=True)
         number("eps", eps, 0, low_open=True)
         number("weight_decay", weight_decay, 0)
-        flags = {"amsgrad": amsgrad, "maximize": maximize, "error_if_nonfinite": error_if_nonfinite}
-        for flag, value in flags.items():
-            require(isinstance(value, bool), flag, value, "True or False")
-        check_fused(fused, foreach)
+        _check_group_flags(dict(amsgrad=amsgrad, maximize=maximize,
+                                error_if_nonfinite=error_if_nonfinite, foreach=foreach,
+                                fused=fused))
         partition = partition_trainable_layers(_stac_source(model, named_by),
                                                last_n_layers=last_n_layers)
 
@@ -421,11 +446,13 @@ class STAC(FusableOptimizer):
         state_dict = upgrade_saved_state(state_dict, filled, _scalar_dtype())
         self._check_same_partition(state_dict)
         super().load_state_dict(state_dict)
-        for group in self.param_groups:  # the saved names may carry wrapper prefixes
-            group["layer_names"] = tuple(map(normalize_name, group["layer_names"]))
+        names = _saved_layer_names(self.param_groups)  # they may carry wrapper prefixes
+        for group, layer_names in zip(self.param_groups, names, strict=True):
+            group["layer_names"] = layer_names
         self.nonfinite_skipped_steps = int(state_dict.get("nonfinite_skipped_steps", 0))
 
     def _check_same_partition(self, state_dict: dict[str, Any]) -> None:
+        require_state_dict_form(state_dict)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -433,6 +460,7 @@ class STAC(FusableOptimizer):
                 f"{len(self.param_groups)} (roles {[g['stac_role'] for g in self.param_groups]}): "
                 "it comes from a different partition"
             )
+        saved_names = _saved_layer_names(saved_groups)
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
             role = group["stac_role"]
             if saved.get("stac_role") != role:
@@ -440,12 +468,13 @@ class STAC(FusableOptimizer):
                     f"loaded parameter group {i} has stac_role {saved.get('stac_role')!r}, "
                     f"expected {role!r}: not a state of this STAC partition"
                 )
-            missing = [key for key in _GROUP_NUMBERS if key not in saved]
+            missing = [key for key in (*_GROUP_NUMBERS, *_GROUP_FLAGS) if key not in saved]
             if missing:
                 raise ValueError(f"loaded {role} group lacks {', '.join(missing)}: not a STAC "
                                  "state")
             try:
                 _check_group_numbers(saved)
+                _check_group_flags(saved)
             except ValueError as err:
                 raise ValueError(f"loaded {role} group: {err}") from None
             if len(saved["params"]) != len(group["params"]):
@@ -453,8 +482,7 @@ class STAC(FusableOptimizer):
                     f"loaded {role} group has {len(saved['params'])} parameters, "
                     f"expected {len(group['params'])}"
                 )
-            saved_names = tuple(map(normalize_name, saved.get("layer_names", ())))
-            if saved_names != tuple(group["layer_names"]):
+            if saved_names[i] != tuple(group["layer_names"]):
                 raise ValueError(
                     f"loaded {role} layer names {list(saved.get('layer_names', ()))} differ from "
                     f"this partition's {list(group['layer_names'])}"
