@@ -6,7 +6,14 @@ The library's public names (docs/api.md); the run layer is :mod:`chimera.run`, t
 
 __version__ = "0.1.0"
 
-from chimera.data import TASKS, TaskData, load_task
+from chimera.data import (
+    TASKS,
+    VAL_FRACTION,
+    TaskData,
+    carve_validation,
+    load_task,
+    validation_indices,
+)
 from chimera.deploy import export_ternary, load_ternary, read_ternary
 from chimera.models import MODELS, build_model
 from chimera.nn import (
@@ -56,6 +63,7 @@ __all__ = [
     "QUANTIZERS",
     "RULES",
     "TASKS",
+    "VAL_FRACTION",
     "BitConv1d",
     "BitConv2d",
     "BitLinear",
@@ -77,6 +85,7 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "build_rule",
+    "carve_validation",
     "credit_diagnostics",
     "ema_update",
     "export_ternary",
@@ -94,6 +103,7 @@ __all__ = [
     "read_ternary",
     "ternarize",
     "ternary_stats",
+    "validation_indices",
     "weight_decay_groups",
     "__version__",
 ]

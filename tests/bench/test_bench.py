@@ -32,6 +32,14 @@ def test_bench_smoke_writes_records_summary_and_report(tmp_path):
     rules = read_records(tmp_path / "rules", record_type="final")
     assert sorted(r["rule"] for r in rules) == ["backprop", "credit_bridge", "dfa", "state_bridge"]
     assert all("credit_costate_cosine" in r for r in rules if r["rule"] != "backprop")
+    for grid in suite.grids:  # the protocol: validation per epoch, test only in the final
+        for r in read_records(tmp_path / grid.name):
+            assert not any(k.startswith("best_test") for k in r), r["run_id"]
+            if r["record_type"] == "eval":
+                assert 0 <= r["val_accuracy"] <= 1 and "test_accuracy" not in r
+            if r["record_type"] == "final":
+                assert {"val_accuracy", "val_loss", "test_accuracy", "test_loss",
+                        "best_val_accuracy", "best_val_epoch"} <= r.keys()
     toy = read_records(tmp_path / "toy_lq.jsonl", record_type="final")
     assert sorted(r["variant"] for r in toy) == sorted(suite.toy_lq.rules)
     assert (tmp_path / "summary.md").read_text() == summary
@@ -39,7 +47,7 @@ def test_bench_smoke_writes_records_summary_and_report(tmp_path):
     for name in ("## Stress problems (12 steps, seeds [0])", "chimera21-zero-inertia",
                  "## Digits", "| digits | mlp", "## MNIST-1D optimizers", "| mnist1d | cnn",
                  "stac", "94", "## MNIST-1D quantizers", "int_ternary", "scaled_optum",
-                 "## MNIST-1D learning rules", "state_bridge", "1 (exact)",
+                 "## MNIST-1D learning rules", "state_bridge", "1 (exact)", "val acc (%)",
                  "## Toy LQ credit quality (2 steps, seeds [0])",
                  "credit_bridge_tgw0"):
         assert name in summary

@@ -4,8 +4,9 @@ import shutil
 
 import pytest
 
+from chimera.bench.report import plots
 from chimera.bench.report.aggregate import STAT_KEYS, seed_stats, summarize
-from chimera.bench.report.tables import stress_table
+from chimera.bench.report.tables import classification_table, stress_table
 from chimera.bench.report.write import collect_configurations, record_files, write_report
 from chimera.run.records import RecordWriter, read_records
 
@@ -21,8 +22,8 @@ def _train_run(root, config_id, seed, *, final=None, epochs=2, **spec):
         for epoch in range(1, epochs + 1):
             w.write("step", epoch=epoch, step=epoch * 10, loss=1.0 / epoch)
             w.write("epoch", epoch=epoch, step=epoch * 10, train_loss=1.0 / epoch)
-            w.write("eval", epoch=epoch, step=epoch * 10, test_accuracy=0.4 * epoch + 0.01 * seed,
-                    test_loss=1.0 / epoch)
+            w.write("eval", epoch=epoch, step=epoch * 10, val_accuracy=0.4 * epoch + 0.01 * seed,
+                    val_loss=1.0 / epoch)
         if final is not None:
             w.write("final", epochs=epochs, steps=epochs * 10, **final)
 
@@ -39,7 +40,9 @@ def records(tmp_path_factory):
     root = tmp_path_factory.mktemp("records")
     for seed, (acc, loss) in enumerate([(0.90, 0.3), (0.92, 0.2), (0.94, 0.1)]):
         _train_run(root, "cfg-a", seed, final=_final(
-            acc, loss, credit_alignment=0.5 + 0.2 * seed, costate_cosine_per_layer=[0.1, 0.2]))
+            acc, loss, val_accuracy=acc - 0.05, val_loss=loss + 0.1, best_val_accuracy=acc,
+            best_val_epoch=1, credit_alignment=0.5 + 0.2 * seed,
+            costate_cosine_per_layer=[0.1, 0.2]))
         _train_run(root, "cfg-b", seed, quantizer="chimera", final=_final(
             0.8, 0.5, quant_global_effective_bits=1.4 + 0.1 * seed, quant_global_zero_ratio=0.5))
     for seed in (0, 1):
@@ -62,10 +65,14 @@ def report(records, tmp_path_factory):
     return write_report(records, out)
 
 
+def _cells(line):
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
 def _md_row(text, label):
     rows = [line for line in text.splitlines() if line.startswith(f"| {label} ")]
     assert len(rows) == 1, (label, rows)
-    return [cell.strip() for cell in rows[0].strip("|").split("|")]
+    return _cells(rows[0])
 
 
 def test_seed_stats_by_hand():
@@ -161,11 +168,34 @@ def test_csv_has_one_plain_row_per_configuration(report):
 
 def test_plots_are_png_files_linked_from_the_report(report):
     names = ["learning_curves.png", "accuracy_vs_bits.png", "step_time_vs_memory.png"]
-    assert [p.name for p in report.plots] == names
+    assert set(names) <= {p.name for p in report.plots}
     text = report.markdown.read_text(encoding="utf-8")
     for path in report.plots:
         assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 10_000
         assert f"]({path.name})" in text
+
+
+def test_learning_curves_follow_validation_accuracy_never_test(records, tmp_path):
+    configs = {c.config_id: c for c in collect_configurations(read_records(record_files(records)))}
+    epochs, mean, lo, hi = plots._eval_curve(configs["cfg-a"])
+    assert epochs.tolist() == [1, 2]
+    assert mean.tolist() == pytest.approx([41.0, 81.0])  # 100 * (0.4 e + 0.01 mean seed)
+    assert (lo.tolist(), hi.tolist()) == (pytest.approx([40, 80]), pytest.approx([42, 82]))
+    with RecordWriter(tmp_path / "old.jsonl", {"run_id": "o-s0", "config_id": "o", "seed": 0,
+                                               "task": "digits", "model": "mlp"}) as w:
+        w.write("eval", epoch=1, step=1, test_accuracy=0.5)  # records of the earlier protocol
+        w.write("final", test_accuracy=0.5)
+    (old,) = collect_configurations(read_records(tmp_path / "old.jsonl"))
+    assert plots._eval_curve(old) is None
+
+
+def test_summary_table_shows_final_validation_and_test_accuracy(records):
+    finals = [{**f, "train_time_s": 1.0, "state_bytes_per_param": 8.0}
+              for f in read_records(record_files(records), record_type="final")
+              if f["config_id"] == "cfg-a"]
+    header, _, row = classification_table(finals).splitlines()
+    cells = dict(zip(_cells(header), _cells(row), strict=True))
+    assert (cells["val acc (%)"], cells["test acc (%)"]) == ("87.0 ± 2.0", "92.0 ± 2.0")
 
 
 def test_report_md_is_reproducible_from_the_records(records, report, tmp_path):
@@ -218,11 +248,12 @@ def test_corrupt_lines_are_skipped_flagged_and_leave_the_rest_of_the_statistics(
     assert b[-1] == ("⚠ 1 run unfinished (seeds [2]); "
                      "⚠ 1 corrupt record line skipped (train/cfg-b-s2.jsonl:7)")
     for title, section in text.items():
-        for line in (x for x in section.splitlines() if x.startswith("| ")):
-            label = line.split("|")[1].strip()
-            cells, ref_cells = _md_row(section, label), _md_row(ref_text[title], label)
+        rows, ref_rows = ([_cells(x) for x in t.splitlines() if x.startswith("| ")]
+                          for t in (section, ref_text[title]))
+        assert len(rows) == len(ref_rows), title
+        for cells, ref_cells in zip(rows, ref_rows, strict=True):
             flags = -1 if title != "Credit diagnostics (final records)" else len(cells)
-            assert cells[:flags] == ref_cells[:flags], (title, label)
+            assert cells[:flags] == ref_cells[:flags], (title, cells[0])
     bad_rows, ref_rows = _csv_rows(bad.csv), _csv_rows(ref.csv)
     assert list(bad_rows) == list(ref_rows)
     for config_id, row in bad_rows.items():
@@ -258,7 +289,8 @@ def test_plots_without_data_are_skipped_and_said_so(tmp_path):
     paths = write_report(tmp_path, tmp_path / "out")
     assert [p.name for p in paths.plots] == ["step_time_vs_memory.png"]
     text = paths.markdown.read_text(encoding="utf-8")
-    assert "`learning_curves.png`: skipped (no eval records of a training run)" in text
+    assert ("`learning_curves.png`: skipped (no eval records with val_accuracy of a training "
+            "run)") in text
     assert "`accuracy_vs_bits.png`: skipped" in text and "## Training configurations" not in text
 
 

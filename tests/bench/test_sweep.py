@@ -274,7 +274,7 @@ def test_killed_sweep_resumes_to_the_uninterrupted_result(tmp_path, one_thread):
     ref = read_records(tmp_path / "ref")
     assert sorted(keys) == sorted((r["run_id"], r["record_type"], r.get("epoch"), r.get("step"))
                                   for r in ref)
-    metrics = ("test_accuracy", "test_loss", "best_test_accuracy", "steps",
+    metrics = ("test_accuracy", "test_loss", "val_accuracy", "best_val_accuracy", "steps",
                "quant_global_zero_ratio", "controller_alpha")
 
     def by_run(records):

@@ -43,12 +43,42 @@ def test_registered_and_loaded_through_load_task(flat):
     assert "cifar10" in TASKS
     d = load_task("cifar10", data_dir=str(flat))
     assert d.name == "cifar10" and d.num_classes == 10 and d.input_shape == (3, 32, 32)
-    assert d.x_train.shape == (5 * N, 3, 32, 32) and d.x_test.shape == (N, 3, 32, 32)
-    assert d.x_train.dtype == d.x_test.dtype == torch.float32
-    assert d.y_train.dtype == d.y_test.dtype == torch.int64
+    # 10% of the 15 training images (rounded: 2) are carved off for validation
+    assert d.x_train.shape == (5 * N - 2, 3, 32, 32) and d.x_val.shape == (2, 3, 32, 32)
+    assert d.x_test.shape == (N, 3, 32, 32)
+    assert d.x_train.dtype == d.x_val.dtype == d.x_test.dtype == torch.float32
+    assert d.y_train.dtype == d.y_val.dtype == d.y_test.dtype == torch.int64
     # the fixture's labels cycle from the batch index: batches in order, test batch last
-    assert d.y_train.tolist() == [(i + j) % 10 for i in range(5) for j in range(N)]
+    labels = [(i + j) % 10 for i in range(5) for j in range(N)]
+    assert sorted(d.y_train.tolist() + d.y_val.tolist()) == sorted(labels)
+    # classes 2, 3 and 4 (3 images each) have the largest remainders; ties go to the smaller
+    assert d.y_val.tolist() == [2, 3]
     assert d.y_test.tolist() == [(5 + j) % 10 for j in range(N)]
+
+
+def test_validation_is_carved_from_the_training_batches(tmp_path):
+    """500 of each class's 5000 in the real data; here 1 of each class's 10. Train and
+    validation partition the training batches' images, the test batch is untouched, and the
+    carve does not depend on the global RNG."""
+    folder = write_cifar10_fixture(tmp_path, n_per_batch=20, seed=2)
+    torch.manual_seed(0)
+    d = load_cifar10(folder, normalize=False)
+    torch.manual_seed(1)
+    again = load_cifar10(folder, normalize=False)
+    assert torch.equal(d.x_val, again.x_val) and torch.equal(d.y_train, again.y_train)
+    assert torch.bincount(d.y_val, minlength=10).tolist() == [1] * 10
+    assert (len(d.y_train), len(d.y_val), len(d.y_test)) == (90, 10, 20)
+    whole = np.concatenate([pickle.loads((folder / f).read_bytes())[b"data"]
+                            for f in TRAIN_FILES])
+    rows = {bytes(r) for r in whole}
+    train = {bytes((x * 255).round().to(torch.uint8).flatten()) for x in d.x_train}
+    val = {bytes((x * 255).round().to(torch.uint8).flatten()) for x in d.x_val}
+    assert not train & val and train | val == rows
+    test = pickle.loads((folder / TEST_FILE).read_bytes())[b"data"]
+    assert torch.equal((d.x_test * 255).round().to(torch.uint8).flatten(1),
+                       torch.from_numpy(test))
+    other = load_cifar10(folder, normalize=False, split_seed=1)
+    assert not torch.equal(other.x_val, d.x_val) and torch.equal(other.x_test, d.x_test)
 
 
 def test_pixel_layout_and_normalisation(tmp_path):
@@ -91,7 +121,7 @@ def test_chimera_data_env(monkeypatch, tmp_path, flat):
     write_cifar10_fixture(tmp_path / "env" / SUBDIR, n_per_batch=N, seed=5)
     monkeypatch.setenv("CHIMERA_DATA", str(tmp_path / "env"))
     from_env = load_task("cifar10")
-    assert from_env.x_train.shape == (5 * N, 3, 32, 32)
+    assert from_env.x_train.shape == (5 * N - 2, 3, 32, 32)
     # an explicit data_dir wins over the environment
     assert not torch.equal(load_cifar10(flat).x_train, from_env.x_train)
 

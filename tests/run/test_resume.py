@@ -19,13 +19,14 @@ RUNS = {
         controller={"target_bits": 1.32, "branch": "sparse", "frequency": "batch"}),
     "int_ternary": RunSpec("digits", "mlp", "scaled_optum", seed=2, epochs=4, batch_size=128,
                            log_every=3, optimizer_hparams={"lr": 1e-2}, quantizer="int_ternary"),
-    # a learning rule resumes inside its DFA warm-up (warmup_frac 0.5 of 48 steps)
+    # a learning rule resumes inside its DFA warm-up (warmup_frac 0.5 of 44 steps)
     "credit_bridge": RunSpec("digits", "resmlp", "adamw", seed=0, epochs=4, batch_size=128,
                              log_every=3, optimizer_hparams={"lr": 1e-3}, rule="credit_bridge",
                              model_hparams={"d_hidden": 16, "num_blocks": 2},
                              rule_hparams={"warmup_frac": 0.5, "bridge_hidden": 16, "K": 2}),
 }
-METRICS = ("test_accuracy", "test_loss", "best_test_accuracy", "steps")
+METRICS = ("val_accuracy", "val_loss", "test_accuracy", "test_loss", "best_val_accuracy",
+           "best_val_epoch", "steps")
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(name, tmp_path, monkeypat
     ref_recs, recs = read_records(tmp_path / "ref.jsonl"), read_records(tmp_path / "r.jsonl")
     for r0, r1 in zip(ref_recs, recs, strict=True):
         if r0["record_type"] == "eval":
-            assert r0["test_loss"] == r1["test_loss"]
+            assert r0["val_loss"] == r1["val_loss"]
         if r0["record_type"] == "step":
             assert r0["loss"] == r1["loss"] and r0["lr"] == r1["lr"]
 
@@ -109,7 +110,7 @@ def test_resume_without_checkpoint_starts_fresh_and_foreign_checkpoint_is_reject
 ):
     spec = RUNS["fp32"]
     first = run(spec, tmp_path / "a.jsonl", tmp_path / "a.pt", digits, resume=True)
-    assert first["steps"] == 4 * 12
+    assert first["steps"] == 4 * 11  # 1293 training examples, batches of 128
     other = RunSpec("digits", "mlp", "adamw", seed=4, epochs=4, batch_size=128)
     with pytest.raises(ValueError, match="another run spec"):
         run(other, tmp_path / "b.jsonl", tmp_path / "a.pt", digits, resume=True)

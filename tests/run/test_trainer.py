@@ -1,14 +1,17 @@
 import math
 
 import pytest
+import torch
 
 from chimera.cli import main
 from chimera.data import load_task
 from chimera.optim import OPTIMIZERS
+from chimera.run.build import build_run_model
+from chimera.run.callbacks import Callback
 from chimera.run.checkpoint import load_checkpoint, save_checkpoint
 from chimera.run.records import RecordWriter, read_records
 from chimera.run.spec import RunSpec
-from chimera.run.trainer import train
+from chimera.run.trainer import evaluate, train
 
 LRS = {"sgd": 0.1, "lion": 1e-3, "stac": 1e-3}
 
@@ -34,10 +37,55 @@ def test_records_of_a_run(tmp_path, digits):
     assert {r["run_id"] for r in recs} == {spec().run_id}
     assert all(r["versions"]["torch"] and r["seed"] == 0 for r in recs)
     assert recs[-1]["test_accuracy"] == final["test_accuracy"] > 0.8
+    assert recs[-1]["val_accuracy"] == final["val_accuracy"] > 0.8
     state = final["optimizer_state"]  # AdamW: fp32 m and v, plus a 4-byte step per tensor
     assert state["m"] == state["v"] == 4 * final["num_params"] and state["psi"] == 0
     assert state["other"] == 4 * 6  # the mlp has 3 weights + 3 biases
     assert final["state_bytes_per_param"] == pytest.approx(8.0, rel=1e-2)
+
+
+def _test_keys(record):
+    return sorted(k for k in record if "test" in k)
+
+
+def test_selection_uses_validation_and_only_the_final_record_holds_test_metrics(tmp_path, digits):
+    """Eval records carry val_loss / val_accuracy and no test metric; the final record carries the
+    last epoch's validation metrics, the best validation accuracy with its epoch, and the test
+    metrics of the trained model; no record has a ``best_test*`` key."""
+    path, ckpt = tmp_path / "r.jsonl", tmp_path / "r.pt"
+    seen = []
+
+    class Spy(Callback):
+        def on_eval(self, x, y):
+            seen.append((x, y))
+            return {}
+
+    with RecordWriter(path) as w:
+        final = train(spec(epochs=3, lr_schedule="cosine"), w, data=digits, progress=False,
+                      checkpoint=ckpt, callbacks=[Spy()])
+    assert len(seen) == 3  # callbacks (the rules' credit diagnostics) see the validation split
+    assert all(torch.equal(x, digits.x_val) and torch.equal(y, digits.y_val) for x, y in seen)
+    recs = read_records(path)
+    assert not [k for r in recs for k in r if k.startswith("best_test")]
+    assert [_test_keys(r) for r in recs if r["record_type"] != "final"] == [[]] * (len(recs) - 1)
+    assert _test_keys(recs[-1]) == ["test_accuracy", "test_loss"]
+    evals = [r for r in recs if r["record_type"] == "eval"]
+    assert [r["epoch"] for r in evals] == [1, 2, 3]
+    assert all(0 <= r["val_accuracy"] <= 1 and r["val_loss"] > 0 for r in evals)
+    times = [r["train_time_s"] for r in evals]  # training seconds so far, the final's clock
+    assert times == sorted(times) and 0 < times[-1] <= final["train_time_s"]
+    assert (final["val_loss"], final["val_accuracy"]) == (evals[-1]["val_loss"],
+                                                          evals[-1]["val_accuracy"])
+    best = max(evals, key=lambda r: r["val_accuracy"])  # the first of equal maxima
+    assert (final["best_val_accuracy"], final["best_val_epoch"]) == (best["val_accuracy"],
+                                                                     best["epoch"])
+    model = build_run_model(spec(), digits.input_shape, digits.num_classes)
+    model.load_state_dict(load_checkpoint(ckpt)["model"])
+    for split in ("val", "test"):
+        x, y = getattr(digits, f"x_{split}"), getattr(digits, f"y_{split}")
+        metrics = evaluate(model, x, y, 256)
+        assert final[f"{split}_loss"] == pytest.approx(metrics["loss"], rel=1e-6)
+        assert final[f"{split}_accuracy"] == metrics["accuracy"]
 
 
 def test_same_seed_same_result_other_seed_differs(digits):
@@ -64,8 +112,6 @@ def test_chimera21_diagnostics_reach_step_records(tmp_path, digits):
 
 
 def test_cuda_without_cuda_is_a_clear_error(digits):
-    import torch
-
     if torch.cuda.is_available():
         pytest.skip("machine has CUDA")
     with pytest.raises(ValueError, match="CUDA is not available"):
@@ -80,8 +126,10 @@ def test_rules_train_a_resmlp_and_log_credit_diagnostics(rule, digits, tmp_path)
         final = train(s, w, data=digits, progress=False)
     evals = read_records(tmp_path / "r.jsonl", record_type="eval")
     assert len(evals) == 2 and all(-1 <= r["credit_costate_cosine"] <= 1 for r in evals)
+    assert all(0 <= r["val_accuracy"] <= 1 and "test_accuracy" not in r for r in evals)
     assert "credit_perturbation_rho" in final and "credit_nudging" in final
-    assert math.isfinite(final["test_loss"])
+    assert math.isfinite(final["test_loss"]) and math.isfinite(final["val_loss"])
+    assert final["best_val_epoch"] in (1, 2) and "best_test_accuracy" not in final
 
 
 def test_rule_errors(digits, tmp_path):

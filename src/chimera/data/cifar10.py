@@ -5,8 +5,10 @@ files (``data_batch_1`` .. ``data_batch_5``, ``test_batch``) either directly or 
 ``cifar-10-batches-py/`` folder that the "CIFAR-10 python version" archive extracts to. Each batch
 is a pickled dict: ``b"data"`` a (n, 3072) uint8 array of row-major R, G, B planes of 32x32 images,
 ``b"labels"`` n ints in 0..9. Pixels are scaled to [0, 1] and, with ``normalize``, standardised per
-channel: ``x = (p / 255 - mean_c) / std_c``. The files are unpickled, so point this at trusted
-files only.
+channel: ``x = (p / 255 - mean_c) / std_c``. The validation split is ``val_fraction`` of the
+50000 training images, stratified and seeded by ``split_seed`` (``carve_validation``): 500 per
+class by default, 45000 / 5000 / 10000. The files are unpickled, so point this at trusted files
+only.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 
 from chimera._validate import integer
-from chimera.data.tasks import TASKS, TaskData
+from chimera.data.tasks import TASKS, VAL_FRACTION, TaskData, carve_validation
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
@@ -101,18 +103,17 @@ def _images(data: np.ndarray, normalize: bool) -> torch.Tensor:
 
 
 @TASKS.register("cifar10")
-def load_cifar10(data_dir: str | os.PathLike | None = None, normalize: bool = True) -> TaskData:
-    """CIFAR-10 as (N, 3, 32, 32) float32 images and int64 labels (50000 train / 10000 test)."""
+def load_cifar10(data_dir: str | os.PathLike | None = None, normalize: bool = True,
+                 val_fraction: float = VAL_FRACTION, split_seed: int = 0) -> TaskData:
+    """CIFAR-10 as (N, 3, 32, 32) float32 images and int64 labels (45000 train / 5000 validation
+    carved from the 50000 training images / 10000 test)."""
     folder = resolve_data_dir(data_dir)
     train = [_read_batch(folder, name) for name in TRAIN_FILES]
     x_test, y_test = _read_batch(folder, TEST_FILE)
-    return TaskData(
-        name="cifar10",
-        x_train=_images(np.concatenate([d for d, _ in train]), normalize),
-        y_train=torch.from_numpy(np.concatenate([y for _, y in train])),
-        x_test=_images(x_test, normalize),
-        y_test=torch.from_numpy(y_test),
-        num_classes=NUM_CLASSES,
+    return carve_validation(
+        "cifar10", _images(np.concatenate([d for d, _ in train]), normalize),
+        torch.from_numpy(np.concatenate([y for _, y in train])), _images(x_test, normalize),
+        torch.from_numpy(y_test), NUM_CLASSES, val_fraction, split_seed,
     )
 
 

@@ -1,4 +1,5 @@
-"""The ``mnist1d`` task: MNIST-1D (Greydanus 2020), generated offline, 4000 train / 1000 test.
+"""The ``mnist1d`` task: MNIST-1D (Greydanus 2020), generated offline, 4000 train / 1000 test; the
+validation split is ``val_fraction`` of the 4000 (``carve_validation``): 3600 / 400 / 1000.
 
 The data come from ``mnist1d.data.make_dataset(get_dataset_args())`` with the dataset seed
 (default 42), never ``get_dataset()`` (it downloads). ``make_dataset`` already centres the whole set
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from mnist1d.data import get_dataset_args, make_dataset
 
-from chimera.data.tasks import TASKS, TaskData
+from chimera.data.tasks import TASKS, VAL_FRACTION, TaskData, carve_validation
 
 _KEYS = ("x", "y", "x_test", "y_test")
 
@@ -80,14 +81,13 @@ def _arrays(seed: int, directory: Path) -> dict[str, np.ndarray]:
 
 
 @TASKS.register("mnist1d")
-def load_mnist1d(seed: int = 42) -> TaskData:
-    """MNIST-1D as (N, 40) float32 sequences and int64 labels (10 classes); fresh tensor copies."""
+def load_mnist1d(seed: int = 42, val_fraction: float = VAL_FRACTION,
+                 split_seed: int = 0) -> TaskData:
+    """MNIST-1D as (N, 40) float32 sequences and int64 labels (10 classes); fresh tensor copies.
+    ``seed`` generates the data set, ``split_seed`` carves the validation split."""
     a = _arrays(seed, cache_dir())
-    return TaskData(
-        name="mnist1d",
-        x_train=torch.tensor(a["x"], dtype=torch.float32),
-        y_train=torch.tensor(a["y"], dtype=torch.int64),
-        x_test=torch.tensor(a["x_test"], dtype=torch.float32),
-        y_test=torch.tensor(a["y_test"], dtype=torch.int64),
-        num_classes=10,
+    return carve_validation(
+        "mnist1d", torch.tensor(a["x"], dtype=torch.float32),
+        torch.tensor(a["y"], dtype=torch.int64), torch.tensor(a["x_test"], dtype=torch.float32),
+        torch.tensor(a["y_test"], dtype=torch.int64), 10, val_fraction, split_seed,
     )

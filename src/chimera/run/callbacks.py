@@ -7,7 +7,8 @@ Hooks, in the order the :class:`~chimera.run.trainer.Trainer` calls them:
   first training step;
 - ``on_step()`` after every training step; ``step_fields()`` when a step record is written;
 - ``on_epoch_end()`` after an epoch's last step, before evaluation (fields of the epoch record);
-- ``on_eval(x, y)`` after evaluation (fields of the eval record);
+- ``on_eval(x, y)`` after each epoch's evaluation, with the validation split (fields of the eval
+  record; the test split is never passed to a callback);
 - ``final_fields()`` for the final record;
 - ``state_dict()`` / ``load_state_dict()`` for checkpoints (``None``: nothing to keep).
 """
@@ -25,7 +26,7 @@ from chimera.rules import LearningRule, credit_diagnostics
 from chimera.run.spec import RunSpec
 
 Fields = dict[str, Any]
-DIAG_EXAMPLES = 256  # evaluation examples on which credit diagnostics are measured each epoch
+DIAG_EXAMPLES = 256  # validation examples on which credit diagnostics are measured each epoch
 
 
 class Callback:
@@ -183,7 +184,7 @@ class OptimizerMetrics(Callback):
 
 class RuleCredit(Callback):
     """A learning rule's credit diagnostics against exact costates (fp32, on the first
-    ``DIAG_EXAMPLES`` evaluation examples, prefixed ``credit_``), its resolved hyper-parameters
+    ``DIAG_EXAMPLES`` validation examples, prefixed ``credit_``), its resolved hyper-parameters
     (``rule_config``, preset values included) in the final record, and its state (feedback
     networks, their optimizers, step count) in checkpoints."""
 

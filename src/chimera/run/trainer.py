@@ -2,8 +2,10 @@
 
 ``Trainer(spec, writer).fit()`` sets the run up (:mod:`chimera.run.build`), resumes it from its
 checkpoint if asked, trains epoch by epoch (cross-entropy, the spec's learning rule, forward
-passes in the spec's precision), evaluates after every epoch and writes step / epoch / eval /
-final records (docs/records.md). A resumed run whose checkpoint is damaged restarts from scratch
+passes in the spec's precision), evaluates the task's validation split after every epoch and its
+test split once, after the last, and writes step / epoch / eval / final records
+(docs/records.md). Anything "best" is chosen on the validation split; no record holds a test
+metric before the final one. A resumed run whose checkpoint is damaged restarts from scratch
 with the bad files moved aside (:meth:`Trainer.fit`). What the quantizer, controller, optimizer
 and learning rule add to the records comes from their callbacks (:mod:`chimera.run.callbacks`).
 """
@@ -93,7 +95,8 @@ class Progress:
 
     epoch: int = 0
     step: int = 0
-    best_acc: float = 0.0
+    best_val_accuracy: float | None = None  # the highest validation accuracy so far ...
+    best_val_epoch: int | None = None  # ... first reached at this epoch
     elapsed_s: float = 0.0
     step_times: list[float] = field(default_factory=list)
     opt_times: list[float] = field(default_factory=list)
@@ -128,6 +131,7 @@ class Trainer:
         self.opt = build_optimizer(spec.optimizer, self.model, **spec.optimizer_hparams)
         self.log = writer.with_identity(**identity_of(spec)) if writer is not None else None
         self.x_train, self.y_train = self.data.x_train.to(device), self.data.y_train.to(device)
+        self.x_val, self.y_val = self.data.x_val.to(device), self.data.y_val.to(device)
         self.x_test, self.y_test = self.data.x_test.to(device), self.data.y_test.to(device)
         self.gen = torch.Generator().manual_seed(spec.seed)
         self.steps_per_epoch = math.ceil(len(self.x_train) / spec.batch_size)
@@ -166,7 +170,7 @@ class Trainer:
         for epoch in bar:
             train_loss, train_acc = self.train_epoch(epoch)
             ev = self.end_epoch(epoch, train_loss, train_acc)
-            bar.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{ev['accuracy']:.3f}")
+            bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{ev['accuracy']:.3f}")
         return self.finish()
 
     def train_epoch(self, epoch: int) -> tuple[float, float]:
@@ -209,35 +213,47 @@ class Trainer:
         return loss, logits
 
     def end_epoch(self, epoch: int, train_loss: float, train_acc: float) -> dict[str, float]:
-        """Callbacks, evaluation, the epoch and eval records and the checkpoint of an epoch."""
+        """Callbacks, the validation pass, the epoch and eval records and the checkpoint of an
+        epoch."""
         p, n = self.progress, self.samples_per_epoch
         epoch_time = time.perf_counter() - self._epoch_start
         epoch_fields = {k: v for cb in self.callbacks for k, v in cb.on_epoch_end().items()}
-        p.eval = evaluate(self.model, self.x_test, self.y_test, self.spec.eval_batch_size,
-                          self.spec.precision, self.spec.eval_max_batches)
-        p.best_acc = max(p.best_acc, p.eval["accuracy"])
+        p.eval = self.evaluate_split(self.x_val, self.y_val)
+        if p.best_val_accuracy is None or p.eval["accuracy"] > p.best_val_accuracy:
+            p.best_val_accuracy, p.best_val_epoch = p.eval["accuracy"], epoch
         eval_fields = {k: v for cb in self.callbacks
-                       for k, v in cb.on_eval(self.x_test, self.y_test).items()}
+                       for k, v in cb.on_eval(self.x_val, self.y_val).items()}
         if self.log is not None:
             self.log.write("epoch", epoch=epoch, step=p.step, train_loss=train_loss,
                            train_accuracy=train_acc, epoch_time_s=epoch_time,
                            throughput_samples_per_s=n / epoch_time, **epoch_fields)
-            self.log.write("eval", epoch=epoch, step=p.step, test_loss=p.eval["loss"],
-                           test_accuracy=p.eval["accuracy"], **eval_fields)
+            self.log.write("eval", epoch=epoch, step=p.step, val_loss=p.eval["loss"],
+                           val_accuracy=p.eval["accuracy"], train_time_s=self._elapsed(),
+                           **eval_fields)
         p.epoch = epoch
         if self.checkpoint is not None:
             self.save(self.checkpoint)
         return p.eval
 
+    def evaluate_split(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """:func:`evaluate` on one split with the spec's batch size, precision and batch limit."""
+        return evaluate(self.model, x, y, self.spec.eval_batch_size, self.spec.precision,
+                        self.spec.eval_max_batches)
+
     def finish(self) -> dict[str, Any]:
-        """The final record (written) and its metrics (returned)."""
+        """The final record (written) and its metrics (returned): the last epoch's validation
+        metrics, and the test split's, evaluated here once on the trained model."""
         p = self.progress
         n_params = sum(t.numel() for t in self.model.parameters())
         state = optimizer_state_memory_summary(self.opt)
+        elapsed = self._elapsed()  # training and validation time; the test pass is not in it
+        test = self.evaluate_split(self.x_test, self.y_test)
         final = {
             "epochs": self.spec.epochs, "steps": p.step,
-            "test_loss": p.eval.get("loss"), "test_accuracy": p.eval.get("accuracy"),
-            "best_test_accuracy": p.best_acc, "train_time_s": self._elapsed(),
+            "val_loss": p.eval.get("loss"), "val_accuracy": p.eval.get("accuracy"),
+            "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+            "best_val_accuracy": p.best_val_accuracy, "best_val_epoch": p.best_val_epoch,
+            "train_time_s": elapsed,
             "median_step_time_s": _median_after_warmup(p.step_times),
             "median_optimizer_step_time_s": _median_after_warmup(p.opt_times),
             "num_params": n_params, "optimizer_state_bytes": state["total"],

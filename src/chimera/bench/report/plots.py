@@ -1,5 +1,6 @@
-"""report.md's PNG plots, from the configurations of :mod:`chimera.bench.report.write`: test
-accuracy vs epoch, final accuracy vs effective bits, and step time vs optimizer state memory.
+"""report.md's PNG plots, from the configurations of :mod:`chimera.bench.report.write`:
+validation accuracy vs epoch (eval records carry no test metric), final test accuracy vs
+effective bits, and step time vs optimizer state memory.
 
 Each ``plot_*`` draws one figure (matplotlib's Agg canvas, no pyplot) and returns False, writing
 nothing, when the records hold nothing to draw; :func:`draw_plots` draws them all.
@@ -56,19 +57,19 @@ def _log_if_spread(ax: Any, axis: str, values: Sequence[float], ratio: float = 2
 
 
 def _eval_curve(c: Configuration) -> tuple[np.ndarray, ...] | None:
-    """Epochs and the mean / min / max over seeds of the eval test accuracy (in %)."""
-    by_epoch = group_by((r for r in c.evals if metric_value(r.get("test_accuracy")) is not None),
+    """Epochs and the mean / min / max over seeds of the eval validation accuracy (in %)."""
+    by_epoch = group_by((r for r in c.evals if metric_value(r.get("val_accuracy")) is not None),
                         ["epoch"])
     if not by_epoch:
         return None
     epochs = sorted(by_epoch)
-    accs = [[r["test_accuracy"] * 100 for r in by_epoch[e]] for e in epochs]
+    accs = [[r["val_accuracy"] * 100 for r in by_epoch[e]] for e in epochs]
     return (np.array([e for (e,) in epochs]), np.array([seed_stats(a)["mean"] for a in accs]),
             np.array([min(a) for a in accs]), np.array([max(a) for a in accs]))
 
 
 def plot_learning_curves(configs: Sequence[Configuration], path: Path) -> bool:
-    """Test accuracy vs epoch per training configuration, one subplot per task/model."""
+    """Validation accuracy vs epoch per training configuration, one subplot per task/model."""
     training = [c for c in configs if c.kind == "training"]
     curves = [(i, c, cur) for i, c in enumerate(training) if (cur := _eval_curve(c)) is not None]
     if not curves:
@@ -85,11 +86,12 @@ def plot_learning_curves(configs: Sequence[Configuration], path: Path) -> bool:
             ax.plot(epochs, mean, color=style["color"], linestyle=style["linestyle"],
                     linewidth=1.6, label=f"{c.variant} (n={n})")
             ax.fill_between(epochs, lo, hi, color=style["color"], alpha=0.15, linewidth=0)
-        ax.set(title=scope, xlabel="epoch", ylabel="test accuracy (%)")
+        ax.set(title=scope, xlabel="epoch", ylabel="validation accuracy (%)")
         ax.legend(loc="lower right")
     for ax in axes[len(scopes):]:
         ax.set_visible(False)
-    fig.suptitle("Test accuracy vs epoch (line: mean over seeds; band: min–max over seeds)")
+    fig.suptitle("Validation accuracy vs epoch (line: mean over seeds; band: min–max over "
+                 "seeds)")
     fig.savefig(path)
     return True
 
@@ -196,7 +198,8 @@ def plot_step_time_vs_memory(configs: Sequence[Configuration], path: Path) -> bo
 
 PLOTS = (
     ("learning_curves.png", plot_learning_curves,
-     "test accuracy vs epoch per configuration", "no eval records of a training run"),
+     "validation accuracy vs epoch per configuration",
+     "no eval records with val_accuracy of a training run"),
     ("accuracy_vs_bits.png", plot_accuracy_vs_bits,
      "final test accuracy vs effective bits", "no final record of a training run"),
     ("step_time_vs_memory.png", plot_step_time_vs_memory,

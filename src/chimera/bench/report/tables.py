@@ -80,12 +80,14 @@ def key_columns(*keys: str) -> list[Column]:
 # --- summary tables: one row per group of final records ----------------------------------------
 
 def classification_table(finals: list[Row]) -> str:
-    """Test accuracy mean ± std over seeds per (task, model, optimizer), with published ones."""
+    """Final validation and test accuracy mean ± std over seeds per (task, model, optimizer),
+    with published ones."""
     rows = summarize(finals, ["task", "model", "optimizer"],
-                     ["test_accuracy", "train_time_s", "median_step_time_s",
+                     ["val_accuracy", "test_accuracy", "train_time_s", "median_step_time_s",
                       "median_optimizer_step_time_s", "state_bytes_per_param", "epochs"])
     return format_table(rows, [
         *key_columns("task", "model", "optimizer"),
+        ("val acc (%)", lambda r: pm(r, "val_accuracy", ".1f", 100)),
         ("test acc (%)", lambda r: pm(r, "test_accuracy", ".1f", 100)),
         ("published (%)", lambda r: f"{PUBLISHED[r['task'], r['model']] * 100:.4g}"
             if (r["task"], r["model"]) in PUBLISHED else "-"),
@@ -100,10 +102,11 @@ def classification_table(finals: list[Row]) -> str:
 def rule_table(finals: list[Row]) -> str:
     """Accuracy and credit diagnostics (vs exact costates; backprop's are exact) per rule."""
     rows = summarize(finals, ["task", "model", "rule"],
-                     ["test_accuracy", "credit_costate_cosine", "credit_perturbation_rho",
-                      "credit_nudging", "train_time_s"])
+                     ["val_accuracy", "test_accuracy", "credit_costate_cosine",
+                      "credit_perturbation_rho", "credit_nudging", "train_time_s"])
     return format_table(rows, [
         *key_columns("task", "model", "rule"),
+        ("val acc (%)", lambda r: pm(r, "val_accuracy", ".1f", 100)),
         ("test acc (%)", lambda r: pm(r, "test_accuracy", ".1f", 100)),
         ("costate cosine", lambda r: pm(r, "credit_costate_cosine", ".3f")
             if r["rule"] != "backprop" else "1 (exact)"),
@@ -117,14 +120,16 @@ def quant_table(finals: list[Row]) -> str:
     """Accuracy, effective bits, zero ratio and optimizer bytes per parameter per quantizer
     (``chimera compare-quant``)."""
     rows = summarize(finals, ["task", "model", "quantizer", "optimizer"],
-                     ["test_accuracy", "quant_global_effective_bits", "quant_global_zero_ratio",
-                      "state_bytes_per_param", "ternary_state_bytes_per_weight", "train_time_s"])
+                     ["val_accuracy", "test_accuracy", "quant_global_effective_bits",
+                      "quant_global_zero_ratio", "state_bytes_per_param",
+                      "ternary_state_bytes_per_weight", "train_time_s"])
     return format_table(rows, [
         ("task", lambda r: r["task"]),
         ("model", lambda r: r["model"]),
         ("quantizer", lambda r: r["quantizer"]),
         ("optimizer", lambda r: r["optimizer"]),
         ("seeds", seed_list),
+        ("val acc (%)", lambda r: pm(r, "val_accuracy", ".1f", 100)),
         ("test acc (%)", lambda r: pm(r, "test_accuracy", ".1f", 100)),
         ("effective bits", lambda r: pm(r, "quant_global_effective_bits", ".3f")),
         ("zero ratio", lambda r: pm(r, "quant_global_zero_ratio", ".3f")),

@@ -3,7 +3,8 @@
 Runs are grouped into configurations by ``config_id`` (the seeds of a configuration share it);
 a metric's statistics over the configuration's finished runs (mean, sample std, n, 95% Student-t
 interval) are those of :mod:`chimera.bench.report.aggregate`, its tables those of
-:mod:`chimera.bench.report.tables`, its plots those of :mod:`chimera.bench.report.plots`.
+:mod:`chimera.bench.report.tables`, its plots those of :mod:`chimera.bench.report.plots`; the
+time to target and the performance profiles those of :mod:`chimera.bench.report.profiles`.
 
 A run with no final record is unfinished: it is left out of the statistics and flagged, as is a
 configuration lacking seeds that other configurations of its table have. When a run has several
@@ -20,7 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
 from pathlib import Path
@@ -28,17 +29,22 @@ from typing import Any
 
 from chimera.bench.report.aggregate import group_by, metric_stats, metric_value
 from chimera.bench.report.plots import draw_plots
+from chimera.bench.report.profiles import time_to_target_report
+from chimera.bench.report.sensitivity import sensitivity_report, split_tuning
 from chimera.bench.report.tables import (
     credit_report_table,
     stress_report_table,
     toy_lq_report_table,
     training_report_table,
 )
+from chimera.bench.report.targets import resolve_targets
 from chimera.run.records import SkippedLine, read_records
 
 TRAINING_METRICS = (
     "test_accuracy",
     "test_loss",
+    "val_accuracy",
+    "val_loss",
     "quant_global_effective_bits",
     "quant_global_zero_ratio",
     "optimizer_state_bytes",
@@ -198,10 +204,11 @@ def _credit_fields(configs: Sequence[Configuration]) -> list[str]:
 
 def render_markdown(
     configs: Sequence[Configuration], n_files: int, n_ignored: int, plot_notes: Sequence[str],
-    corrupt_lines: Sequence[str] = (),
+    corrupt_lines: Sequence[str] = (), time_to_target: Sequence[str] = (),
 ) -> str:
     """report.md: a header (with a note on skipped ``corrupt_lines``, "file:line"), the
-    training, credit, toy LQ and stress tables, and the plot list."""
+    training, credit, toy LQ and stress tables, the ``time_to_target`` section's lines, and the
+    plot list."""
     training = [c for c in configs if c.kind == "training"]
     toy_lq = [c for c in configs if c.kind == "toy_lq"]
     stress = [c for c in configs if c.kind == "stress"]
@@ -241,7 +248,7 @@ def render_markdown(
     for title, group, table, metrics in sections:
         if group:
             lines += ["", f"## {title}", "", table([c.row(metrics) for c in group])]
-    lines += ["", "## Plots", "", *plot_notes]
+    lines += [*time_to_target, "", "## Plots", "", *plot_notes]
     return "\n".join(lines) + "\n"
 
 
@@ -295,12 +302,15 @@ def read_report_records(files: Sequence[Path], root: Path
     return records, corrupt
 
 
-def write_report(directory: str | os.PathLike, out: str | os.PathLike | None = None
-                 ) -> ReportPaths:
+def write_report(directory: str | os.PathLike, out: str | os.PathLike | None = None, *,
+                 targets: Mapping[str, float] | None = None) -> ReportPaths:
     """Write report.md, report.csv and the PNG plots for the records under ``directory``
-    into ``out`` (default: ``directory``)."""
+    into ``out`` (default: ``directory``); time-to-target ``targets`` override the defaults and
+    ``directory``'s targets file (:mod:`chimera.bench.report.targets`)."""
     files = record_files(directory)
+    targets = resolve_targets(directory, targets)
     records, corrupt = read_report_records(files, Path(directory))
+    records, tuning = split_tuning(records)  # chimera tune's search: its own section
     configs = collect_configurations(records)
     for c in configs:
         c.corrupt_lines = [loc for owner, loc in corrupt if owner == c.config_id]
@@ -308,10 +318,15 @@ def write_report(directory: str | os.PathLike, out: str | os.PathLike | None = N
     out_dir.mkdir(parents=True, exist_ok=True)
 
     plots, notes = draw_plots(configs, out_dir)
+    ttt_lines, ttt_plots, ttt_notes = time_to_target_report(configs, targets, out_dir)
+    plots, notes = plots + ttt_plots, [*notes, "", *ttt_notes]
+    tune_lines, tune_plots, tune_notes = sensitivity_report(tuning, out_dir)
+    plots, notes = plots + tune_plots, [*notes, *([""] if tune_notes else []), *tune_notes]
     n_ignored = sum("config_id" not in r for r in records)
     markdown = out_dir / "report.md"
     markdown.write_text(render_markdown(configs, len(files), n_ignored, notes,
-                                        [loc for _, loc in corrupt]), encoding="utf-8")
+                                        [loc for _, loc in corrupt], [*ttt_lines, *tune_lines]),
+                        encoding="utf-8")
     csv_path = out_dir / "report.csv"
     write_csv(configs, csv_path)
     return ReportPaths(markdown, csv_path, plots)
