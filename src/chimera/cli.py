@@ -1,5 +1,5 @@
-"""The ``chimera`` command: train, compare-quant, export, stress, toy-lq, bench, sweep, report,
-perf, list.
+"""The ``chimera`` command: train, compare-quant, export, stress, toy-lq, bench, sweep, tune,
+report, perf, list.
 
 A user error ends a command with one line ``chimera: error: ...`` and exit code 2, found before
 anything runs wherever it can be: bad options and values (``KEY=VALUE`` values are parsed
@@ -80,6 +80,29 @@ def _seed_range(n: int) -> range:
 
 def _workers(value: int | None) -> int | None:
     return None if value is None else integer("--workers", value, 1)
+
+
+def execution_from_args(args: argparse.Namespace) -> Any:
+    """The :func:`chimera.bench.workers.execution` that the options of ``EXECUTION_OPTIONS``
+    (and ``--workers``) ask for: the context to run a harness command's jobs in."""
+    from chimera.bench.workers import execution
+    from chimera.run.records import summary_writer_class
+
+    if args.log:  # a missing extra is one line before anything runs
+        summary_writer_class()
+    executor = None
+    if args.executor == "ray":
+        from chimera.bench.ray_executor import RayExecutor, import_ray
+
+        import_ray()  # a missing extra is one line before anything runs
+        executor = RayExecutor(args.address, _workers(args.workers),
+                               1.0 if args.cpus_per_run is None else args.cpus_per_run,
+                               args.gpus_per_run or 0.0)
+    else:
+        for flag in ("address", "cpus_per_run", "gpus_per_run"):
+            require(getattr(args, flag) is None, "--" + flag.replace("_", "-"),
+                    getattr(args, flag), "given only with --executor ray")
+    return execution(executor, log=args.log)
 
 
 # --- output paths ------------------------------------------------------------------------------
@@ -204,7 +227,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from chimera.bench.report.tables import runs_table
     from chimera.data import load_task
     from chimera.run.build import probe_run
-    from chimera.run.records import RecordWriter
+    from chimera.run.records import LOG_SINKS, RecordWriter
     from chimera.run.trainer import train
 
     if args.data_dir is not None:  # where cifar10 looks (the same as setting CHIMERA_DATA)
@@ -222,7 +245,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     data = load_task(specs[0].task)
     probe_run(specs[0], data)  # the seeds share everything the probe builds
     finals = []
-    with RecordWriter(args.out) as writer:
+    sinks = [LOG_SINKS[name](Path(args.out).parent / name) for name in args.log]
+    with RecordWriter(args.out, sinks=sinks) as writer:
         for spec, checkpoint in zip(specs, checkpoints, strict=True):
             finals.append({**spec.to_dict(), **train(spec, writer, data=data,
                                                      progress=not args.quiet,
@@ -364,11 +388,12 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     _check_bench_overrides(args)
     check_output_dir("--out", args.out)
     start = time.perf_counter()
-    summary = run_bench(args.out, seeds=seeds, stress_steps=args.stress_steps,
-                        epochs=args.epochs, quant_epochs=args.quant_epochs,
-                        rule_epochs=args.rule_epochs, toy_lq_steps=args.toy_lq_steps,
-                        workers=workers, progress=not args.quiet, suite=args.suite,
-                        wait=args.wait)
+    with execution_from_args(args):
+        summary = run_bench(args.out, seeds=seeds, stress_steps=args.stress_steps,
+                            epochs=args.epochs, quant_epochs=args.quant_epochs,
+                            rule_epochs=args.rule_epochs, toy_lq_steps=args.toy_lq_steps,
+                            workers=workers, progress=not args.quiet, suite=args.suite,
+                            wait=args.wait)
     print(summary)
     print(f"records, summary.md, report.csv and plots in {args.out}/ "
           f"({time.perf_counter() - start:.0f} s)")
@@ -380,17 +405,32 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
 
     workers = _workers(args.workers)
     check_output_dir("--out", args.out)
-    print(run_sweep(args.suite, args.out, workers=workers, progress=not args.quiet,
-                    wait=args.wait))
+    with execution_from_args(args):
+        summary = run_sweep(args.suite, args.out, workers=workers, progress=not args.quiet,
+                            wait=args.wait)
+    print(summary)
     print(f"records, checkpoints/ and summary.md in {args.out}/")
 
 
+def _cmd_tune(args: argparse.Namespace) -> None:
+    from chimera.bench.jobs.tune import run_tune
+
+    workers = _workers(args.workers)
+    check_output_dir("--out", args.out)
+    with execution_from_args(args):
+        summary = run_tune(args.suite, args.out, workers=workers, progress=not args.quiet,
+                           wait=args.wait)
+    print(summary)
+    print(f"tuned.toml, tune/, final/, summary.md and report.md in {args.out}/")
+
+
 def _cmd_report(args: argparse.Namespace) -> None:
+    from chimera.bench.report.targets import parse_target_options
     from chimera.bench.report.write import write_report
 
     if args.out is not None:
         check_output_dir("--out", args.out)
-    paths = write_report(args.directory, args.out)
+    paths = write_report(args.directory, args.out, targets=parse_target_options(args.target))
     print(paths.markdown, paths.csv, *paths.plots, sep="\n")
 
 
@@ -441,6 +481,7 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None,
                         help="save the trained run here (may contain {run_id} and {seed})")
     parser.add_argument("--out", default="runs.jsonl", help="JSONL record file (appended)")
+    parser.add_argument(*_LOG[0], **_LOG[1])
 
 
 def _add_perf_targets(parser: argparse.ArgumentParser) -> None:
@@ -469,6 +510,19 @@ _STRESS_OPTIONS = (
 )
 _OUT = "JSONL record file (appended)"
 _WORKERS = "processes, one job each (default: the cores available)"
+_LOG = _o("--log", action="append", default=[], choices=["tensorboard"],
+          help="also mirror the records to TensorBoard: event files in tensorboard/<run_id>/ "
+               "in the folder of the run's records; needs the tracking extra")
+# how a harness command's jobs run (execution_from_args); sweep, bench and tune take them
+EXECUTION_OPTIONS = [
+    _o("--executor", default="local", choices=["local", "ray"],
+       help="local: this machine's process pool; ray: one Ray task per run (docs/cluster.md)"),
+    _o("--address", default=None, help="the Ray cluster to join (auto: the one `ray start` "
+                                        "began here; default: a local instance of --workers CPUs)"),
+    _o("--cpus-per-run", type=float, default=None, help="CPUs of each Ray task (default 1)"),
+    _o("--gpus-per-run", type=float, default=None, help="GPUs of each Ray task (default 0)"),
+    _LOG,
+]
 _WAIT = _o("--wait", action="store_true", help="if another command is writing into --out, wait "
            "for it to finish (default: refuse with the holder's pid and command)")
 # name -> (handler, help, options or a function adding them, takes --quiet)
@@ -513,13 +567,21 @@ COMMANDS: dict[str, tuple[Any, str, Any, bool]] = {
             ("--quant-epochs", "epochs of the grids named 'quant' (default: the suite's 100)"),
             ("--rule-epochs", "epochs of the grids named 'rules' (default: the suite's 10)"),
             ("--workers", _WORKERS))),
-        _WAIT,
+        _WAIT, *EXECUTION_OPTIONS,
     ], True),
     "sweep": (_cmd_sweep, "run (or finish) a TOML suite of runs; resumable", [
         _o("suite", help="the suite file (docs/suites.md)"),
         _o("--out", required=True, help="output folder: <run_id>.jsonl, checkpoints/"),
         _o("--workers", type=int, default=None, help=_WORKERS),
-        _WAIT,
+        _WAIT, *EXECUTION_OPTIONS,
+    ], True),
+    "tune": (_cmd_tune, "tune a suite's [tune] hyper-parameters on validation (tuning seeds), "
+             "then run the chosen values on the reporting seeds; resumable", [
+        _o("suite", help="a suite file with a [tune] table (docs/suites.md)"),
+        _o("--out", required=True,
+           help="output folder: tune/, tuned.toml, final/, summary.md, report.md"),
+        _o("--workers", type=int, default=None, help=_WORKERS),
+        _WAIT, *EXECUTION_OPTIONS,
     ], True),
     "toy-lq": (_cmd_toy_lq, "credit quality of each learning rule on the toy LQ problem", [
         _o("--rules", default="", help="comma-separated variants (default: dfa, state_bridge, "
@@ -534,6 +596,9 @@ COMMANDS: dict[str, tuple[Any, str, Any, bool]] = {
     "report": (_cmd_report, "report.md, report.csv and PNG plots from records only", [
         _o("directory", help="a folder of *.jsonl records (searched recursively)"),
         _o("--out", default=None, help="output folder (default: the records folder)"),
+        _o("--target", action="append", default=[], metavar="TASK=ACC",
+           help="validation accuracy target for the time to target (repeatable; TASK or "
+                "TASK/MODEL; overrides the defaults and the folder's targets.toml)"),
     ], False),
     "perf": (_cmd_perf, "ours vs the PyTorch baseline: optim | layers | rules",
              _add_perf_targets, False),

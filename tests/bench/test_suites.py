@@ -1,5 +1,6 @@
 """Multi-grid suites: [[grid]] sections, [stress] and [toy_lq], the packaged bench suite."""
 
+import dataclasses
 import hashlib
 import tomllib
 from pathlib import Path
@@ -268,3 +269,21 @@ def test_cifar10_ablation_suite_holds_the_original_recipes_and_trains(tmp_path, 
         assert final["steps"] == 1 and final["test_loss"] is not None
         assert (final.get("quant_num_ternary_layers") or 0) == (22 if spec.quantizer != "fp32"
                                                                  else 0)
+
+
+def test_record_fields_of_a_section_reach_every_record_and_keep_run_ids(tmp_path, one_thread):
+    """How `chimera tune` marks its phases: fields of the section, not of the spec; `chimera
+    sweep` runs a suite's declared values and ignores its [tune] table."""
+    data = {"task": "digits", "model": "mlp", "optimizer": "adamw", "seeds": [0], "epochs": 1,
+            "batch_size": 256, "max_batches": 2, "optimizer_hparams": {"lr": 1e-2},
+            "tune": {"params": {"lr": [1e-3, 1e-1]}}}
+    suite = load_suite(data)
+    [grid] = suite.grids
+    plain = load_suite({k: v for k, v in data.items() if k != "tune"})
+    assert suite.specs == plain.specs and suite.tune is not None and plain.tune is None
+    marked = dataclasses.replace(suite, grids=(dataclasses.replace(
+        grid, record_fields={"phase": "final"}),))
+    run_suite(marked, tmp_path / "out", workers=1, progress=False)
+    records = read_records(tmp_path / "out")
+    assert records and {r["phase"] for r in records} == {"final"}
+    assert {r["run_id"] for r in records} == {s.run_id for s in plain.specs}

@@ -129,3 +129,42 @@ def test_every_record_carries_its_utc_write_time(tmp_path, monkeypatch):
     assert before <= stamp <= datetime.now(UTC)
     assert last["time"] == "2030-01-01T00:00:00.000Z"
     assert without_time(last) == {"run_id": "a", "seed": 0, "record_type": "final", "acc": 0.5}
+
+
+class _ListSink:
+    def __init__(self):
+        self.seen, self.closed = [], False
+
+    def write(self, record, identity):
+        self.seen.append((record, sorted(identity)))
+
+    def close(self):
+        self.closed = True
+
+
+def test_sinks_get_each_flushed_record_with_its_identity_names(tmp_path):
+    sink = _ListSink()
+    path = tmp_path / "r.jsonl"
+    with RecordWriter(path, identity={"run_id": "a"}, sinks=[sink]) as w:
+        w.write("step", step=1, loss=torch.tensor(0.25))
+        w.with_identity(seed=3).write("final", acc=math.nan)
+        assert not sink.closed
+    assert sink.closed
+    assert [rec for rec, _ in sink.seen] == read_records(path)  # what the file holds, cleaned
+    assert [names for _, names in sink.seen] == [["run_id"], ["run_id", "seed"]]
+
+
+def test_tensorboard_sink_scalars_skip_identity_and_bookkeeping(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from chimera.run.records import TensorBoardSink
+
+    with RecordWriter(tmp_path / "r.jsonl", sinks=[TensorBoardSink(tmp_path / "tb")]) as w:
+        run = w.with_identity(run_id="r1", seed=0)
+        run.write("step", step=5, loss=0.5, done=True, name="x", per_layer=[1.0])
+        run.write("final", steps=9, test_accuracy=0.75)
+    acc = EventAccumulator(str(tmp_path / "tb" / "r1"))
+    acc.Reload()
+    assert sorted(acc.Tags()["scalars"]) == ["final/steps", "final/test_accuracy", "step/loss"]
+    assert [(e.step, e.value) for e in acc.Scalars("step/loss")] == [(5, 0.5)]
+    assert [(e.step, e.value) for e in acc.Scalars("final/test_accuracy")] == [(9, 0.75)]

@@ -5,6 +5,10 @@ Workers die with the process that started the pool: each asks the kernel for SIG
 parent dies (Linux ``PR_SET_PDEATHSIG``) and runs a watchdog thread that ends it within
 ``WATCHDOG_S`` once that process is gone (a SIGKILL of the parent included), so no orphan goes on
 writing records into a folder that a new run may already own.
+
+:func:`execution` changes how the harness jobs started inside it run: on another executor (Ray,
+:mod:`chimera.bench.ray_executor`) instead of this pool, and with records mirrored to sinks
+(``log``: names of :data:`chimera.run.records.LOG_SINKS`).
 """
 
 from __future__ import annotations
@@ -16,16 +20,56 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 Call = tuple[Callable[..., Any], tuple[Any, ...]]  # (module-level function, its arguments)
+
+
+class Executor(Protocol):
+    """Runs calls somewhere else than this pool: the results of ``fn(*args)`` in the given order.
+    ``root``: the output folder the calls' path arguments point into (None: they write none)."""
+
+    def __call__(self, calls: Sequence[Call], progress: bool, desc: str,
+                 root: Path | None) -> list[Any]: ...
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How harness jobs run: ``executor`` (None: this module's process pool) and the record
+    sinks ``log`` every training run mirrors its records to."""
+
+    executor: Executor | None = None
+    log: tuple[str, ...] = ()
+
+
+_EXECUTION: ContextVar[Execution | None] = ContextVar("chimera_execution", default=None)
+
+
+def current_execution() -> Execution:
+    """The :class:`Execution` in effect (the default: this pool, no sinks)."""
+    return _EXECUTION.get() or Execution()
+
+
+@contextmanager
+def execution(executor: Executor | None = None, log: Sequence[str] = ()) -> Iterator[Execution]:
+    """Run the harness jobs started inside on ``executor`` and mirror their runs' records to the
+    sinks named in ``log``; ``chimera sweep|bench|tune --executor/--log`` set it."""
+    chosen = Execution(executor, tuple(log))
+    token = _EXECUTION.set(chosen)
+    try:
+        yield chosen
+    finally:
+        _EXECUTION.reset(token)
 
 
 def default_workers() -> int:
@@ -101,12 +145,17 @@ def _one_thread(fn: Callable[..., Any], *args: Any) -> Any:
 
 def run_calls(
     calls: Sequence[Call], workers: int | None = None, progress: bool = True,
-    desc: str = "runs",
+    desc: str = "runs", *, root: str | os.PathLike | None = None,
 ) -> list[Any]:
     """``fn(*args)`` of every call, with one torch thread, on ``workers`` spawned processes
     (default: the cores available; 1 = in this process), started in the given order; returns
-    the results in that order. The workers die with this process (see the module's doc)."""
+    the results in that order. The workers die with this process (see the module's doc).
+    Inside :func:`execution` with an executor, that executor runs them instead (``root``: the
+    folder their path arguments write into)."""
     workers = resolve_workers(workers)
+    executor = current_execution().executor
+    if executor is not None:
+        return executor(calls, progress, desc, None if root is None else Path(root))
     bar = tqdm(total=len(calls), desc=desc, disable=not progress)
     results: list[Any] = [None] * len(calls)
     if workers == 1:

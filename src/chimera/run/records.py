@@ -8,6 +8,9 @@ that asks (``read_records(..., skipped=[])``), so one bad line never blocks a sw
 Every record carries ``time``, when it was written: ISO 8601 UTC with milliseconds
 (``2025-01-31T12:00:00.123Z``). It is bookkeeping, not a measurement: compare records of two
 runs with :func:`without_time`. The schema is in docs/records.md.
+
+The JSONL file is the source of truth; a writer can also mirror every record to *sinks*
+(:class:`RecordSink`, e.g. :class:`TensorBoardSink`), called after the line is flushed.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 RECORD_TYPES = ("step", "epoch", "eval", "final", "summary")
 TIME_KEY = "time"
@@ -58,14 +61,75 @@ def _drop_partial_tail(path: Path) -> None:
         f.truncate(data.rfind(b"\n") + 1)
 
 
-class RecordWriter:
-    """Appends records to a JSONL file; ``identity`` fields are merged into every record."""
+class RecordSink(Protocol):
+    """Where a :class:`RecordWriter` mirrors its records: ``write`` gets each record as written
+    (cleaned, ``time`` included) and the names of its identity fields (who wrote it, not what
+    was measured); ``close`` ends it with the writer."""
 
-    def __init__(self, path: str | os.PathLike, identity: dict[str, Any] | None = None) -> None:
+    def write(self, record: dict[str, Any], identity: Collection[str]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _scalars(record: dict[str, Any], identity: Collection[str]) -> dict[str, float]:
+    """The record's measured numbers: top-level ints and floats (not booleans) that are neither
+    identity nor bookkeeping."""
+    skip = {*identity, "record_type", TIME_KEY, "step"}
+    return {k: v for k, v in record.items() if k not in skip
+            and isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def summary_writer_class() -> Any:
+    """``torch.utils.tensorboard.SummaryWriter``, or one ``ValueError`` line saying how to
+    install the ``tensorboard`` package it needs."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("--log tensorboard needs the tensorboard package: "
+                         'pip install -c constraints.txt "chimera[tracking]"') from None
+    return SummaryWriter
+
+
+class TensorBoardSink:
+    """Mirrors records to TensorBoard: one event folder ``<logdir>/<run_id>`` per run (records
+    without a ``run_id`` go to ``logdir``), each measured number as the scalar
+    ``<record_type>/<field>`` at the record's ``step`` (``steps`` for final records, else 0).
+    Needs the ``tensorboard`` package (``pip install "chimera[tracking]"``)."""
+
+    def __init__(self, logdir: str | os.PathLike) -> None:
+        self.logdir, self._new = Path(logdir), summary_writer_class()
+        self._writers: dict[str, Any] = {}
+
+    def write(self, record: dict[str, Any], identity: Collection[str]) -> None:
+        run = str(record.get("run_id", ""))
+        if run not in self._writers:
+            self._writers[run] = self._new(str(self.logdir / run))
+        writer = self._writers[run]
+        step = record.get("step", record.get("steps", 0))
+        for name, value in _scalars(record, identity).items():
+            writer.add_scalar(f"{record['record_type']}/{name}", value, step)
+        if record["record_type"] != "step":  # an epoch's end: on disk with its checkpoint
+            writer.flush()
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+
+
+LOG_SINKS = {"tensorboard": TensorBoardSink}  # --log NAME -> sink class taking a folder
+
+
+class RecordWriter:
+    """Appends records to a JSONL file; ``identity`` fields are merged into every record, and
+    every record is also handed to each of ``sinks`` (:class:`RecordSink`)."""
+
+    def __init__(self, path: str | os.PathLike, identity: dict[str, Any] | None = None,
+                 sinks: Sequence[RecordSink] = ()) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _drop_partial_tail(self.path)
         self.identity = dict(identity or {})
+        self.sinks = tuple(sinks)
         self._file = self.path.open("a", encoding="utf-8")
 
     def write(self, record_type: str, **fields: Any) -> dict[str, Any]:
@@ -77,17 +141,21 @@ class RecordWriter:
                          **fields})
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
+        for sink in self.sinks:
+            sink.write(record, self.identity.keys())
         return record
 
     def with_identity(self, **identity: Any) -> RecordWriter:
-        """A writer to the same file whose records also carry ``identity``."""
+        """A writer to the same file and sinks whose records also carry ``identity``."""
         child = RecordWriter.__new__(RecordWriter)
-        child.path, child._file = self.path, self._file
+        child.path, child._file, child.sinks = self.path, self._file, self.sinks
         child.identity = {**self.identity, **identity}
         return child
 
     def close(self) -> None:
         self._file.close()
+        for sink in self.sinks:
+            sink.close()
 
     def __enter__(self) -> RecordWriter:
         return self

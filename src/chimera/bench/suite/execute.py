@@ -7,12 +7,15 @@ replaced, so a rerun never duplicates records; with ``resume`` each run also kee
 ``<out>/checkpoints/<run_id>.pt`` (rewritten every epoch), a finished run (its file has a final
 record) is skipped, and an unfinished one continues from its checkpoint (a learning rule's
 feedback networks included). One process at a time writes into a folder (its lock:
-:mod:`chimera.bench.lock`).
+:mod:`chimera.bench.lock`). Inside :func:`chimera.bench.workers.execution` the jobs run on its
+executor (e.g. Ray) and each run also mirrors its records to the sinks it names, under
+``<folder>/<sink name>/`` (``<folder>/tensorboard/<run_id>/``).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +23,18 @@ from chimera.bench.lock import folder_lock
 from chimera.bench.report.tables import runs_table
 from chimera.bench.suite.schema import load_suite
 from chimera.bench.suite.sections import Suite
-from chimera.bench.workers import Call, resolve_workers, run_calls
-from chimera.run.records import RecordWriter, read_records
+from chimera.bench.workers import Call, current_execution, resolve_workers, run_calls
+from chimera.run.records import LOG_SINKS, RecordWriter, read_records
 from chimera.run.spec import RunSpec
 from chimera.run.trainer import train
 
 
-def _run_one(spec_dict: dict[str, Any], path: str, checkpoint: str | None) -> dict[str, Any]:
+def _run_one(spec_dict: dict[str, Any], path: str, checkpoint: str | None,
+             sinks: tuple[tuple[str, str], ...] = (),
+             fields: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train one spec into ``path``; with a ``checkpoint`` path, resume (or skip) instead of
-    starting over."""
+    starting over. ``sinks``: (name in LOG_SINKS, its folder) pairs mirroring the records;
+    ``fields``: added to every record (``chimera tune``'s phase)."""
     spec = RunSpec(**spec_dict)
     if checkpoint is not None and Path(path).exists():
         finals = read_records(path, record_type="final")
@@ -36,19 +42,25 @@ def _run_one(spec_dict: dict[str, Any], path: str, checkpoint: str | None) -> di
             return {**spec_dict, **finals[-1]}
     if checkpoint is None or not Path(checkpoint).exists():
         Path(path).unlink(missing_ok=True)  # records without a checkpoint: start over
-    with RecordWriter(path) as writer:
-        return {**spec_dict, **train(spec, writer, progress=False, checkpoint=checkpoint,
-                                     resume=checkpoint is not None)}
+    with RecordWriter(path, fields,
+                      sinks=[LOG_SINKS[name](folder) for name, folder in sinks]) as writer:
+        final = train(spec, writer, progress=False, checkpoint=checkpoint,
+                      resume=checkpoint is not None)
+        return {**spec_dict, **(fields or {}), **final}
 
 
-def spec_call(spec: RunSpec, out: str | os.PathLike, resume: bool = False) -> Call:
+def spec_call(spec: RunSpec, out: str | os.PathLike, resume: bool = False,
+              fields: Mapping[str, Any] | None = None) -> Call:
     """The job that trains ``spec`` into ``<out>/<run_id>.jsonl`` (the folder must exist); with
     ``resume`` it skips a finished run and continues an unfinished one from
     ``<out>/checkpoints/<run_id>.pt``. Its result: the spec's fields merged with the final
-    metrics."""
+    metrics. The records also go to the sinks of the :func:`~chimera.bench.workers.execution`
+    in effect, each under ``<out>/<its name>``; ``fields`` are added to every record."""
     out = Path(out)
     checkpoint = str(out / "checkpoints" / f"{spec.run_id}.pt") if resume else None
-    return _run_one, (spec.to_dict(), str(out / f"{spec.run_id}.jsonl"), checkpoint)
+    sinks = tuple((name, str(out / name)) for name in current_execution().log)
+    return _run_one, (spec.to_dict(), str(out / f"{spec.run_id}.jsonl"), checkpoint, sinks,
+                      dict(fields or {}))
 
 
 def _summary(suite: Suite, one_file: dict[str, list[dict[str, Any]]],
@@ -73,8 +85,9 @@ def _execute(suite: Suite, out: Path, workers: int, progress: bool, resume: bool
     calls: list[Call] = [(s.run, (str(out / s.file),)) for s in one_file if done[s.file] is None]
     for grid in suite.grids:
         (out / grid.name).mkdir(parents=True, exist_ok=True)
-        calls += [spec_call(spec, out / grid.name, resume) for spec in grid.specs]
-    results = iter(run_calls(calls, workers, progress, desc))
+        calls += [spec_call(spec, out / grid.name, resume, grid.record_fields)
+                  for spec in grid.specs]
+    results = iter(run_calls(calls, workers, progress, desc, root=out))
     finals = {s.file: done[s.file] or next(results) for s in one_file}
     summary = _summary(suite, finals, [[next(results) for _ in g.specs] for g in suite.grids])
     (out / "summary.md").write_text(summary, encoding="utf-8")

@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from chimera.bench.suite.sections import GridSection, StressSection, Suite, ToyLQSection
+from chimera.bench.suite.sections import (
+    GridSection,
+    ParamRange,
+    StressSection,
+    Suite,
+    ToyLQSection,
+    TuneSection,
+)
 from chimera.models import build_model
 from chimera.nn.quantize import AlphaControl, quantize_, quantizer_config
 from chimera.optim import build_optimizer
@@ -20,7 +27,7 @@ from chimera.run.build import build_run_rule
 from chimera.run.spec import RunSpec
 
 if TYPE_CHECKING:
-    from chimera.bench.suite.schema import SuiteTable
+    from chimera.bench.suite.schema import SuiteTable, TuneTable
 
 BUDGET_KEYS = ("epochs", "batch_size", "eval_batch_size", "lr_schedule", "device", "log_every",
                "precision", "max_batches", "eval_max_batches")
@@ -33,6 +40,7 @@ INHERITED_GROUPS = (
     ("quantizer", "quantizers", "quant_hparams", "controller"),
     ("rule", "rules", "rule_hparams"),
 )
+TUNE_SEED_BASE = 1000  # default tuning seeds: 1000, 1001, ... (one per top-level seed)
 PROBE_SHAPES = ((40,), (3, 8, 8))  # probe inputs for the real model: a sequence, then an image
 
 
@@ -172,6 +180,57 @@ def _grid_sections(table: SuiteTable, where: str) -> list[GridSection]:
             for name, (title, specs) in sections.items()]
 
 
+# --- [tune] ------------------------------------------------------------------------------------
+
+def _tune_section(tune: TuneTable, default_seeds: int) -> TuneSection:
+    """The ``[tune]`` table with addresses as ``TABLE.KEY`` (a bare key: optimizer_hparams)."""
+    params = {}
+    for key, values in tune.params.items():
+        address = key if "." in key else f"optimizer_hparams.{key}"
+        if isinstance(values, list):
+            params[address] = tuple(values)
+        else:
+            params[address] = ParamRange(*(values.log or values.linear), log=bool(values.log),
+                                         num=values.num)
+    seeds = tune.seeds or [TUNE_SEED_BASE + i for i in range(default_seeds)]
+    return TuneSection(params=params, sampler=tune.sampler, trials=tune.trials,
+                       seeds=tuple(seeds), metric=tune.metric, sampler_seed=tune.sampler_seed)
+
+
+def _probe_tune(space: TuneSection, specs: list[RunSpec]) -> None:
+    """Every candidate of every address (the ends of a continuous range), the others at their
+    first candidate, on every configuration: a value a configuration refuses raises here."""
+    firsts = {a: (space.choices(a) or (space.params[a].low,))[0] for a in space.params}
+    bases: dict[str, RunSpec] = {}
+    for spec in specs:
+        bases.setdefault(spec.config_id, spec)
+    probed = set()
+    for spec in bases.values():
+        for address, values in space.params.items():
+            if isinstance(values, ParamRange):
+                values = space.choices(address) or (values.low, values.high)
+            for value in values:
+                try:
+                    tuned = space.apply(spec, {**firsts, address: value})
+                    if tuned.config_id not in probed:
+                        _probe(tuned)
+                        probed.add(tuned.config_id)
+                except ValueError as e:
+                    raise ValueError(f"params.{address} = {value!r}: {e}") from None
+
+
+def _check_tune(space: TuneSection, suite: Suite) -> None:
+    """Tuning needs training runs, on seeds that no grid reports on, and candidates every
+    configuration accepts."""
+    if not suite.specs:
+        raise ValueError("a [tune] table needs training grids to tune")
+    reporting = sorted({s.seed for s in suite.specs} & set(space.seeds))
+    if reporting:
+        raise ValueError(f"seeds: tuning seeds {reporting} are also reporting seeds of a grid; "
+                         "tune on other seeds")
+    _probe_tune(space, suite.specs)
+
+
 def expand(table: SuiteTable, where: str) -> Suite:
     """The sections of the validated suite ``table`` (``where`` names it in errors); a grid
     configuration that fails its probe build, a suite without runs and a section that names the
@@ -187,8 +246,9 @@ def expand(table: SuiteTable, where: str) -> Suite:
         t = table.toy_lq
         toy_lq = ToyLQSection(title=t.title, seeds=tuple(t.seeds or seeds), steps=t.steps,
                               rules=tuple(t.rules))
+    tune = None if table.tune is None else _tune_section(table.tune, len(seeds))
     suite = Suite(name=table.name, grids=tuple(_grid_sections(table, where)), stress=stress,
-                  toy_lq=toy_lq)
+                  toy_lq=toy_lq, tune=tune)
     if not suite.specs and suite.stress is None and suite.toy_lq is None:
         raise ValueError(f"{where} declares no runs")
     for grid in suite.grids:  # sections write to their own folders; a run may recur across
@@ -197,4 +257,9 @@ def expand(table: SuiteTable, where: str) -> Suite:
             twice = sorted({i for i in ids if ids.count(i) > 1})
             section = f" (section '{grid.name}')" if grid.name else ""
             raise ValueError(f"{where}{section} declares the same run twice: {twice}")
+    if tune is not None:
+        try:
+            _check_tune(tune, suite)
+        except ValueError as e:
+            raise ValueError(f"{where} [tune]: {e}") from None
     return suite

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import json
 import os
 import re
 import tomllib
@@ -43,7 +44,7 @@ from chimera._validate import known_keys
 from chimera.bench.jobs.stress import DEFAULT_OPTIONS, STRESS_CONFIGS, StressOptions
 from chimera.bench.jobs.toy_lq import DEFAULT_VARIANTS, TOY_VARIANTS
 from chimera.bench.suite.expand import expand, grid_label
-from chimera.bench.suite.sections import Suite
+from chimera.bench.suite.sections import TUNE_METRICS, TUNE_SAMPLERS, Suite
 from chimera.data import TASKS
 from chimera.data.stress_problems import STRESS
 from chimera.models import MODELS
@@ -51,14 +52,21 @@ from chimera.nn.quantize import QUANTIZERS
 from chimera.optim import OPTIMIZERS
 from chimera.registry import Registry
 from chimera.rules import RULES
-from chimera.run.spec import LR_SCHEDULES, PRECISIONS, check_device, check_plain_table
+from chimera.run.spec import (
+    HPARAM_FIELDS,
+    LR_SCHEDULES,
+    PRECISIONS,
+    check_device,
+    check_plain_table,
+)
 
 SECTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # what a suite writes beside its grid folders (docs/suites.md)
 RESERVED_NAMES = ("checkpoints", "summary.md", "stress.jsonl", "toy_lq.jsonl", "report.md",
                   "report.csv", "learning_curves.png", "accuracy_vs_bits.png",
-                  "step_time_vs_memory.png")
+                  "step_time_vs_memory.png", "tuning_sensitivity.png")
 NAME_TAG, TABLE_TAG = "<name>", "<table>"  # union tags, left out of error locations
+LIST_TAG, RANGE_TAG = "<list>", "<range>"
 MODEL_ARGS = ("input_shape", "num_classes")  # given by the task, not by model_hparams
 
 
@@ -84,6 +92,26 @@ def _finite_table(table: dict[str, Any]) -> dict[str, Any]:
     """Hyper-parameter tables are plain data with no NaN or infinity (the run spec's check)."""
     check_plain_table("", table)
     return table
+
+
+def _tune_address(key: str) -> str:
+    """``KEY`` (an optimizer hyper-parameter) or ``TABLE.KEY`` with TABLE a hyper-parameter
+    table of the run spec."""
+    table, _, name = key.rpartition(".")
+    if not name or (table and table not in HPARAM_FIELDS) or "." in table:
+        raise ValueError(f"a tuned key is KEY (an optimizer hyper-parameter) or TABLE.KEY with "
+                         f"TABLE one of {', '.join(HPARAM_FIELDS)}, got {key!r}")
+    return key
+
+
+def _candidates(values: list[Any]) -> list[Any]:
+    """Distinct plain values without NaN or infinity."""
+    for value in values:
+        check_plain_table("candidate", value)
+    texts = [json.dumps(v, sort_keys=True) for v in values]
+    if len(set(texts)) != len(texts):
+        raise ValueError(f"candidates must be distinct, got {values!r}")
+    return values
 
 
 def _section_name(name: str) -> str:
@@ -127,6 +155,12 @@ PositiveInt = Annotated[int, Field(ge=1)]
 Seeds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1),
                   AfterValidator(_distinct)]
 Hparams = Annotated[dict[str, Any], AfterValidator(_finite_table)]
+
+
+def _range_or_list(value: Any) -> str | None:
+    if isinstance(value, list):
+        return LIST_TAG
+    return RANGE_TAG if isinstance(value, dict | BaseModel) else None
 
 
 def _false_or(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
@@ -290,11 +324,76 @@ class ToyLQTable(_Table):
 
 class SuiteTable(GridFields):
     """The top level: one grid, or the defaults of its ``[[grid]]`` tables (and the seeds of
-    ``[stress]`` and ``[toy_lq]``)."""
+    ``[stress]`` and ``[toy_lq]``), and what ``chimera tune`` searches (``[tune]``)."""
 
     grid: Annotated[list[GridTable], Field(min_length=1)] | None = None
     stress: StressTable | None = None
     toy_lq: ToyLQTable | None = None
+    tune: TuneTable | None = None
+
+
+Bound = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class TuneRange(_Table):
+    """``{log = [low, high], num = N}`` or ``{linear = [low, high], num = N}``: ``num`` values
+    from low to high (without ``num``, with sampler random or tpe: the continuous range)."""
+
+    log: Annotated[list[Bound], Field(min_length=2, max_length=2)] | None = None
+    linear: Annotated[list[Bound], Field(min_length=2, max_length=2)] | None = None
+    num: Annotated[int, Field(ge=2)] | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> TuneRange:
+        if (self.log is None) == (self.linear is None):
+            raise ValueError("a range sets exactly one of 'log' and 'linear'")
+        low, high = self.log or self.linear
+        if not low < high:
+            raise ValueError(f"a range is [low, high] with low < high, got {[low, high]}")
+        if self.log is not None and low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {[low, high]}")
+        return self
+
+
+TuneValues = Annotated[
+    Annotated[Annotated[list[Any], Field(min_length=1), AfterValidator(_candidates)],
+              Tag(LIST_TAG)] | Annotated[TuneRange, Tag(RANGE_TAG)],
+    Discriminator(_range_or_list, custom_error_type="entry_type",
+                  custom_error_message="must be a list of candidates or a range table "
+                                       "{log = [low, high], num = N}"),
+]
+
+
+class TuneTable(_Table):
+    """``[tune]``: what ``chimera tune`` searches, on which seeds, by which validation metric
+    (docs/suites.md#tuning-chimera-tune)."""
+
+    params: Annotated[dict[Annotated[str, AfterValidator(_tune_address)], TuneValues],
+                      Field(min_length=1)]
+    sampler: Literal[TUNE_SAMPLERS] = "grid"
+    trials: PositiveInt | None = None
+    seeds: Seeds | None = None
+    metric: Literal[tuple(TUNE_METRICS)] = "val_accuracy"
+    sampler_seed: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _budget(self) -> TuneTable:
+        grid = self.sampler == "grid"
+        if grid and self.trials is not None:
+            raise ValueError("trials goes with sampler 'random' or 'tpe' (sampler 'grid' tries "
+                             "every candidate)")
+        if not grid and self.trials is None:
+            raise ValueError(f"sampler {self.sampler!r} needs trials = N (candidates tried per "
+                             "configuration)")
+        for key, values in self.params.items():
+            if grid and isinstance(values, TuneRange) and values.num is None:
+                raise ValueError(f"params.{key}: sampler 'grid' needs num = N in a range")
+            if not grid and isinstance(values, list) and any(isinstance(v, list | dict)
+                                                             for v in values):
+                raise ValueError(f"params.{key}: sampler {self.sampler!r} takes numbers, "
+                                 f"strings or booleans as candidates (lists and tables go with "
+                                 f"sampler 'grid'), got {values!r}")
+        return self
 
 
 # --- model hyper-parameters --------------------------------------------------------------------
@@ -354,14 +453,14 @@ def _one_line(error: ValidationError, where: str, data: Mapping[str, Any]) -> st
     """The first error of ``error`` as one line: file and table, the key (its location joined
     with '.'), the message."""
     first = error.errors(include_url=False)[0]
-    loc = [p for p in first["loc"] if p not in (NAME_TAG, TABLE_TAG)]
+    loc = [p for p in first["loc"] if p not in (NAME_TAG, TABLE_TAG, LIST_TAG, RANGE_TAG)]
     prefix = where
     if len(loc) > 1 and loc[0] == "grid" and isinstance(loc[1], int):
         name = data["grid"][loc[1]].get("name") if isinstance(data["grid"][loc[1]], dict) \
             else None
         prefix = grid_label(where, loc[1] + 1, name)
         loc = loc[2:]
-    elif loc and loc[0] in ("stress", "toy_lq"):
+    elif loc and loc[0] in ("stress", "toy_lq", "tune"):
         prefix, loc = f"{where} [{loc[0]}]", loc[1:]
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] in ("model_type", "dict_type"):  # TOML words, not the model's class name

@@ -1,12 +1,16 @@
 """What a validated suite is: its sections, and how each runs and is tabled. Training grids run
 one job per spec (:mod:`chimera.bench.suite.execute`); the stress and toy LQ sections run as one
-job each into one record file."""
+job each into one record file. ``[tune]`` is the search space of ``chimera tune``
+(:mod:`chimera.bench.jobs.tune`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,7 @@ class GridSection:
     name: str
     title: str | None
     specs: tuple[RunSpec, ...]
+    record_fields: Mapping[str, Any] = field(default_factory=dict)  # added to every record
 
     def heading(self) -> str | None:
         """``title (budget)``, or None for an untitled one-grid suite."""
@@ -127,14 +132,78 @@ class ToyLQSection(OneFileSection):
         return toy_lq_table(finals)
 
 
+TUNE_SAMPLERS = ("grid", "random", "tpe")
+TUNE_METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}  # metric -> direction
+TUNE_DIGITS = 12  # significant digits of the values of a range
+
+
+@dataclass(frozen=True)
+class ParamRange:
+    """``low`` to ``high``, evenly spaced on a log scale with ``log``; ``num`` values, or the
+    continuous range (None: random and tpe samplers only)."""
+
+    low: float
+    high: float
+    log: bool
+    num: int | None = None
+
+    def values(self) -> tuple[float, ...]:
+        """The ``num`` values: ``low * (high/low)^(i/(num-1))`` (log) or ``low + (high-low) *
+        i/(num-1)``, rounded to ``TUNE_DIGITS`` significant digits (so 1e-3 is 0.001)."""
+        ends = (math.log(self.low), math.log(self.high)) if self.log else (self.low, self.high)
+        steps = [ends[0] + (ends[1] - ends[0]) * i / (self.num - 1) for i in range(self.num)]
+        return tuple(float(f"{math.exp(v) if self.log else v:.{TUNE_DIGITS}g}") for v in steps)
+
+
+@dataclass(frozen=True)
+class TuneSection:
+    """``[tune]``: per address (``TABLE.KEY`` of a run spec's hyper-parameter tables) its
+    candidates or range, the sampler and its budget, the tuning seeds and the metric."""
+
+    params: Mapping[str, tuple[Any, ...] | ParamRange]
+    sampler: str = "grid"
+    trials: int | None = None
+    seeds: tuple[int, ...] = (1000,)
+    metric: str = "val_accuracy"
+    sampler_seed: int = 0
+
+    @property
+    def maximize(self) -> bool:
+        return TUNE_METRICS[self.metric] == "maximize"
+
+    def choices(self, address: str) -> tuple[Any, ...] | None:
+        """The discrete candidates of ``address`` (None for a continuous range)."""
+        values = self.params[address]
+        if isinstance(values, ParamRange):
+            return None if values.num is None else values.values()
+        return values
+
+    def grid(self) -> list[dict[str, Any]]:
+        """Every combination of the candidates (the grid sampler's trials), in order."""
+        names = list(self.params)
+        return [dict(zip(names, combo, strict=True))
+                for combo in itertools.product(*(self.choices(n) for n in names))]
+
+    def apply(self, spec: RunSpec, values: Mapping[str, Any], seed: int | None = None
+              ) -> RunSpec:
+        """``spec`` with ``values`` (address -> value) set, on ``seed`` (default: its own)."""
+        tables: dict[str, dict[str, Any]] = {}
+        for address, value in values.items():
+            table, key = address.split(".")
+            tables.setdefault(table, dict(getattr(spec, table)))[key] = value
+        return dataclasses.replace(spec, **tables, seed=spec.seed if seed is None else seed)
+
+
 @dataclass(frozen=True)
 class Suite:
-    """A validated suite: its grid sections and optional stress and toy LQ sections."""
+    """A validated suite: its grid sections, optional stress and toy LQ sections, and the
+    search space of ``chimera tune``."""
 
     name: str | None
     grids: tuple[GridSection, ...]
     stress: StressSection | None = None
     toy_lq: ToyLQSection | None = None
+    tune: TuneSection | None = None
 
     @property
     def specs(self) -> list[RunSpec]:
