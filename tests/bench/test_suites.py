@@ -62,7 +62,7 @@ BENCH_CONFIG_IDS = {
                 "mnist1d-cnn-stac-25c71691", "mnist1d-cnn-lion-f13b9230",
                 "mnist1d-cnn-sgd-7ee1753f", "mnist1d-mlp-adamw-dccec14d"],
     "quant": ["mnist1d-cnn-adamw-f7335142", "mnist1d-cnn-adamw-a3802a0e",
-              "mnist1d-cnn-adamw-157577b0", "mnist1d-cnn-scaled_optum-710a5bb3"],
+              "mnist1d-cnn-adamw-157577b0", "mnist1d-cnn-scaled_optum-9eb1e1b0"],
     "rules": ["mnist1d-resmlp-adamw-2d2df03b", "mnist1d-resmlp-adamw-828ca520",
               "mnist1d-resmlp-adamw-49e8f747", "mnist1d-resmlp-adamw-f5d1f101"],
 }
@@ -105,9 +105,9 @@ def test_bench_suite_keeps_the_run_ids_of_the_hand_written_validator():
     ids = [s.run_id for s in load_suite(bench_suite()).specs]
     assert len(ids) == 45
     assert hashlib.sha1("\n".join(ids).encode()).hexdigest() == (
-        "3b32252308b324114ad391979b7f62cae6e018a1")
+        "451641f3b55ab01089d81b8f27a24998a7865e20")
     assert {"digits-mlp-adamw-4459a905-s0", "mnist1d-cnn-adamw-04ef176c-s1",
-            "mnist1d-mlp-adamw-dccec14d-s2", "mnist1d-cnn-scaled_optum-710a5bb3-s2",
+            "mnist1d-mlp-adamw-dccec14d-s2", "mnist1d-cnn-scaled_optum-9eb1e1b0-s2",
             "mnist1d-resmlp-adamw-f5d1f101-s0"} <= set(ids)
     configs = Path(__file__).resolve().parents[2] / "configs"
     assert load_suite(configs / "cifar10_resnet20.toml").specs[0].run_id == (

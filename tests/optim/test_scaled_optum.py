@@ -57,6 +57,9 @@ def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
         ({"ternary_lr": float("inf")}, "ternary_lr"),
         ({"threshold": float("inf")}, "threshold"),
         ({"e_policy": "float"}, "e_policy"),
+        ({"momentum_decay": 1.0}, "momentum_decay"),
+        ({"momentum_decay": -0.1}, "momentum_decay"),
+        ({"momentum_decay": float("nan")}, "momentum_decay"),
     ],
 )
 def test_invalid_hyper_parameters(kwargs, name):
@@ -272,3 +275,102 @@ def test_memory_summary_counts_the_integer_state_of_the_trained_modules():
     summary = optimizer_state_memory_summary(opt)
     assert summary["other"] == model[0].state_bytes() == summary["total"]
     assert summary["total"] / model[0].T.numel() <= 2.0
+
+
+def test_momentum_decay_gives_lions_update():
+    """sign(b1 m + (1 - b1) g), m <- b2 m + (1 - b2) g; g2 = -0.5 is where it leaves Signum."""
+    grads = [[1.0, -1.0], [-0.5, 0.25], [-0.5, 0.25], [2.0, -3.0]]
+    lion = nn.Parameter(torch.zeros(2))
+    signum = nn.Parameter(torch.zeros(2))
+    opt = ScaledOptum([lion], lr=0.5, momentum=0.9, momentum_decay=0.99)
+    heavy_ball = ScaledOptum([signum], lr=0.5, momentum=0.9)
+    m, expected = torch.zeros(2), torch.zeros(2)
+    for g in map(torch.tensor, grads):
+        expected -= 0.5 * torch.sign(0.9 * m + 0.1 * g)
+        m = 0.99 * m + 0.01 * g
+        lion.grad, signum.grad = g.clone(), g.clone()
+        opt.step()
+        heavy_ball.step()
+        assert torch.equal(lion, expected)
+    assert torch.allclose(opt.state[lion]["sign_momentum"], m / 0.01)  # buf = m / (1 - b2)
+    assert lion.tolist() == [0.0, 0.0] and signum.tolist() == [-1.0, 2.0]
+
+
+def test_momentum_decay_none_and_equal_to_momentum_are_heavy_ball_signum():
+    grads = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for decay in (None, 0.5):
+        p = nn.Parameter(torch.zeros(5))
+        opt = ScaledOptum([p], lr=0.125, momentum=0.5, momentum_decay=decay)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        runs.append((p.detach().clone(), opt.state[p]["sign_momentum"]))
+    buf = torch.zeros(5)
+    for g in grads:
+        buf = 0.5 * buf + g
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert torch.allclose(runs[0][1], buf)
+
+
+def test_a_state_saved_without_momentum_decay_loads_as_heavy_ball():
+    model = mlp()
+    opt = ScaledOptum.for_model(model, lr=0.01, momentum=0.9, momentum_decay=0.99)
+    train(model, opt, 2)
+    state = opt.state_dict()
+    for group in state["param_groups"]:
+        del group["momentum_decay"]
+    opt.load_state_dict(state)
+    assert opt.param_groups[0]["momentum_decay"] is None
+    train(model, opt, 1)
+    assert int(model[0].step) == 3
+
+
+def test_fused_step_with_momentum_decay_matches_eager_on_cpu():
+    models = [mlp(), mlp()]
+    opts = [ScaledOptum.for_model(m, lr=0.01, threshold=3, ternary_lr=2.0, momentum=0.9,
+                                  momentum_decay=0.99, fused=fused)
+            for m, fused in zip(models, (False, True), strict=True)]
+    for model, opt in zip(models, opts, strict=True):
+        train(model, opt, 4)
+    state, state2 = full_state(models[0]), full_state(models[1])
+    assert all(torch.equal(v, state2[k]) for k, v in state.items())
+    p0, p1 = models[0][2].weight, models[1][2].weight
+    assert torch.equal(opts[0].state[p0]["sign_momentum"], opts[1].state[p1]["sign_momentum"])
+
+
+def mnist1d_recipe_cnn(seed: int) -> tuple[nn.Module, ScaledOptum]:
+    """The bench's int_ternary CNN (first conv and head fp32) and its ScaledOptum recipe."""
+    from chimera.bench.jobs.compare_quant import quant_recipes
+    from chimera.run.build import build_optimizer, build_run_model
+
+    spec = quant_recipes()["int_ternary"]
+    assert spec.optimizer_hparams == {"lr": 1e-2, "momentum": 0.9, "momentum_decay": 0.99}
+    torch.manual_seed(seed)
+    model = build_run_model(spec, (40,), 10)
+    return model, build_optimizer(spec.optimizer, model, **spec.optimizer_hparams)
+
+
+def test_mnist1d_recipe_state_is_integer_within_budget_and_deterministic():
+    runs = []
+    for _ in range(2):
+        model, opt = mnist1d_recipe_cnn(seed=0)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            opt.zero_grad()
+            x, y = torch.randn(16, 40, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        runs.append(full_state(model))
+    assert all(torch.equal(v, runs[1][k]) for k, v in runs[0].items())
+    # fan-in 75 = 3 groups of 32: pressure 1 + (8 + 1) * 3 / 75, plus one int64 step per layer
+    assert len(opt.ternary_modules) == 2
+    expected = 1 + 27 / 75 + 2 * 8 / 3750
+    assert scaled_optum_state_bytes_per_weight(opt) == pytest.approx(expected) and expected <= 1.5
+    for module in opt.ternary_modules:
+        assert {k: v.dtype for k, v in module.named_buffers()} == {
+            "T": torch.int8, "E": torch.int8, "corr_accum": torch.int64, "step": torch.int64,
+            "pressure": torch.int8}
+        assert int(module.step) == 3 and module.weight not in opt.state  # no float state on W
+    floats = [p for g in opt.param_groups if not g.get("ternary") for p in g["params"]]
+    assert {id(p) for p in opt.state} == {id(p) for p in floats}

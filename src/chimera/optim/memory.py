@@ -11,6 +11,7 @@ _ROLE_OF_KEY = {
     "exp_avg": "m",
     "momentum_buffer": "m",
     "trunk_momentum_buffer": "m",
+    "sign_momentum": "m",
     "v": "v",
     "exp_avg_sq": "v",
     "psi": "psi",

@@ -1,13 +1,21 @@
 """``ScaledOptum``: integer-only training of ternary layers plus sign-SGD
 (docs/algorithms.md#scaledoptum).
 
-Float parameters (decoupled weight decay, optional heavy-ball momentum on the sign, ``maximize``
-as in torch's optimizers)::
+Float parameters (decoupled weight decay, optional momentum on the sign, ``maximize`` as in
+torch's optimizers); ``c = momentum`` while ``momentum_decay`` is None (heavy-ball Signum, ``d``
+is the new buffer), else ``c = momentum * (1 - momentum_decay) / (1 - momentum)``::
 
     g <- -g if maximize;   p <- p * (1 - lr * weight_decay)
     d = g                            (momentum == 0: no state)
-    d = buf <- momentum * buf + g    (momentum > 0: state "sign_momentum", first buf = g)
+    d = c * buf + g;  buf <- decay * buf + g
+                                     (momentum > 0: state "sign_momentum", zeros at first;
+                                      decay = momentum_decay, or momentum while it is None)
     p <- p - lr * sign(d)            (a parameter without gradient is untouched)
+
+With ``buf = m / (1 - b2)`` and ``(momentum, momentum_decay) = (b1, b2)`` this is Lion's update
+``sign(b1 m + (1 - b1) g)``, ``m <- b2 m + (1 - b2) g`` (d is scaled by ``1 / (1 - b1)``,
+which the sign ignores); with ``b2 = b1`` it is heavy-ball Signum. The MNIST-1D recipe
+(``docs/int_ternary.md``) uses (0.9, 0.99).
 
 Integer-ternary modules (:mod:`chimera.nn.int_ternary`) registered with
 ``add_ternary_modules`` live in one extra *ternary param group* whose ``params`` are their
@@ -70,7 +78,8 @@ from chimera.optim._fused import check_fused, foreach_add_, run_compiled, use_fu
 
 E_POLICIES = ("fixed", "track")
 _TERNARY_KEYS = ("lr", "ternary_lr", "threshold", "e_policy", "ternary")
-_FLOAT_DEFAULTS = {"momentum": 0.0, "weight_decay": 0.0, "maximize": False}  # for older states
+_FLOAT_DEFAULTS = {"momentum": 0.0, "momentum_decay": None, "weight_decay": 0.0,
+                   "maximize": False}  # for older states
 
 
 def _check_group(group: dict[str, Any]) -> None:
@@ -78,6 +87,8 @@ def _check_group(group: dict[str, Any]) -> None:
     domain."""
     number("lr", group["lr"], 0)
     number("momentum", group.get("momentum", 0.0), 0, 1, high_open=True)
+    if group.get("momentum_decay") is not None:
+        number("momentum_decay", group["momentum_decay"], 0, 1, high_open=True)
     number("weight_decay", group.get("weight_decay", 0.0), 0)
     maximize = group.get("maximize", False)
     require(isinstance(maximize, bool), "maximize", maximize, "True or False")
@@ -130,27 +141,32 @@ def sign_sgd_(
     bufs: list[Tensor],
     step: float | Tensor,
     keep: float | Tensor,
-    momentum: float | Tensor,
+    lookahead: float | Tensor,
+    decay: float | Tensor,
 ) -> None:
     """``p <- keep * p + step * sign(d)`` with ``d = g``, or, with momentum buffers,
-    ``d = buf <- momentum * buf + g`` (``step = -lr``, ``+lr`` when maximizing;
-    ``keep = 1 - lr * weight_decay``). Scalars are Python floats (eager) or 0-dim tensors
-    (compiled), rounded to the parameters' dtype either way."""
+    ``d = lookahead * buf + g`` and ``buf <- decay * buf + g`` (``step = -lr``, ``+lr`` when
+    maximizing; ``keep = 1 - lr * weight_decay``; module docstring). Scalars are Python floats
+    (eager) or 0-dim tensors (compiled), rounded to the parameters' dtype either way."""
     if isinstance(step, Tensor):
-        step, keep, momentum = (t.to(params[0].dtype) for t in (step, keep, momentum))
+        step, keep, lookahead, decay = (t.to(params[0].dtype)
+                                        for t in (step, keep, lookahead, decay))
     if bufs:
-        torch._foreach_mul_(bufs, momentum)
+        directions = torch._foreach_add(torch._foreach_mul(bufs, lookahead), grads)
+        torch._foreach_mul_(bufs, decay)
         torch._foreach_add_(bufs, grads)
-        grads = bufs
+        grads = directions
     if isinstance(keep, Tensor) or keep != 1.0:
         torch._foreach_mul_(params, keep)
     foreach_add_(params, [sign_keep_nan(d) for d in grads], step)
 
 
-def _float_scalars(group: dict[str, Any]) -> tuple[float, float, float]:
-    """``(step, keep, momentum)`` of :func:`sign_sgd_` for a float group."""
-    lr = group["lr"]
-    return (lr if group["maximize"] else -lr), 1.0 - lr * group["weight_decay"], group["momentum"]
+def _float_scalars(group: dict[str, Any]) -> tuple[float, float, float, float]:
+    """``(step, keep, lookahead, decay)`` of :func:`sign_sgd_` for a float group."""
+    lr, momentum, decay = group["lr"], group["momentum"], group["momentum_decay"]
+    lookahead = momentum if decay is None else momentum * (1 - decay) / (1 - momentum)
+    return ((lr if group["maximize"] else -lr), 1.0 - lr * group["weight_decay"], lookahead,
+            momentum if decay is None else decay)
 
 
 def _compiled_scaled_optum(
@@ -162,10 +178,10 @@ def _compiled_scaled_optum(
     maximize: bool,
 ) -> None:
     """The step ``fused=True`` compiles for one device: :func:`sign_sgd_` on every
-    ``(params, grads, bufs)`` of ``float_groups`` with scalars ``scalars[3 i : 3 i + 3]``, then
+    ``(params, grads, bufs)`` of ``float_groups`` with scalars ``scalars[4 i : 4 i + 4]``, then
     the integer update of ``modules`` with rate ``scalars[-1]`` (0-dim float64 tensors)."""
     for i, (params, grads, bufs) in enumerate(float_groups):
-        sign_sgd_(params, grads, bufs, *scalars[3 * i: 3 * i + 3])
+        sign_sgd_(params, grads, bufs, *scalars[4 * i: 4 * i + 4])
     if modules:
         _update_ternary_modules(modules, scalars[-1], threshold, track, maximize)
 
@@ -181,8 +197,10 @@ class ScaledOptum(FusableOptimizer):
         ternary_lr: scale of the pressure increments (>= 0); a mean-sized gradient adds
             ``round(ternary_lr)``, so ``threshold / ternary_lr`` steps move such a weight.
         e_policy: ``"fixed"`` (E as initialised) or ``"track"`` (E follows the corr scale).
-        momentum: heavy-ball momentum of the float parameters' sign step, in [0, 1); it also
-            lets ``OneCycleLR(cycle_momentum=True)`` cycle it.
+        momentum: momentum of the float parameters' sign step, in [0, 1) (Lion's beta1); it
+            also lets ``OneCycleLR(cycle_momentum=True)`` cycle it.
+        momentum_decay: decay of the momentum buffer, in [0, 1) (Lion's beta2), or None
+            (default: ``momentum``, heavy-ball Signum). See the module docstring.
         weight_decay: decoupled decay ``p <- p * (1 - lr * weight_decay)`` of the float
             parameters (>= 0); none on ternary weights.
         maximize: ascend instead of descend (float and ternary weights alike).
@@ -203,11 +221,12 @@ class ScaledOptum(FusableOptimizer):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         maximize: bool = False,
+        momentum_decay: float | None = None,
         *,
         fused: bool | None = None,
     ) -> None:
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize,
-                        fused=fused)
+        defaults = dict(lr=lr, momentum=momentum, momentum_decay=momentum_decay,
+                        weight_decay=weight_decay, maximize=maximize, fused=fused)
         _check_group(defaults)
         integer("default_group_size", default_group_size, 1, 2**16)
         ternary = dict(lr=1.0, ternary_lr=ternary_lr, threshold=threshold, e_policy=e_policy,
@@ -294,8 +313,8 @@ class ScaledOptum(FusableOptimizer):
         return opt
 
     def _momentum_buffers(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
-        """The momentum buffers of ``params`` (created as zeros, so the first is ``g``); none
-        while the group's momentum is 0."""
+        """The momentum buffers of ``params`` (created as zeros, so the first ``d`` is ``g``);
+        none while the group's momentum is 0."""
         if group["momentum"] == 0:
             return []
         return [self.state[p].setdefault("sign_momentum", torch.zeros_like(p))
