@@ -95,9 +95,8 @@ def execution_from_args(args: argparse.Namespace) -> Any:
         from chimera.bench.ray_executor import RayExecutor, import_ray
 
         import_ray()  # a missing extra is one line before anything runs
-        executor = RayExecutor(args.address, _workers(args.workers),
-                               1.0 if args.cpus_per_run is None else args.cpus_per_run,
-                               args.gpus_per_run or 0.0)
+        executor = RayExecutor(args.address, _workers(args.workers), args.cpus_per_run,
+                               args.gpus_per_run)
     else:
         for flag in ("address", "cpus_per_run", "gpus_per_run"):
             require(getattr(args, flag) is None, "--" + flag.replace("_", "-"),
@@ -519,8 +518,10 @@ EXECUTION_OPTIONS = [
        help="local: this machine's process pool; ray: one Ray task per run (docs/cluster.md)"),
     _o("--address", default=None, help="the Ray cluster to join (auto: the one `ray start` "
                                         "began here; default: a local instance of --workers CPUs)"),
-    _o("--cpus-per-run", type=float, default=None, help="CPUs of each Ray task (default 1)"),
-    _o("--gpus-per-run", type=float, default=None, help="GPUs of each Ray task (default 0)"),
+    _o("--cpus-per-run", type=float, default=None,
+       help="CPUs of each Ray task (default: the suite's [resources] num_cpus, else 1)"),
+    _o("--gpus-per-run", type=float, default=None,
+       help="GPUs of each Ray task (default: the suite's [resources] num_gpus, else 0)"),
     _LOG,
 ]
 _WAIT = _o("--wait", action="store_true", help="if another command is writing into --out, wait "

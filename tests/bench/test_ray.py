@@ -10,10 +10,11 @@ import sys
 import time
 
 import pytest
+import torch
 
 from chimera.bench.ray_executor import RayExecutor, import_ray
 from chimera.bench.suite.execute import run_sweep
-from chimera.bench.workers import execution
+from chimera.bench.workers import Resources, execution
 from chimera.cli import main
 from chimera.run.records import read_records
 
@@ -101,6 +102,15 @@ def test_a_killed_ray_driver_resumes_to_the_same_records(tmp_path, ray_address, 
     assert done.returncode == 0, done.stderr
     assert _measured(read_records(out)) == _measured(read_records(pool))
     assert _names(out) == _names(pool)
+
+
+def test_suite_resources_size_the_tasks_unless_the_cli_sets_them(ray_address):
+    """A task gets the suite's ``[resources]`` (its torch threads follow its CPUs); the
+    ``--cpus-per-run`` value wins over the suite's; without either, one CPU."""
+    calls = [(torch.get_num_threads, ())]
+    assert RayExecutor()(calls, False, "t", None, Resources(num_cpus=2)) == [2]
+    assert RayExecutor(cpus_per_run=1)(calls, False, "t", None, Resources(num_cpus=2)) == [1]
+    assert RayExecutor()(calls, False, "t", None) == [1]
 
 
 def test_cli_rejects_ray_options_without_ray(tmp_path, capsys):

@@ -186,7 +186,8 @@ def test_tuned_toml_holds_every_configuration_of_every_section():
                  {"name": "deep", "model": "mlp", "model_hparams": {"hidden": 16},
                   "optimizer": "adamw",
                   "seeds": [2]}],
-        "tune": {"params": {"lr": [1e-3, 1e-2]}, "seeds": [7]}})
+        "tune": {"params": {"lr": [1e-3, 1e-2]}, "seeds": [7]},
+        "resources": {"num_cpus": 2, "num_gpus": 0.5}})
     configs = tune.configurations(suite)
     assert [(c.section.name, c.spec.optimizer, c.seeds) for c in configs] == [
         ("opt", "adamw", (0, 1)), ("opt", "sgd", (0, 1)), ("deep", "adamw", (2,))]
@@ -197,6 +198,7 @@ def test_tuned_toml_holds_every_configuration_of_every_section():
     tuned = load_suite(tomllib.loads(text))
     assert tuned.tune is None and tuned.name == "multi"
     assert tuned.stress == suite.stress and tuned.toy_lq == suite.toy_lq
+    assert tuned.resources == suite.resources
     assert [(g.name, g.title) for g in tuned.grids] == [("opt", "Optimizers"), ("deep", "deep")]
     expected = [suite.tune.apply(c.spec, {"optimizer_hparams.lr": lr}, seed)
                 for c, lr in zip(configs, [1e-2, 1e-3, 1e-2], strict=True) for seed in c.seeds]

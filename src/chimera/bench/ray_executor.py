@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from chimera._validate import number
-from chimera.bench.workers import Call
+from chimera.bench.workers import Call, Resources
 
 POLL_S = 0.2  # how often a task looks for a new checkpoint to send back
 _Stats = dict[str, tuple[int, int, int]]  # relative path -> (inode, size, mtime_ns)
@@ -168,19 +168,22 @@ def _inputs(args: tuple[Any, ...], root: Path) -> dict[str, bytes]:
 @dataclass(frozen=True)
 class RayExecutor:
     """An :class:`~chimera.bench.workers.Executor` running each call as one Ray task needing
-    ``cpus_per_run`` CPUs (its torch threads: at least 1) and ``gpus_per_run`` GPUs. ``address``:
+    ``cpus_per_run`` CPUs (its torch threads: at least 1) and ``gpus_per_run`` GPUs; each left
+    None takes the suite's ``[resources]`` value, else 1 CPU and 0 GPUs. ``address``:
     the cluster to join (``"auto"``: the one started on this machine with ``ray start``; None: a
     local instance of ``workers`` CPUs, default the cores available). An already initialised
     Ray is used as it is."""
 
     address: str | None = None
     workers: int | None = None
-    cpus_per_run: float = 1.0
-    gpus_per_run: float = 0.0
+    cpus_per_run: float | None = None
+    gpus_per_run: float | None = None
 
     def __post_init__(self) -> None:
-        number("--cpus-per-run", self.cpus_per_run, 0, low_open=True)
-        number("--gpus-per-run", self.gpus_per_run, 0)
+        if self.cpus_per_run is not None:  # None: the suite's, else the default
+            number("--cpus-per-run", self.cpus_per_run, 0, low_open=True)
+        if self.gpus_per_run is not None:
+            number("--gpus-per-run", self.gpus_per_run, 0)
 
     def init(self) -> Any:
         """Ray, connected (started when needed)."""
@@ -193,11 +196,13 @@ class RayExecutor:
         return ray
 
     def __call__(self, calls: Sequence[Call], progress: bool, desc: str,
-                 root: Path | None) -> list[Any]:
+                 root: Path | None, resources: Resources | None = None) -> list[Any]:
         ray = self.init()
-        task = ray.remote(_mirrored).options(num_cpus=self.cpus_per_run,
-                                             num_gpus=self.gpus_per_run)
-        threads = max(1, int(self.cpus_per_run))
+        asked = resources or Resources()
+        cpus = asked.num_cpus if self.cpus_per_run is None else self.cpus_per_run
+        gpus = asked.num_gpus if self.gpus_per_run is None else self.gpus_per_run
+        task = ray.remote(_mirrored).options(num_cpus=cpus, num_gpus=gpus)
+        threads = max(1, int(cpus))
         root = None if root is None else root.resolve()
         pending = {}
         for i, (fn, args) in enumerate(calls):

@@ -35,12 +35,21 @@ from tqdm.auto import tqdm
 Call = tuple[Callable[..., Any], tuple[Any, ...]]  # (module-level function, its arguments)
 
 
+@dataclass(frozen=True)
+class Resources:
+    """What one run needs on an executor that places runs (a suite's ``[resources]``)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
 class Executor(Protocol):
     """Runs calls somewhere else than this pool: the results of ``fn(*args)`` in the given order.
-    ``root``: the output folder the calls' path arguments point into (None: they write none)."""
+    ``root``: the output folder the calls' path arguments point into (None: they write none);
+    ``resources``: what each call needs (None: the executor's default)."""
 
     def __call__(self, calls: Sequence[Call], progress: bool, desc: str,
-                 root: Path | None) -> list[Any]: ...
+                 root: Path | None, resources: Resources | None = None) -> list[Any]: ...
 
 
 @dataclass(frozen=True)
@@ -146,16 +155,18 @@ def _one_thread(fn: Callable[..., Any], *args: Any) -> Any:
 def run_calls(
     calls: Sequence[Call], workers: int | None = None, progress: bool = True,
     desc: str = "runs", *, root: str | os.PathLike | None = None,
+    resources: Resources | None = None,
 ) -> list[Any]:
     """``fn(*args)`` of every call, with one torch thread, on ``workers`` spawned processes
     (default: the cores available; 1 = in this process), started in the given order; returns
     the results in that order. The workers die with this process (see the module's doc).
     Inside :func:`execution` with an executor, that executor runs them instead (``root``: the
-    folder their path arguments write into)."""
+    folder their path arguments write into; ``resources``: what each call needs there; the
+    local pool runs one call per process whatever it asks)."""
     workers = resolve_workers(workers)
     executor = current_execution().executor
     if executor is not None:
-        return executor(calls, progress, desc, None if root is None else Path(root))
+        return executor(calls, progress, desc, None if root is None else Path(root), resources)
     bar = tqdm(total=len(calls), desc=desc, disable=not progress)
     results: list[Any] = [None] * len(calls)
     if workers == 1:

@@ -220,8 +220,8 @@ def _values_text(values: Mapping[str, Any]) -> str:
 
 
 def tuned_toml(suite: Suite, tuned: Sequence[Tuned], command: str) -> str:
-    """The tuned suite: a comment naming ``command``, the suite's name, its ``[stress]`` and
-    ``[toy_lq]`` tables, and per configuration a ``[[grid]]`` with the chosen values (commented
+    """The tuned suite: a comment naming ``command``, the suite's name, its ``[stress]``,
+    ``[toy_lq]`` and ``[resources]`` tables, and per configuration a ``[[grid]]`` with the chosen values (commented
     with their score) on its reporting seeds."""
     space = suite.tune
     lines = [f"# Written by `{command}`:",
@@ -241,6 +241,8 @@ def tuned_toml(suite: Suite, tuned: Sequence[Tuned], command: str) -> str:
         t = suite.toy_lq
         lines += ["", *_table("[toy_lq]", {"title": t.title, "seeds": list(t.seeds),
                                             "steps": t.steps, "rules": list(t.rules)})]
+    if suite.resources is not None:
+        lines += ["", *_table("[resources]", dataclasses.asdict(suite.resources))]
     for config in tuned:
         values, score = config.best(space)
         lines += ["", f"# tuned: {_values_text(values)} ({space.metric} {score:.6g})",

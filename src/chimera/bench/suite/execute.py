@@ -87,7 +87,7 @@ def _execute(suite: Suite, out: Path, workers: int, progress: bool, resume: bool
         (out / grid.name).mkdir(parents=True, exist_ok=True)
         calls += [spec_call(spec, out / grid.name, resume, grid.record_fields)
                   for spec in grid.specs]
-    results = iter(run_calls(calls, workers, progress, desc, root=out))
+    results = iter(run_calls(calls, workers, progress, desc, root=out, resources=suite.resources))
     finals = {s.file: done[s.file] or next(results) for s in one_file}
     summary = _summary(suite, finals, [[next(results) for _ in g.specs] for g in suite.grids])
     (out / "summary.md").write_text(summary, encoding="utf-8")

@@ -20,6 +20,7 @@ from chimera.bench.suite.sections import (
     ToyLQSection,
     TuneSection,
 )
+from chimera.bench.workers import Resources
 from chimera.models import build_model
 from chimera.nn.quantize import AlphaControl, quantize_, quantizer_config
 from chimera.optim import build_optimizer
@@ -247,8 +248,9 @@ def expand(table: SuiteTable, where: str) -> Suite:
         toy_lq = ToyLQSection(title=t.title, seeds=tuple(t.seeds or seeds), steps=t.steps,
                               rules=tuple(t.rules))
     tune = None if table.tune is None else _tune_section(table.tune, len(seeds))
+    resources = None if table.resources is None else Resources(**table.resources.model_dump())
     suite = Suite(name=table.name, grids=tuple(_grid_sections(table, where)), stress=stress,
-                  toy_lq=toy_lq, tune=tune)
+                  toy_lq=toy_lq, tune=tune, resources=resources)
     if not suite.specs and suite.stress is None and suite.toy_lq is None:
         raise ValueError(f"{where} declares no runs")
     for grid in suite.grids:  # sections write to their own folders; a run may recur across

@@ -322,14 +322,24 @@ class ToyLQTable(_Table):
     rules: _registered_names(TOY_VARIANTS) = Field(default_factory=lambda: list(DEFAULT_VARIANTS))
 
 
+class ResourcesTable(_Table):
+    """``[resources]``: what each run asks of an executor that places runs (``--executor
+    ray``): CPUs (> 0, also its torch threads) and GPUs (>= 0, fractions allowed)."""
+
+    num_cpus: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    num_gpus: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+
+
 class SuiteTable(GridFields):
     """The top level: one grid, or the defaults of its ``[[grid]]`` tables (and the seeds of
-    ``[stress]`` and ``[toy_lq]``), and what ``chimera tune`` searches (``[tune]``)."""
+    ``[stress]`` and ``[toy_lq]``), what ``chimera tune`` searches (``[tune]``) and what each
+    run needs on a cluster (``[resources]``)."""
 
     grid: Annotated[list[GridTable], Field(min_length=1)] | None = None
     stress: StressTable | None = None
     toy_lq: ToyLQTable | None = None
     tune: TuneTable | None = None
+    resources: ResourcesTable | None = None
 
 
 Bound = Annotated[float, Field(allow_inf_nan=False)]

@@ -17,6 +17,7 @@ from typing import Any
 from chimera.bench.jobs.stress import DEFAULT_OPTIONS, StressOptions, run_stress, stress_config_id
 from chimera.bench.jobs.toy_lq import run_toy_lq
 from chimera.bench.report.tables import stress_table, toy_lq_table
+from chimera.bench.workers import Resources
 from chimera.run.records import RecordWriter, read_records
 from chimera.run.spec import RunSpec
 
@@ -204,6 +205,7 @@ class Suite:
     stress: StressSection | None = None
     toy_lq: ToyLQSection | None = None
     tune: TuneSection | None = None
+    resources: Resources | None = None  # per run, on an executor that places runs
 
     @property
     def specs(self) -> list[RunSpec]:
