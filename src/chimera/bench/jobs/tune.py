@@ -221,8 +221,8 @@ def _values_text(values: Mapping[str, Any]) -> str:
 
 def tuned_toml(suite: Suite, tuned: Sequence[Tuned], command: str) -> str:
     """The tuned suite: a comment naming ``command``, the suite's name, its ``[stress]``,
-    ``[toy_lq]`` and ``[resources]`` tables, and per configuration a ``[[grid]]`` with the chosen values (commented
-    with their score) on its reporting seeds."""
+    ``[toy_lq]`` and ``[resources]`` tables, and per configuration a ``[[grid]]`` with the
+    chosen values (commented with their score) on its reporting seeds."""
     space = suite.tune
     lines = [f"# Written by `{command}`:",
              "# the suite with the values its [tune] table chose (sampler "
