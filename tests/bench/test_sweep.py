@@ -85,6 +85,7 @@ SHIPPED_CONFIGS = {  # quantizers and number of runs of each file in configs/
     "cifar10_resmlp.toml": ({"fp32", "chimera"}, 6),
     "cifar10_resnet20.toml": ({"fp32", "chimera"}, 6),
     "cifar10_ablation.toml": ({"fp32", "strict_bitnet", "chimera"}, 9),
+    "mnist1d_rules40.toml": ({"fp32"}, 12),
 }
 
 
