@@ -142,6 +142,22 @@ def test_an_internal_error_keeps_its_traceback_and_asks_for_a_report(capsys, tmp
         "chimera: internal error: this is a bug in chimera; please report it")
 
 
+def test_a_closed_stdout_ends_quietly():
+    """``chimera list | head -0``: the reader is gone before the first line; no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "chimera", "list"], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (0, "")
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["compare-quant", "--quantizers", "fp32,fp32"],
      "--quantizers must be distinct names, got 'fp32,fp32'"),

@@ -424,12 +424,18 @@ def _cmd_tune(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
+    from chimera.bench.report.profiles import TIME_TO_TARGET_HEADING
     from chimera.bench.report.targets import parse_target_options
     from chimera.bench.report.write import write_report
 
     if args.out is not None:
         check_output_dir("--out", args.out)
     paths = write_report(args.directory, args.out, targets=parse_target_options(args.target))
+    text = paths.markdown.read_text(encoding="utf-8")
+    start = text.find(TIME_TO_TARGET_HEADING)  # the time to target and performance profiles
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        print(text[start:end if end >= 0 else None].rstrip() + "\n")
     print(paths.markdown, paths.csv, *paths.plots, sep="\n")
 
 
@@ -646,13 +652,17 @@ def _internal_error() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: 0 when the command succeeds; a user error (a bad option or value, a path
-    that cannot be read or written) prints one line ``chimera: error: ...`` and returns 2; any
-    other exception prints its traceback and a line asking to report it, and returns 1."""
+    that cannot be read or written) prints one line ``chimera: error: ...`` and returns 2; a
+    closed stdout (``| head``) ends quietly with 0; any other exception prints its traceback
+    and a line asking to report it, and returns 1."""
     try:
         args = build_parser().parse_args(argv)
         args.func(args)
     except ValueError as e:
         return _user_error(str(e))
+    except BrokenPipeError:  # the reader of stdout left (`chimera report DIR | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 0
     except OSError as e:  # on a path of the user's (one the checks could not foresee)
         if e.filename is None:
             return _internal_error()

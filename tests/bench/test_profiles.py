@@ -198,9 +198,12 @@ def test_report_section_and_plot(records, tmp_path):
     assert f"![performance profiles over the time to target]({PROFILE_PNG})" in text
 
 
-def test_cli_target_option_changes_the_report(records, tmp_path):
+def test_cli_target_option_changes_the_report(records, tmp_path, capsys):
     assert main(["report", str(records), "--out", str(tmp_path), "--target", "mnist1d=0.99"]) == 0
     text = (tmp_path / "report.md").read_text()
+    printed = capsys.readouterr().out
+    assert printed.startswith("## Time to target") and "### Performance profile" in printed
+    assert "val_accuracy ≥ 0.99" in printed and "## Plots" not in printed
     assert "val_accuracy ≥ 0.99" in text and "val_accuracy ≥ 0.9 " not in text
     assert "0/3" in text and "1.000" not in text
     assert f"`{PROFILE_PNG}`: skipped (no configuration reached a target)" in text

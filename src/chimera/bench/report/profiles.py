@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 R_MAX = 4.0  # AlgoPerf's upper integration limit and the plot's right edge
 MEASURES = ("steps", "seconds")  # steps first: the primary, machine-independent measure
 PROFILE_PNG = "performance_profile.png"
+TIME_TO_TARGET_HEADING = "## Time to target"  # report.md's section, also printed by the CLI
 
 
 # --- the math ----------------------------------------------------------------------------------
@@ -203,7 +204,7 @@ def section_lines(rows: Sequence[TargetRow], scores: Mapping[str, Mapping[str, A
     """report.md's "Time to target" section (empty without a configuration with a target)."""
     if not rows:
         return []
-    lines = ["", "## Time to target", "",
+    lines = ["", TIME_TO_TARGET_HEADING, "",
              f"A run reaches its target at its first eval record whose `{METRIC}` is ≥ the "
              "target; its time to target is that record's optimizer step count (the primary "
              "measure, independent of the machine) and its training seconds. Medians count a "
