@@ -399,28 +399,28 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     print(f"report: {os.path.join(args.out, 'report.md')}")
 
 
-def _cmd_sweep(args: argparse.Namespace) -> None:
-    from chimera.bench.suite.execute import run_sweep
-
+def _suite_command(args: argparse.Namespace, run: Any, written: str) -> None:
+    """``run(suite, out, ...)`` (a sweep or a tune) with the command's options; prints its
+    summary and the files ``written`` into ``--out``."""
     workers = _workers(args.workers)
     check_output_dir("--out", args.out)
     with execution_from_args(args):
-        summary = run_sweep(args.suite, args.out, workers=workers, progress=not args.quiet,
-                            wait=args.wait)
+        summary = run(args.suite, args.out, workers=workers, progress=not args.quiet,
+                      wait=args.wait)
     print(summary)
-    print(f"records, checkpoints/ and summary.md in {args.out}/")
+    print(f"{written} in {args.out}/")
+
+
+def _cmd_sweep(args: argparse.Namespace) -> None:
+    from chimera.bench.suite.execute import run_sweep
+
+    _suite_command(args, run_sweep, "records, checkpoints/ and summary.md")
 
 
 def _cmd_tune(args: argparse.Namespace) -> None:
     from chimera.bench.jobs.tune import run_tune
 
-    workers = _workers(args.workers)
-    check_output_dir("--out", args.out)
-    with execution_from_args(args):
-        summary = run_tune(args.suite, args.out, workers=workers, progress=not args.quiet,
-                           wait=args.wait)
-    print(summary)
-    print(f"tuned.toml, tune/, final/, summary.md and report.md in {args.out}/")
+    _suite_command(args, run_tune, "tuned.toml, tune/, final/, summary.md and report.md")
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
