@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from chimera.bench.ray_executor import RayExecutor, import_ray
+from chimera.bench.ray_executor import RayExecutor, _InRoot, _relative, import_ray
 from chimera.bench.suite.execute import run_sweep
 from chimera.bench.workers import Resources, execution
 from chimera.cli import main
@@ -128,3 +128,13 @@ def test_missing_ray_is_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and 'needs the ray package: pip install' in err
     assert not (tmp_path / "o").exists()
+
+
+def test_only_absolute_paths_inside_the_folder_are_mapped(tmp_path, monkeypatch):
+    """With the output folder as the working directory (``--out .``), a sink's name still
+    reaches the task as a name, not as a path into its scratch folder."""
+    monkeypatch.chdir(tmp_path)
+    records, outside = str(tmp_path / "g" / "r.jsonl"), str(tmp_path.parent / "x")
+    args = (records, "tensorboard", outside, (("tensorboard", str(tmp_path / "tensorboard")),))
+    assert _relative(args, tmp_path) == (
+        _InRoot("g/r.jsonl"), "tensorboard", outside, (("tensorboard", _InRoot("tensorboard")),))

@@ -2,12 +2,18 @@
 the reporting seeds, resume after a kill, and the report's sensitivity section."""
 
 import tomllib
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from chimera.bench.jobs import tune
-from chimera.bench.report.sensitivity import curve_table, plot_sensitivity, tuning_curves
+from chimera.bench.report.sensitivity import (
+    Curve,
+    curve_table,
+    plot_sensitivity,
+    tuning_curves,
+)
 from chimera.bench.suite import execute
 from chimera.bench.suite.schema import load_suite
 from chimera.bench.suite.sections import ParamRange, TuneSection
@@ -147,7 +153,8 @@ def test_tpe_search_is_reproducible_and_resumes(tmp_path, one_thread):
     lrs = [r["optimizer_hparams"]["lr"] for r in searched]
     assert len(set(lrs)) == 3 and all(1e-3 <= lr <= 1e-1 for lr in lrs)
     assert {r["seed"] for r in searched} == {1000}
-    chosen = max(searched, key=lambda r: r["val_accuracy"])["optimizer_hparams"]
+    chosen = max(searched, key=lambda r: (r["val_accuracy"], -r["optimizer_hparams"]["lr"])
+                 )["optimizer_hparams"]  # ties: the smallest lr
     tuned = tomllib.loads((out / "tuned.toml").read_text(encoding="utf-8"))
     assert tuned["grid"][0]["optimizer_hparams"] == chosen
     before = {p.name: p.read_bytes() for p in (out / "tune").glob("*.jsonl")}
@@ -249,6 +256,24 @@ def test_sensitivity_curves_from_records_alone():
     assert rows[0] == "| 0.01 | 0.4000 ± 0.0000 | 2 | ★ chosen |"
     assert rows[2] == "| 1.0 | 0.1000 ± 0.0000 | 2 | ⚠ 1 of 2 without a finite value |"
 
+
+
+@pytest.mark.parametrize("order", [[3.0, 1e-2, 1e-4], [1e-4, 3.0, 1e-2]])
+def test_ties_go_to_the_smallest_candidate_in_tune_and_report_alike(order):
+    """Accuracies are multiples of 1/n, so equal means happen: tuned.toml and the report's
+    ★ pick the same candidate whatever order the candidates were tried or read in."""
+    space = TuneSection(params={"optimizer_hparams.lr": tuple(order)})
+    scores = {3.0: 0.9, 1e-2: 0.9, 1e-4: 0.5}
+    config = tune.Tuned(section=None, spec=None, seeds=(0,),
+                        tried=[({"optimizer_hparams.lr": lr}, scores[lr]) for lr in order])
+    assert config.best(space) == ({"optimizer_hparams.lr": 1e-2}, 0.9)
+    curve = Curve("c", ("optimizer_hparams.lr",), "val_accuracy",
+                  [((lr,), [scores[lr], scores[lr]]) for lr in order])
+    assert curve.chosen() == (1e-2,)
+    failed = tune.Tuned(section=None, spec=SimpleNamespace(config_id="cfg"), seeds=(0,),
+                        tried=[({"optimizer_hparams.lr": 1e-2}, None)])
+    with pytest.raises(ValueError, match="no candidate of cfg gave a finite val_accuracy"):
+        failed.best(space)
 
 BAD = [
     ("params = {}", "params: Dictionary should have at least 1 item"),

@@ -52,11 +52,12 @@ class _InRoot:
 
 
 def _relative(arg: Any, root: Path) -> Any:
-    """``arg`` with every string naming a path inside ``root`` (in tuples too) as an
-    :class:`_InRoot`."""
+    """``arg`` with every absolute path string inside ``root`` (in tuples too) as an
+    :class:`_InRoot`; other strings (a sink's name, say) stay as they are, whatever the working
+    directory."""
     if isinstance(arg, tuple):
         return tuple(_relative(a, root) for a in arg)
-    if isinstance(arg, str) and arg:
+    if isinstance(arg, str) and os.path.isabs(arg):
         path = Path(arg).resolve()
         if path.is_relative_to(root):
             return _InRoot(str(path.relative_to(root)))

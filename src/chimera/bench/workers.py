@@ -45,7 +45,8 @@ class Resources:
 
 class Executor(Protocol):
     """Runs calls somewhere else than this pool: the results of ``fn(*args)`` in the given order.
-    ``root``: the output folder the calls' path arguments point into (None: they write none);
+    ``root``: the output folder the calls' absolute path arguments point into (None: they write
+    none);
     ``resources``: what each call needs (None: the executor's default)."""
 
     def __call__(self, calls: Sequence[Call], progress: bool, desc: str,
@@ -161,7 +162,7 @@ def run_calls(
     (default: the cores available; 1 = in this process), started in the given order; returns
     the results in that order. The workers die with this process (see the module's doc).
     Inside :func:`execution` with an executor, that executor runs them instead (``root``: the
-    folder their path arguments write into; ``resources``: what each call needs there; the
+    folder their absolute path arguments write into; ``resources``: what each call needs there; the
     local pool runs one call per process whatever it asks)."""
     workers = resolve_workers(workers)
     executor = current_execution().executor

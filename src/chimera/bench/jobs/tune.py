@@ -11,13 +11,14 @@ give the score
 
 (the metric of each run's final record, ``val_accuracy`` or ``val_loss``; a run without a finite
 value fails its candidate), and c's chosen value is the best score (max for accuracy, min for
-loss; ties: the first tried). ``DIR/tuned.toml`` is the suite with the chosen values, one
-``[[grid]]`` per configuration on its reporting seeds. The search runs into ``DIR/tune/``, the
-tuned suite into ``DIR/final/`` (records carry ``phase``: ``"tune"`` / ``"final"``), both
-through :func:`chimera.bench.suite.execute.run_suite` (its worker pool, resume and folder
-lock), and ``DIR/report.md`` holds the final tables and the validation metric against every
-candidate. Rerunning the command after a kill skips finished runs, continues interrupted ones and
-writes the same tuned.toml.
+loss; ties: the smallest candidate, numbers ascending, whatever order they were tried in;
+:func:`~chimera.bench.suite.sections.best_candidate`). ``DIR/tuned.toml`` is the suite with the
+chosen values, one ``[[grid]]`` per configuration on its reporting seeds. The search runs into
+``DIR/tune/``, the tuned suite into ``DIR/final/`` (records carry ``phase``: ``"tune"`` /
+``"final"``), both through :func:`chimera.bench.suite.execute.run_suite` (its worker pool,
+resume and folder lock), and ``DIR/report.md`` holds the final tables and the validation metric
+against every candidate. Rerunning the command after a kill skips finished runs, continues
+interrupted ones and writes the same tuned.toml.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,13 @@ from chimera.bench.report.write import write_report
 from chimera.bench.suite.execute import run_suite
 from chimera.bench.suite.expand import BUDGET_KEYS
 from chimera.bench.suite.schema import load_suite
-from chimera.bench.suite.sections import GridSection, Suite, TuneSection
+from chimera.bench.suite.sections import (
+    GridSection,
+    Suite,
+    TuneSection,
+    best_candidate,
+    seed_mean,
+)
 from chimera.bench.workers import resolve_workers
 from chimera.run.records import read_records
 from chimera.run.spec import RunSpec
@@ -59,12 +65,13 @@ class Tuned:
     tried: list[tuple[dict[str, Any], float | None]] = field(default_factory=list)
 
     def best(self, space: TuneSection) -> tuple[dict[str, Any], float]:
-        """The chosen candidate and its score: the best score, the first tried among ties."""
-        scored = [(v, s) for v, s in self.tried if s is not None]
-        if not scored:
+        """The chosen candidate and its score (:func:`best_candidate`)."""
+        i = best_candidate([tuple(v.values()) for v, _ in self.tried],
+                           [s for _, s in self.tried], space.maximize)
+        if i is None:
             raise ValueError(f"[tune]: no candidate of {self.spec.config_id} gave a finite "
                              f"{space.metric} on every tuning seed")
-        return (max if space.maximize else min)(scored, key=itemgetter(1))
+        return self.tried[i]
 
 
 # --- proposing candidates ----------------------------------------------------------------------
@@ -141,10 +148,6 @@ def _score(path: Path, run_id: str, metric: str) -> float | None:
     return metric_value(final[metric])
 
 
-def _mean(values: Sequence[float | None]) -> float | None:
-    return None if None in values else sum(values) / len(values)
-
-
 def search(suite: Suite, folder: Path, workers: int, progress: bool) -> list[Tuned]:
     """Run the ``[tune]`` search of ``suite`` into ``folder`` (resuming) and return every
     configuration with its tried candidates."""
@@ -169,7 +172,7 @@ def search(suite: Suite, folder: Path, workers: int, progress: bool) -> list[Tun
         run_suite(phase, folder, workers, progress, resume=True, desc=desc)
         for config, proposer, candidates in zip(tuned, proposers, asked, strict=True):
             path = folder / config.section.name
-            scores = [_mean([_score(path, space.apply(config.spec, v, s).run_id, space.metric)
+            scores = [seed_mean([_score(path, space.apply(config.spec, v, s).run_id, space.metric)
                              for s in space.seeds]) for v in candidates]
             proposer.tell(scores)
             config.tried += zip(candidates, scores, strict=True)

@@ -6,9 +6,8 @@ Tuning runs are those whose final record has ``phase = "tune"``; they carry the 
 (``tune_params``: ``TABLE.KEY`` of the spec's hyper-parameter tables) and the metric
 (``tune_metric``). Their configuration is the run spec without its seed and tuned values, their
 candidate the tuned values. They are kept out of the report's other tables. The candidate marked
-chosen has the best mean over seeds that all gave a finite value, as in
-:mod:`chimera.bench.jobs.tune` (among exact ties: the first in the table's order here, the
-first tried there).
+chosen is the one :mod:`chimera.bench.jobs.tune` chose: the best mean over seeds that all gave a
+finite value (:func:`~chimera.bench.suite.sections.best_candidate`, one rule for both).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from typing import Any
 
 from chimera.bench.report.aggregate import group_by, metric_value, seed_stats
 from chimera.bench.report.plots import RC, _figure, _style
-from chimera.bench.suite.sections import TUNE_METRICS
+from chimera.bench.suite.sections import TUNE_METRICS, best_candidate, candidate_key, seed_mean
 from chimera.run.spec import RunSpec
 
 PLOT_NAME = "tuning_sensitivity.png"
@@ -44,21 +43,15 @@ class Curve:
     def rows(self) -> list[tuple[tuple, dict[str, Any], int]]:
         """(candidate, statistics over seeds, number of runs), sorted by candidate."""
         return [(c, seed_stats(v), len(v))
-                for c, v in sorted(self.points, key=lambda p: _sort_key(p[0]))]
+                for c, v in sorted(self.points, key=lambda p: candidate_key(p[0]))]
 
     def chosen(self) -> tuple | None:
-        """The candidate with the best mean among those whose every seed gave a value."""
-        complete = [(c, s["mean"]) for c, s, n in self.rows() if s["n"] == n]
-        if not complete:
-            return None
-        best = (max if TUNE_METRICS.get(self.metric) == "maximize" else min)(m for _, m in
-                                                                           complete)
-        return next(c for c, m in complete if m == best)
-
-
-def _sort_key(candidate: tuple) -> tuple:
-    return tuple((0, v, "") if metric_value(v) is not None else (1, 0, json.dumps(v))
-                 for v in candidate)
+        """The candidate ``chimera tune`` chose: :func:`best_candidate` of the means over seeds
+        (:func:`seed_mean`: None unless every seed gave a value)."""
+        candidates = [c for c, _ in self.points]
+        i = best_candidate(candidates, [seed_mean(v) for _, v in self.points],
+                           TUNE_METRICS.get(self.metric) == "maximize")
+        return None if i is None else candidates[i]
 
 
 def split_tuning(records: Iterable[dict[str, Any]]

@@ -80,6 +80,7 @@ def _summary(suite: Suite, one_file: dict[str, list[dict[str, Any]]],
 def _execute(suite: Suite, out: Path, workers: int, progress: bool, resume: bool,
              desc: str) -> str:
     """:func:`run_suite`'s work, with the folder ``out`` locked."""
+    out = out.absolute()  # absolute path arguments: what an executor maps (run_calls' root)
     one_file = [s for s in (suite.stress, suite.toy_lq) if s is not None]
     done = {s.file: s.finished(out / s.file) if resume else None for s in one_file}
     calls: list[Call] = [(s.run, (str(out / s.file),)) for s in one_file if done[s.file] is None]

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
+import statistics
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,6 +138,32 @@ class ToyLQSection(OneFileSection):
 TUNE_SAMPLERS = ("grid", "random", "tpe")
 TUNE_METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}  # metric -> direction
 TUNE_DIGITS = 12  # significant digits of the values of a range
+
+
+def seed_mean(values: Sequence[float | None]) -> float | None:
+    """A candidate's score: ``(1/|S|) sum_s metric(s)`` over its tuning seeds (None when some
+    seed gave no finite value); ``fmean`` is exactly rounded, so the order of the seeds does not
+    matter."""
+    return None if not values or None in values else statistics.fmean(values)
+
+
+def candidate_key(values: Sequence[Any]) -> tuple:
+    """A total order of candidates (their values in address order): numbers ascending, then
+    other values by their JSON text."""
+    return tuple((0, float(v), "") if isinstance(v, int | float) and not isinstance(v, bool)
+                 else (1, 0.0, json.dumps(v, sort_keys=True)) for v in values)
+
+
+def best_candidate(candidates: Sequence[Sequence[Any]], scores: Sequence[float | None],
+                   maximize: bool) -> int | None:
+    """The index of the best score (max or min) among the candidates that have one (None when
+    none has); ties go to the first in :func:`candidate_key` order, so the choice does not
+    depend on the order the candidates were tried in."""
+    scored = [i for i, s in enumerate(scores) if s is not None]
+    if not scored:
+        return None
+    sign = -1.0 if maximize else 1.0
+    return min(scored, key=lambda i: (sign * scores[i], candidate_key(candidates[i])))
 
 
 @dataclass(frozen=True)
