@@ -153,6 +153,12 @@ def test_rejections_raise_before_any_run(change, message, tmp_path, monkeypatch)
 # new rejections of the typed schema: each names its key, in one line
 @pytest.mark.parametrize(("change", "message"), [
     ({"epochs": "3"}, "^suite.toml: epochs: Input should be a valid integer, got '3'$"),
+    ({"resources": {"num_cpus": 0}},
+     "^suite.toml: resources.num_cpus: Input should be greater than 0, got 0$"),
+    ({"resources": {"num_gpus": -0.5}},
+     "^suite.toml: resources.num_gpus: Input should be greater than or equal to 0, got -0.5$"),
+    ({"resources": {"cpus": 1}}, "^suite.toml: resources: no key 'cpus'; allowed: num_cpus, "
+                                 "num_gpus$"),
     ({"epochs": 3.0}, "^suite.toml: epochs: Input should be a valid integer, got 3.0$"),
     ({"log_every": True}, "^suite.toml: log_every: Input should be a valid integer, got True$"),
     ({"task": 1}, "^suite.toml: task: Input should be a valid string, got 1$"),
