@@ -55,7 +55,7 @@ from chimera.quant import (
     quantize_weight_strict_bitnet,
     ternary_stats,
 )
-from chimera.rules import RULES, build_rule, credit_diagnostics
+from chimera.rules import RULES, FeedbackRule, alignment_angle, build_rule, credit_diagnostics
 
 __all__ = [
     "MODELS",
@@ -69,6 +69,7 @@ __all__ = [
     "BitLinear",
     "Chimera21",
     "ChimeraConv2d",
+    "FeedbackRule",
     "FloatConfig",
     "IntTernaryConfig",
     "IntTernaryConv1d",
@@ -82,6 +83,7 @@ __all__ = [
     "TargetBitsController",
     "TaskData",
     "TernaryConfig",
+    "alignment_angle",
     "build_model",
     "build_optimizer",
     "build_rule",

@@ -142,7 +142,8 @@ def test_grids_inherit_top_level_groups_and_share_sections_by_name(tmp_path):
      r"\]\] #2 'opt': model_hparams: d_hidden of model 'resmlp': Input should be a valid integer"),
     ("[stress]", "[stress]\nseeds = [1, 1]", r"\[stress\]: seeds: entries must be distinct"),
     ('configs = ["sgd", "adamw"]', "configs = []", r"\[stress\]: configs: List should have at"),
-    ('"rules"\nmodel = "resmlp"\nmodel_hparams = { d_hidden = 8, num_blocks = 1 }', '"rules"',
+    ('"rules"\nmodel = "resmlp"\nmodel_hparams = { d_hidden = 8, num_blocks = 1 }\n'
+     'rules = ["backprop", "dfa"]', '"rules"\nrules = ["backprop", "state_bridge"]',
      "#3 'rules': run digits-mlp-adamw-.*-s0: a learning rule needs a residual model"),
     ('"regression"]', '"ridge"]', r"\[stress\]: problems.0: unknown stress problem 'ridge'"),
     ('rules = ["dfa"]', 'rules = ["hebb"]', r"\[toy_lq\]: rules.0: unknown toy LQ variant"),

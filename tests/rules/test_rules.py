@@ -38,9 +38,10 @@ def make_rule(name, model, optimizer="adamw", total_steps=10, **hparams):
 
 # -- interface --------------------------------------------------------------------------------
 def test_registry_and_unknown_names():
-    assert sorted(RULES.names()) == ["backprop", "credit_bridge", "dfa", "state_bridge"]
-    with pytest.raises(ValueError, match="unknown learning rule 'fa'; known: backprop"):
-        make_rule("fa", tiny_model())
+    assert sorted(RULES.names()) == ["backprop", "brsf", "credit_bridge", "dfa", "fa", "frsf",
+                                     "state_bridge", "usf"]
+    with pytest.raises(ValueError, match="unknown learning rule 'hebb'; known: backprop"):
+        make_rule("hebb", tiny_model())
     with pytest.raises(ValueError, match="no hyper-parameter 'lam'; allowed: sigma_bridge"):
         make_rule("state_bridge", tiny_model(), lam=0.1)
     with pytest.raises(ValueError, match="no hyper-parameter 'K'; allowed: none"):
@@ -80,14 +81,17 @@ def test_presets_follow_spec():
 
 def test_model_without_residual_parts_is_rejected():
     with pytest.raises(ValueError, match="Sequential has no stem, blocks, head"):
-        make_rule("dfa", nn.Sequential(nn.Linear(12, 5)))
+        make_rule("state_bridge", nn.Sequential(nn.Linear(12, 5)))
     model = tiny_model()
     del model.head
     with pytest.raises(ValueError, match="ResMLP has no head$"):
-        make_rule("dfa", model)
+        make_rule("credit_bridge", model)
 
 
-@pytest.mark.parametrize("name", RULES.names())
+RESIDUAL_RULES = [n for n in RULES.names() if RULES.get(n).residual]  # credits per block
+
+
+@pytest.mark.parametrize("name", RESIDUAL_RULES)
 def test_bad_batches(name):
     rule = make_rule(name, tiny_model())
     x, c = batch()
@@ -322,7 +326,7 @@ def test_one_step_on_ternary_resmlp_with_toolkit_optimizers(name, optimizer):
                                                                          strict=True))
 
 
-@pytest.mark.parametrize("name", RULES.names())
+@pytest.mark.parametrize("name", RESIDUAL_RULES)
 def test_credits_have_no_side_effects(name):
     model = ternarize(tiny_model(), "chimera", skip=("first", "last"))
     model.train()

@@ -111,7 +111,7 @@ def digits():
      r"model's convertible layers \['1', '3'\] in float"),
     ({"model": "resmlp", "rule": "state_bridge", "rule_hparams": {"K": 0}},
      "K must be an integer >= 1, got 0"),
-    ({"model": "mlp", "rule": "dfa"}, "needs a residual model"),
+    ({"model": "mlp", "rule": "state_bridge"}, "needs a residual model"),
 ])
 def test_probe_run_finds_what_only_building_reveals(fields, message, digits):
     spec = RunSpec(**{**BASE, **fields})

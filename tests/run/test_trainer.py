@@ -136,7 +136,7 @@ def test_rule_errors(digits, tmp_path):
     with pytest.raises(ValueError, match="unknown learning rule 'hebb'"):
         train(spec(rule="hebb"), data=digits, progress=False)
     with pytest.raises(ValueError, match="stem"):  # the mlp has no stem / blocks / head
-        train(spec(rule="dfa"), data=digits, progress=False)
+        train(spec(rule="state_bridge"), data=digits, progress=False)
     s = RunSpec("digits", "resmlp", "adamw", epochs=1, batch_size=64, rule="dfa",
                 model_hparams={"d_hidden": 16, "num_blocks": 1})
     ckpt = tmp_path / "c.pt"

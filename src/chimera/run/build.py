@@ -77,8 +77,9 @@ def build_run_rule(
 def build_step(
     model: nn.Module, opt: torch.optim.Optimizer, rule: LearningRule | None, precision: str
 ) -> StepFn:
-    """One training step on a batch: backprop inline (any model), or the rule's ``train_step``
-    (residual models), which does its own local backward passes and optimizer step.
+    """One training step on a batch: backprop inline, or the rule's ``train_step``, which does
+    its own backward passes and optimizer step (any model for the feedback rules, residual
+    models for the bridges).
 
     With ``precision`` bf16, backprop's forward and loss run under :func:`autocast`; a rule's
     whole ``train_step`` does (its backward passes follow the dtypes of the forward)."""

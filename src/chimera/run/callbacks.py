@@ -22,7 +22,7 @@ from torch import nn
 
 from chimera.nn.quantize import AlphaControl
 from chimera.quant.stats import model_quant_stats
-from chimera.rules import LearningRule, credit_diagnostics
+from chimera.rules import FeedbackRule, LearningRule, credit_diagnostics
 from chimera.run.spec import RunSpec
 
 Fields = dict[str, Any]
@@ -211,15 +211,31 @@ class RuleCredit(Callback):
         self.rule.load_state_dict(state)
 
 
+class FeedbackAngles(RuleCredit):
+    """A feedback rule's (rules/feedback.py) alignment angles between each layer's forward
+    weight ``W`` and feedback ``B`` in degrees after every evaluation (``feedback_angle``: their
+    mean, ``feedback_angle_per_layer``; none for DFA, whose ``B_l`` is not shaped like ``W``),
+    its ``rule_config`` and its state, as :class:`RuleCredit`."""
+
+    def on_eval(self, x: torch.Tensor, y: torch.Tensor) -> Fields:
+        angles = self.rule.alignment_angles()
+        self.last = {} if not angles else {
+            "feedback_angle": sum(angles.values()) / len(angles),
+            "feedback_angle_per_layer": angles}
+        return self.last
+
+
 def default_callbacks(
     spec: RunSpec, model: nn.Module, opt: torch.optim.Optimizer, rule: LearningRule | None
 ) -> list[Callback]:
     """The callbacks every run registers: quantizer statistics, the controller when the run
-    uses one (``spec.controller_config``), the optimizer's metrics and the rule's credit."""
+    uses one (``spec.controller_config``), the optimizer's metrics and the rule's credit (or
+    feedback angles)."""
     callbacks: list[Callback] = [QuantStats(model)]
     if spec.controller_config is not None:
         callbacks.append(Controller(model, spec.controller_config))
     callbacks.append(OptimizerMetrics(opt))
     if rule is not None:
-        callbacks.append(RuleCredit(rule, spec.seed))
+        kind = FeedbackAngles if isinstance(rule, FeedbackRule) else RuleCredit
+        callbacks.append(kind(rule, spec.seed))
     return callbacks

@@ -160,8 +160,8 @@ class RunSpec:
         "affects=alpha_target|alpha_override, ... (on by default for quantizer chimera; "
         "--no-controller turns it off)", "--controller-arg"))
     rule: str = field(default="backprop", metadata=_opt(
-        f"{' | '.join(RULES.names())} (rules but backprop need a residual model, e.g. --model "
-        "resmlp)"))
+        f"{' | '.join(RULES.names())} (state_bridge and credit_bridge need a residual model, "
+        "e.g. --model resmlp; the others work on any Linear/Conv model)"))
     rule_hparams: dict[str, Any] = field(default_factory=dict, metadata=_opt(
         "learning-rule hyper-parameter, e.g. K=4, warmup_frac=0.2 (repeatable)", "--rule-arg"))
     device: str = field(default="cpu", metadata=_opt("cpu | cuda | cuda:N"))
