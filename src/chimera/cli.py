@@ -440,7 +440,13 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_toy_lq(args: argparse.Namespace) -> None:
-    from chimera.bench.jobs.toy_lq import DEFAULT_W_STD, TOY_VARIANTS, run_toy_lq
+    from chimera.bench.jobs.toy_lq import (
+        DEFAULT_VARIANTS,
+        DEFAULT_W_STD,
+        TOY_VARIANTS,
+        check_overrides,
+        run_toy_lq,
+    )
     from chimera.bench.report.tables import toy_lq_table
     from chimera.run.records import RecordWriter
 
@@ -450,11 +456,14 @@ def _cmd_toy_lq(args: argparse.Namespace) -> None:
     seeds, steps = _seed_range(args.seeds), integer("--steps", args.steps, 1)
     w_std = DEFAULT_W_STD if args.w_std is None else number("--w-std", args.w_std, 0)
     workers = _workers(args.workers)
+    overrides = parse_kv(args.rule_arg, "--rule-arg")
+    check_overrides(rules or DEFAULT_VARIANTS, overrides)
     check_output_file("--out", args.out)
     start = time.perf_counter()
     with RecordWriter(args.out) as writer:
         finals = run_toy_lq(rules, seeds=seeds, steps=steps, writer=writer,
-                            progress=not args.quiet, w_std=w_std, workers=workers)
+                            progress=not args.quiet, w_std=w_std, workers=workers,
+                            overrides=overrides)
     print(toy_lq_table(finals))
     print(f"records: {args.out} ({time.perf_counter() - start:.0f} s)")
 
@@ -597,6 +606,9 @@ COMMANDS: dict[str, tuple[Any, str, Any, bool]] = {
         _o("--w-std", type=float, default=None,
            help="scale of the residual weights W_l (entries N(0, w_std^2/d)); default 0.3 (at "
                 "the library's 0.03 the costates barely change with depth)"),
+        _o("--rule-arg", action="append", default=[], metavar="KEY=VALUE",
+           help="rule hyper-parameter over the toy preset, e.g. fm_weight=1.0, lam=0.05, given "
+                "to every variant whose rule takes it (repeatable)"),
         _o("--workers", type=int, default=None, help=_WORKERS),
         _o("--out", default="toy-lq.jsonl", help=_OUT),
     ], True),

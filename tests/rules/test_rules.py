@@ -74,8 +74,8 @@ def test_presets_follow_spec():
     cls = make_rule("credit_bridge", tiny_model(), bridge_hidden=512).hparams
     assert (toy["sigma_bridge"], toy["K"], cls["sigma_bridge"], cls["K"]) == (0.1, 8, 0.05, 4)
     for hp in (toy, cls):
-        assert (hp["lam"], hp["term_grad_weight"], hp["ema_momentum"], hp["lr_fb"]) == \
-            (0.1, 1.0, 0.995, 1e-3)
+        assert (hp["lam"], hp["ema_momentum"], hp["lr_fb"]) == (0.1, 0.995, 1e-3)
+    assert (toy["term_grad_weight"], cls["term_grad_weight"]) == (1.0, 100.0)
     assert cls["warmup_frac"] == 0.2
 
 

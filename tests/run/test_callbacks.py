@@ -76,7 +76,8 @@ def test_final_records_carry_the_optimizer_and_rule_configs(digits, tmp_path):
             "trunk", "cap"]
         rule = fields["rule_config"]
         assert rule["K"] == 2  # given
-        assert rule["sigma_bridge"] == 0.05 and rule["warmup_frac"] == 0.2  # the preset's
+        assert rule["sigma_bridge"] == 0.05  # the preset's; no DFA warm-up for the state bridge
+        assert rule["warmup_frac"] == 0.0
     backprop = train(RunSpec("digits", "mlp", "adamw", epochs=1, batch_size=256),
                      data=digits, progress=False)
     assert backprop["optimizer_config"]["weight_decay"] == 0.01

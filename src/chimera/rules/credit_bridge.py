@@ -8,10 +8,15 @@ the credit is ``a_l = ∇_h V_phi(h_l, l, c)``. Training (one Adam step of ``lr_
 (ii)  terminal gradient matching ``∇_h V(h_L, L, c) ≈ ∂ℓ_i/∂h_L`` (weight ``term_grad_weight``);
 (iii) bridge consistency for l < L: ``V(h_l, l, c) ≈ −λ·log mean_k exp(−V_ema(s_k + f_l(s_k),
       l+1, c)/λ)`` with ``s_k = h_l + σ·ε_k`` (k = 1..K, blocks in eval mode, no gradient),
-      ``V_ema`` an EMA copy of V (``θ_ema ← m·θ_ema + (1−m)·θ`` after every step).
+      ``V_ema`` an EMA copy of V (``θ_ema ← m·θ_ema + (1−m)·θ`` after every step);
+(iv)  slope consistency ``∇_h V(h_l, l, c) ≈ ∇_{h_l} target`` (weight ``slope_weight``);
+(v)   flow matching (weight ``fm_weight``): no cost accrues inside a block, so V is constant
+      along the straight path ``h_t = h_l + t·(h_{l+1} − h_l)``, t ~ U(0, 1), at the fractional
+      layer l + t: ``V(h_t, l + t, c) ≈ V_ema(h_{l+1}, l+1, c)``.
 
 Every term is a normalised squared error ``(pred − target)² / max(|target|, 1)²`` (a vector's
-norm for (ii)), averaged over examples, summed (ii weighted); the sum is the bridge residual.
+norm for (ii) and (iv)), averaged over examples, summed (ii, iv, v weighted); the sum is the
+bridge residual.
 
 Design choices (left open by the rule's definition), see docs/rules.md:
 
@@ -19,8 +24,8 @@ Design choices (left open by the rule's definition), see docs/rules.md:
   two GELU hidden layers of ``bridge_hidden``; c one-hot for labels, the target vector for the
   toy LQ). On the toy it learned the credit faster than a ``½‖u‖²`` value head or an added
   linear skip (docs/rules.md).
-- (iii) uses one layer per example per step, drawn uniformly from 0..L-1 (an unbiased estimate
-  of the all-layer loss at 1/L of its cost); (i) and (ii) use every example.
+- (iii) and (v) each use one layer per example per step, drawn uniformly from 0..L-1 (an
+  unbiased estimate of the all-layer loss at 1/L of its cost); (i) and (ii) use every example.
 - The DFA warm-up blend over the first ``warmup_frac`` of the steps.
 """
 
@@ -54,8 +59,9 @@ class CreditBridge(LearningRule):
     """Credit ``∇_h V`` from a learned terminal-loss estimator ``V``."""
 
     name = "credit_bridge"
-    hparam_names = ("sigma_bridge", "lam", "K", "term_grad_weight", "slope_weight",
-                    "ema_momentum", "lr_fb", "warmup_frac", "bridge_hidden", "emb_dim")
+    hparam_names = ("sigma_bridge", "lam", "K", "term_grad_weight", "slope_weight", "fm_weight",
+                    "grad_floor", "ema_momentum", "lr_fb", "fb_steps", "warmup_frac",
+                    "bridge_hidden", "emb_dim")
 
     def _build_feedback(self, hs: list[Tensor]) -> None:
         hp = self.hparams
@@ -81,6 +87,12 @@ class CreditBridge(LearningRule):
         return list(a.split(batch))
 
     def _train_feedback(self, hs: list[Tensor], c: Tensor, term: Terminal) -> dict[str, Any]:
+        """``fb_steps`` Adam steps of V (each followed by the EMA update) on this batch."""
+        for _ in range(self.hparams["fb_steps"]):
+            info = self._value_step(hs, c, term)
+        return info
+
+    def _value_step(self, hs: list[Tensor], c: Tensor, term: Terminal) -> dict[str, Any]:
         hp = self.hparams
         ctx, batch, last = self._context(c), len(hs[0]), len(hs) - 1
         with torch.enable_grad():
@@ -91,7 +103,7 @@ class CreditBridge(LearningRule):
             if hp["term_grad_weight"] > 0:
                 (grad,) = torch.autograd.grad(v_last.sum(), h_last, create_graph=True)
                 loss = loss + hp["term_grad_weight"] * normalised_sq_error(
-                    grad, term.grad_h * batch)
+                    grad, term.grad_h * batch, hp["grad_floor"])
             if last > 0:
                 layer, h_l, ctx_l, target, slope = self._consistency_target(hs, ctx)
                 h_l.requires_grad_(hp["slope_weight"] > 0)
@@ -99,7 +111,10 @@ class CreditBridge(LearningRule):
                 loss = loss + normalised_sq_error(v_l, target)
                 if hp["slope_weight"] > 0:
                     (grad,) = torch.autograd.grad(v_l.sum(), h_l, create_graph=True)
-                    loss = loss + hp["slope_weight"] * normalised_sq_error(grad, slope)
+                    loss = loss + hp["slope_weight"] * normalised_sq_error(
+                        grad, slope, hp["grad_floor"])
+                if hp["fm_weight"] > 0:
+                    loss = loss + hp["fm_weight"] * self._flow_loss(hs, ctx)
         self.value_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.value_opt.step()
@@ -109,6 +124,20 @@ class CreditBridge(LearningRule):
                                 strict=True):
                 p_ema.lerp_(p, 1.0 - m)
         return {"bridge_residual": loss.item()}
+
+    def _flow_loss(self, hs: list[Tensor], ctx: Tensor) -> Tensor:
+        """Term (v): ``V(h_l + t·(h_{l+1} − h_l), l + t, c) ≈ V_ema(h_{l+1}, l+1, c)``, one layer
+        l < L and one t ~ U(0, 1) per example."""
+        batch, device = len(hs[0]), hs[0].device
+        layer = torch.randint(0, len(hs) - 1, (batch,), device=device)
+        example = torch.arange(batch, device=device)
+        states = torch.stack(hs).detach()
+        h_l, h_next = states[layer, example], states[layer + 1, example]
+        t = torch.rand(batch, device=device)
+        h_t = torch.lerp(h_l, h_next, t.view(-1, *[1] * (h_l.dim() - 1)))
+        with torch.no_grad():
+            target = self._value(self.value_ema, h_next, layer + 1, ctx)
+        return normalised_sq_error(self._value(self.value_net, h_t, layer + t, ctx), target)
 
     def _consistency_target(self, hs: list[Tensor], ctx: Tensor
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:

@@ -33,15 +33,16 @@ RMS_EPS = 1e-6
 RESIDUAL_PARTS = ("stem", "blocks", "head")
 
 # docs/algorithms.md#setting hyper-parameters of the bridge rules (toy LQ / classification). The
-# toy LQ trains no
-# forward net, so it has no DFA warm-up.
+# toy LQ trains no forward net, so it has no DFA warm-up. Classification weighs terminal gradient
+# matching by 100: per-example ∂ℓ/∂h_L is far below the error's norm floor of 1 (docs/rules.md).
 PRESETS: dict[str, dict[str, Any]] = {
     "toy": dict(sigma_bridge=0.1, lam=0.1, K=8, term_grad_weight=1.0, ema_momentum=0.995,
                 lr_fb=1e-3, warmup_frac=0.0, bridge_hidden=256, emb_dim=16,
-                slope_weight=1.0),
-    "classification": dict(sigma_bridge=0.05, lam=0.1, K=4, term_grad_weight=1.0,
+                slope_weight=1.0, fm_weight=0.0, fb_steps=1, grad_floor=1.0),
+    "classification": dict(sigma_bridge=0.05, lam=0.1, K=4, term_grad_weight=100.0,
                            ema_momentum=0.995, lr_fb=1e-3, warmup_frac=0.2, bridge_hidden=512,
-                           emb_dim=16, slope_weight=0.0),
+                           emb_dim=16, slope_weight=0.0, fm_weight=0.0, fb_steps=1,
+                           grad_floor=1.0),
 }
 
 # name -> (type, low, high, low is open); every hyper-parameter a rule may take
@@ -51,6 +52,9 @@ _HPARAM_RANGES: dict[str, tuple[type, float, float, bool]] = {
     "K": (int, 1, math.inf, False),
     "term_grad_weight": (float, 0, math.inf, False),
     "slope_weight": (float, 0, math.inf, False),
+    "fm_weight": (float, 0, math.inf, False),
+    "fb_steps": (int, 1, math.inf, False),
+    "grad_floor": (float, 0, math.inf, True),
     "ema_momentum": (float, 0, 1, False),
     "lr_fb": (float, 0, math.inf, False),
     "warmup_frac": (float, 0, 1, False),
@@ -128,11 +132,12 @@ def normalize_credit(a: Tensor) -> Tensor:
     return a / (rms.view(-1, *[1] * (a.dim() - 1)) + RMS_EPS)
 
 
-def normalised_sq_error(pred: Tensor, target: Tensor) -> Tensor:
-    """``mean_i ||pred_i − target_i||² / max(||target_i||, 1)²`` (rows flattened; scalars ok)."""
+def normalised_sq_error(pred: Tensor, target: Tensor, floor: float = 1.0) -> Tensor:
+    """``mean_i ||pred_i − target_i||² / max(||target_i||, floor)²`` (rows flattened; scalars
+    ok)."""
     pred, target = pred.reshape(len(pred), -1), target.reshape(len(target), -1)
     err = (pred - target).pow(2).sum(1)
-    return (err / target.norm(dim=1).clamp(min=1.0).pow(2)).mean()
+    return (err / target.norm(dim=1).clamp(min=floor).pow(2)).mean()
 
 
 def exact_costates(model: nn.Module, x: Tensor, c: Tensor, loss_fn: LossFn) -> list[Tensor]:
@@ -222,22 +227,27 @@ class LearningRule:
     name: ClassVar[str] = ""
     hparam_names: ClassVar[tuple[str, ...]] = ()
     uses_direct_feedback: ClassVar[bool] = False
+    # values that replace the preset's for this rule (e.g. the state bridge has no warm-up)
+    preset_overrides: ClassVar[dict[str, Any]] = {}
+    residual: ClassVar[bool] = True  # False: the rule works on any model (rules/feedback.py)
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
                  loss_fn: LossFn, out_dim: int, total_steps: int,
                  preset: str = "classification", **hparams: Any) -> None:
-        check_residual_model(model)
+        if self.residual:
+            check_residual_model(model)
         integer("out_dim", out_dim, 1)
         integer("total_steps", total_steps, 1)
         if not callable(loss_fn):
             raise ValueError("loss_fn must be a callable loss_fn(y, c) -> batch-mean loss")
         known_keys(f"rule '{self.name}'", hparams, self.hparam_names, "hyper-parameter")
         choice("preset", preset, PRESETS)
-        values = {**{k: PRESETS[preset][k] for k in self.hparam_names}, **hparams}
+        values = {**{k: PRESETS[preset][k] for k in self.hparam_names},
+                  **self.preset_overrides, **hparams}
         self.hparams = {k: _check_hparam(k, v) for k, v in values.items()}
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.out_dim, self.total_steps = out_dim, total_steps
-        self.num_blocks = len(list(model.blocks))
+        self.num_blocks = len(list(model.blocks)) if self.residual else 0
         self.step_count = 0
         self.bridge_residual: float | None = None  # the feedback nets' last training loss
         self.direct_feedback: DirectFeedback | None = None

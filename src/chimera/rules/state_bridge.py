@@ -16,7 +16,9 @@ Design choices (left open by the rule's definition), see docs/rules.md:
   without gradient (eval mode); the loss is the normalised MSE
   ``mean ||G(h_l + σε, l) − target||² / max(||target||, 1)²``. One random layer per copy is an
   unbiased estimate of the all-layer loss at 1/(L+1) of its cost.
-- Adam with ``lr_fb``; DFA warm-up blend over the first ``warmup_frac`` of the steps.
+- Adam with ``lr_fb``. No DFA warm-up by default (``warmup_frac`` 0 in both presets, as the
+  research code we reimplement warms up the credit bridge only); on MNIST-1D the classification
+  preset's 0.2 cost it 11 points of validation accuracy (docs/rules.md).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class StateBridge(LearningRule):
 
     name = "state_bridge"
     hparam_names = ("sigma_bridge", "K", "lr_fb", "warmup_frac", "bridge_hidden", "emb_dim")
+    preset_overrides = {"warmup_frac": 0.0}  # no DFA warm-up unless asked (docs/rules.md)
 
     def _build_feedback(self, hs: list[Tensor]) -> None:
         size = hs[0][0].numel()

@@ -3,7 +3,8 @@
 Runs are grouped into configurations by ``config_id`` (the seeds of a configuration share it);
 a metric's statistics over the configuration's finished runs (mean, sample std, n, 95% Student-t
 interval) are those of :mod:`chimera.bench.report.aggregate`, its tables those of
-:mod:`chimera.bench.report.tables`, its plots those of :mod:`chimera.bench.report.plots`; the
+:mod:`chimera.bench.report.tables`, its plots those of :mod:`chimera.bench.report.plots` and
+:mod:`chimera.bench.report.rules_plots`; the
 time to target and the performance profiles those of :mod:`chimera.bench.report.profiles`.
 
 A run with no final record is unfinished: it is left out of the statistics and flagged, as is a
@@ -30,6 +31,7 @@ from typing import Any
 from chimera.bench.report.aggregate import group_by, metric_stats, metric_value
 from chimera.bench.report.plots import draw_plots
 from chimera.bench.report.profiles import time_to_target_report
+from chimera.bench.report.rules_plots import draw_rule_plots
 from chimera.bench.report.sensitivity import sensitivity_report, split_tuning
 from chimera.bench.report.tables import (
     credit_report_table,
@@ -59,7 +61,7 @@ CREDIT_PREFIXES = ("credit_", "costate_")
 # Spec fields that tell apart configurations whose task/model/optimizer/quantizer/rule coincide.
 LABEL_KEYS = ("epochs", "batch_size", "lr_schedule", "optimizer_hparams", "model_hparams",
               "quant_hparams", "controller", "eval_batch_size", "log_every", "device",
-              "max_batches", "eval_max_batches")
+              "max_batches", "eval_max_batches", "rule_hparams")
 IDENTITY_COLUMNS = ("task", "model", "optimizer", "quantizer", "rule", "problem", "config",
                     "variant")
 
@@ -318,6 +320,8 @@ def write_report(directory: str | os.PathLike, out: str | os.PathLike | None = N
     out_dir.mkdir(parents=True, exist_ok=True)
 
     plots, notes = draw_plots(configs, out_dir)
+    rule_plots, rule_notes = draw_rule_plots(configs, out_dir)
+    plots, notes = plots + rule_plots, [*notes, "", *rule_notes]
     ttt_lines, ttt_plots, ttt_notes = time_to_target_report(configs, targets, out_dir)
     plots, notes = plots + ttt_plots, [*notes, "", *ttt_notes]
     tune_lines, tune_plots, tune_notes = sensitivity_report(tuning, out_dir)
