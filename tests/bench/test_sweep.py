@@ -111,7 +111,7 @@ def test_shipped_configs_parse(path):
     ({"model": "vit"}, "model: unknown model 'vit'"),
     ({"optimizer": "adamx"}, "optimizer: unknown optimizer 'adamx'"),
     ({"quantizer": "binary"}, "quantizer: unknown quantizer 'binary'"),
-    ({"rule": "dfa"}, "needs a residual model .*MLP has no stem"),
+    ({"rule": "state_bridge"}, "needs a residual model .*MLP has no stem"),
     ({"rule": "hebb"}, "rule: unknown learning rule 'hebb'; known:"),
     ({"rules": ["backprop", "hebb"]}, "rules.1: unknown learning rule 'hebb'"),
     ({"rule": "backprop", "rule_hparams": {"K": 2}}, "'backprop' takes no rule_hparams"),
