@@ -208,14 +208,17 @@ PLOTS = (
 )
 
 
-def draw_plots(configs: Sequence[Configuration], out_dir: Path) -> tuple[list[Path], list[str]]:
-    """Every plot of :data:`PLOTS` into ``out_dir``: the files written and report.md's lines
-    about them (a linked image, or why it was skipped)."""
+def draw_plots(configs: Sequence[Configuration], out_dir: Path,
+               table: Sequence[tuple[str, Any, str, str]] = PLOTS
+               ) -> tuple[list[Path], list[str]]:
+    """Every plot of ``table`` (``(file, draw, what, why it may be missing)`` rows, default
+    :data:`PLOTS`) into ``out_dir``: the files written and report.md's lines about them (a
+    linked image, or why it was skipped)."""
     from matplotlib import rc_context
 
     plots, notes = [], []
     with rc_context(RC):
-        for name, draw, what, missing in PLOTS:
+        for name, draw, what, missing in table:
             if draw(configs, out_dir / name):
                 plots.append(out_dir / name)
                 notes += [f"- `{name}`: {what}.", "", f"  ![{what}]({name})", ""]

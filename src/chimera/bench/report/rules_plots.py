@@ -4,7 +4,8 @@ the credit's costate cosine over training (per layer when the eval records carry
 accuracy per rule.
 
 Like :mod:`chimera.bench.report.plots`, each ``plot_*`` draws one figure and returns False,
-writing nothing, when the records hold nothing to draw; :func:`draw_rule_plots` draws them all.
+writing nothing, when the records hold nothing to draw; ``draw_plots(configs, out_dir,
+RULE_PLOTS)`` draws them all.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from chimera.bench.report.aggregate import group_by, metric_value, seed_stats
-from chimera.bench.report.plots import RC, _figure, _style
+from chimera.bench.report.plots import _figure, _style
 
 if TYPE_CHECKING:
     from chimera.bench.report.write import Configuration
@@ -116,20 +117,3 @@ RULE_PLOTS = (
     ("accuracy_by_rule.png", plot_accuracy_by_rule, "final test accuracy per learning rule",
      "fewer than two learning rules with a final test accuracy"),
 )
-
-
-def draw_rule_plots(configs: Sequence[Configuration], out_dir: Path
-                    ) -> tuple[list[Path], list[str]]:
-    """Every plot of :data:`RULE_PLOTS` into ``out_dir``: the files written and report.md's
-    lines about them (a linked image, or why it was skipped)."""
-    from matplotlib import rc_context
-
-    plots, notes = [], []
-    with rc_context(RC):
-        for name, draw, what, missing in RULE_PLOTS:
-            if draw(configs, out_dir / name):
-                plots.append(out_dir / name)
-                notes += [f"- `{name}`: {what}.", "", f"  ![{what}]({name})", ""]
-            else:
-                notes += [f"- `{name}`: skipped ({missing}).", ""]
-    return plots, notes[:-1]

@@ -31,7 +31,7 @@ from typing import Any
 from chimera.bench.report.aggregate import group_by, metric_stats, metric_value
 from chimera.bench.report.plots import draw_plots
 from chimera.bench.report.profiles import time_to_target_report
-from chimera.bench.report.rules_plots import draw_rule_plots
+from chimera.bench.report.rules_plots import RULE_PLOTS
 from chimera.bench.report.sensitivity import sensitivity_report, split_tuning
 from chimera.bench.report.tables import (
     credit_report_table,
@@ -320,7 +320,7 @@ def write_report(directory: str | os.PathLike, out: str | os.PathLike | None = N
     out_dir.mkdir(parents=True, exist_ok=True)
 
     plots, notes = draw_plots(configs, out_dir)
-    rule_plots, rule_notes = draw_rule_plots(configs, out_dir)
+    rule_plots, rule_notes = draw_plots(configs, out_dir, RULE_PLOTS)
     plots, notes = plots + rule_plots, [*notes, "", *rule_notes]
     ttt_lines, ttt_plots, ttt_notes = time_to_target_report(configs, targets, out_dir)
     plots, notes = plots + ttt_plots, [*notes, "", *ttt_notes]
