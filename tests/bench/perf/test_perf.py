@@ -42,10 +42,11 @@ def test_perf_optim_runs_every_optimizer(tmp_path, capsys):
     text, cases, goals = run_target("optim", tmp_path, capsys, "--shapes", "gpt2")
     assert "| shapes" in text and "x fused AdamW" in text
     names = {(c["optimizer"], c["variant"]) for c in cases}
-    assert {("adamw", "fused"), ("adamw", "foreach"), ("chimera21", "foreach"),
-            ("chimera21", "for-loop"), ("stac", "foreach"), ("lion", "for-loop"),
+    assert {("adamw", "fused"), ("adamw", "foreach"), ("chimera21", "default"),
+            ("chimera21", "foreach"), ("chimera21", "for-loop"), ("stac", "default"),
+            ("stac", "foreach"), ("lion", "for-loop"), ("scaled_optum", "default"),
             ("scaled_optum", "eager")} <= names
-    assert not any(c["compiled"] for c in cases)  # --no-compile
+    assert not any(c["compiled"] for c in cases)  # --no-compile: no forced compile
     base = next(c for c in cases if c["variant"] == "fused" and c["optimizer"] == "adamw")
     assert base["ratio_vs_fused_adamw"] == 1.0 and base["state_bytes_per_param"] > 8
     for c in cases:
@@ -53,7 +54,9 @@ def test_perf_optim_runs_every_optimizer(tmp_path, capsys):
         assert c["state"]["total"] == pytest.approx(c["state_bytes_per_param"] * c["num_params"])
     so = next(c for c in cases if c["optimizer"] == "scaled_optum")
     assert so["state_bytes_per_param"] < 2 and 12 <= so["bytes_per_param"] <= 12.5
+    # the tiny --quick set has no default-path goal (that needs >= 10M parameters)
     assert len(goals) == 3 and all(g["goal"].startswith("gpt2 ") for g in goals)
+    assert [g["limit"] for g in goals] == [2.0, 0.9, 1.0]
 
 
 def test_perf_optim_resnet20_shapes(tmp_path, capsys):
@@ -61,14 +64,14 @@ def test_perf_optim_resnet20_shapes(tmp_path, capsys):
                                  "--repeats", "1", "--warmup", "0")
     assert {c["num_params"] for c in cases} == {272_474}
     assert {c["num_tensors"] for c in cases} == {65}
-    assert {g["limit"] for g in goals} == {1.5}
+    assert {g["limit"] for g in goals} == {1.3}
 
 
 def test_perf_optim_subset_keeps_the_baseline(tmp_path, capsys):
     _, cases, goals = run_target("optim", tmp_path, capsys, "--shapes", "gpt2",
                                  "--optimizers", "stac")
     assert [(c["optimizer"], c["variant"]) for c in cases] == [
-        ("adamw", "fused"), ("stac", "foreach"), ("stac", "for-loop")]
+        ("adamw", "fused"), ("stac", "default"), ("stac", "foreach"), ("stac", "for-loop")]
     assert [g["goal"].split(" (")[0] for g in goals] == ["gpt2 stac step / fused AdamW"]
 
 
@@ -91,15 +94,28 @@ def test_bytes_per_param_follow_the_table():
 
 def test_perf_layers(tmp_path, capsys):
     text, cases, goals = run_target("layers", tmp_path, capsys)
-    layers = [(c["case"], c["layer"], c["quant"], c["fast_path"]) for c in cases]
-    assert layers == [("linear", "nn.Linear", "fp32", "-"),
-                      ("linear", "BitLinear", "strict_bitnet", "eager"),
-                      ("linear", "BitLinear", "chimera", "eager"),
-                      ("resnet20", "ResNet20", "fp32", "-"),
-                      ("resnet20", "ChimeraResNet20", "chimera", "eager")]
-    assert all(c["default"] for c in cases)  # compiled=None is eager on CPU
-    assert [c["time_ratio"] for c in cases if c["layer"] in ("nn.Linear", "ResNet20")] == [1, 1]
-    assert [g["op"] for g in goals] == ["<=", ">="]
+    layers = [(c["case"], c["layer"], c["quant"], c["path"], c["batch"]) for c in cases]
+    train = [("nn.Linear", "fp32", "-"), ("BitLinear", "chimera", "default"),
+             ("BitLinear", "chimera", "eager"), ("BitLinear", "strict_bitnet", "default")]
+    evals = [("MLP", "fp32", "default"), ("MLP", "chimera", "default"),
+             ("packed MLP", "base3", "default")]
+    assert layers == [("train", *t, b) for b in (8, 1) for t in train] + [
+        ("eval", *e, b) for b in (2, 3) for e in evals] + [
+        ("resnet20", "ResNet20", "fp32", "-", 2),
+        ("resnet20", "ChimeraResNet20", "chimera", "default", 2)]
+    floats = [c["time_ratio"] for c in cases if c["quant"] == "fp32"]
+    assert floats == [1.0] * 5  # every case and batch has its own float reference
+    assert [g["goal"].split(" ")[0] for g in goals] == [
+        "BitLinear", "BitLinear", "ternarized", "ternarized", "packed", "chimera"]
+    assert [g["op"] for g in goals] == ["<="] * 4 + [">=", "<="]
+    packed = next(g for g in goals if g["goal"].startswith("packed"))
+    row = next(c for c in cases if c["layer"] == "packed MLP" and c["batch"] == 2)
+    assert packed["value"] == row["throughput_ratio"]
+
+
+def test_perf_layers_runs_a_subset_of_cases(tmp_path, capsys):
+    _, cases, goals = run_target("layers", tmp_path, capsys, "--cases", "eval")
+    assert {c["case"] for c in cases} == {"eval"} and len(goals) == 3
 
 
 def test_perf_rules(tmp_path, capsys):
@@ -122,7 +138,8 @@ def test_profile_option_records_top_ops(tmp_path, capsys):
     (["optim", "--optimizers", "adam"],
      "--optimizers must be a comma-separated subset of adamw, chimera21"),
     (["layers", "--warmup", "-1"], "--warmup must be >= 0"),
-    (["layers", "--batch", "0"], "--batch must be >= 1"),
+    (["layers", "--resnet-batch", "0"], "--resnet-batch must be >= 1"),
+    (["layers", "--cases", "train,gpu"], "--cases must be a comma-separated subset of train"),
     (["rules", "--d-hidden", "0"], "--d-hidden must be >= 1"),
     (["rules", "--threads", "0"], "--threads must be >= 1"),
     (["optim", "--device", "tpu"], "device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),

@@ -32,7 +32,7 @@ from chimera.models import ResMLP
 from chimera.rules import RULES, LearningRule, build_rule
 
 RULE_NAMES = ("backprop", "dfa", "state_bridge", "credit_bridge")
-GOALS = {"dfa": 1.0, "state_bridge": 2.0, "credit_bridge": 2.0}  # step / backprop step
+GOALS = {"dfa": 1.0, "state_bridge": 1.5, "credit_bridge": 1.5}  # step / backprop step
 COUNTS = {"cpu": (2, 10), "cuda": (5, 30)}  # (warmup, repeats); --quick: (1, 1)
 PARTS = ("_credits", "_train_feedback")
 
