@@ -47,6 +47,14 @@ def train_steps(model: nn.Module, x, steps: int = 3) -> nn.Module:
     return model.eval()
 
 
+def exact(model: nn.Module, value: bool = True) -> nn.Module:
+    """``model`` with every packed layer's ``exact`` set to ``value``."""
+    for m in model.modules():
+        if isinstance(m, PackedTernaryModule):
+            m.exact = value
+    return model
+
+
 def mixed_int_model():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 10))
     return ternarize(model, "int_ternary", skip=())
@@ -93,7 +101,10 @@ def test_loaded_model_reproduces_eval_outputs_exactly(case, fmt, tmp_path):
     loaded = load_exported_run(path) if skeleton is None else load_ternary(path, skeleton())
     assert not loaded.training
     assert not any(isinstance(m, BitLayer | IntTernaryModule) for m in loaded.modules())
-    assert torch.equal(loaded(x), expected)
+    fast = loaded(x)  # default: integer kernel in the linear layers (CPU)
+    assert torch.allclose(fast, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(exact(loaded)(x), expected)
+    assert torch.equal(exact(loaded, False)(x), fast)
     assert torch.equal(model(x), expected)  # eval forwards mutate nothing
     # sizes: one packed byte per 5 (base3) / 4 (2bit) weights, the last byte of a layer partial
     assert report["ternary_layers"] == len(sizes)
@@ -142,7 +153,7 @@ def test_end_to_end_train_checkpoint_export_load(tmp_path):
     model.load_state_dict(ckpt["model"])
     with torch.no_grad():
         expected = model.eval()(data.x_test)
-        assert torch.equal(load_exported_run(out)(data.x_test), expected)
+        assert torch.equal(exact(load_exported_run(out))(data.x_test), expected)
     weights = 100 * 100  # the first and last layers stay fp32
     assert report["ternary_weights"] == weights and report["packed_bytes"] == weights // 5
     assert report["bits_per_weight"] == 1.6
@@ -248,9 +259,14 @@ def test_root_ternary_layer_round_trips(tmp_path):
     layer = BitLinear(7, 3, warmup_steps=0).eval()
     x = torch.randn(4, 7)
     export_ternary(layer, tmp_path / "l.safetensors")
-    loaded = load_ternary(tmp_path / "l.safetensors", model=BitLinear(7, 3))
-    assert isinstance(loaded, PackedTernaryLinear)
+    loaded = load_ternary(tmp_path / "l.safetensors", model=BitLinear(7, 3), exact=True)
+    assert isinstance(loaded, PackedTernaryLinear) and loaded.exact
     assert torch.equal(loaded(x), layer(x))
+    fast = load_ternary(tmp_path / "l.safetensors", model=BitLinear(7, 3))
+    assert not fast.exact and fast.integer_kernel_applies(x)
+    assert torch.allclose(fast(x), layer(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="^exact must be True or False, got 1$"):
+        load_ternary(tmp_path / "l.safetensors", model=BitLinear(7, 3), exact=1)
 
 
 def one_line(info):

@@ -8,7 +8,9 @@ File layout (``FILE_FORMAT``). For every ternary layer (Bit or integer-ternary) 
 Metadata (str -> str): ``chimera_format``, ``layers`` (JSON ``{L: {"kind", "config"}}`` of the
 :mod:`chimera.deploy.packed` inference layers) and each caller metadata value as JSON (for instance
 the recipe that rebuilds the model). The inference model's
-outputs equal the eval-mode outputs of the exported model exactly.
+outputs equal the eval-mode outputs of the exported model exactly with ``load_ternary(...,
+exact=True)``; by default its linear layers may use the faster integer kernel, whose outputs
+agree within the float path's own rounding (:mod:`chimera.deploy.packed`).
 """
 
 from __future__ import annotations
@@ -212,23 +214,31 @@ def _unpack_layer(state: dict[str, Tensor], prefix: str) -> None:
     state[prefix] = unpack_ternary(packed)
 
 
-def load_ternary(path: str | os.PathLike, model: nn.Module) -> nn.Module:
+def load_ternary(path: str | os.PathLike, model: nn.Module, *, exact: bool = False
+                 ) -> nn.Module:
     """The inference model of a file written by :func:`export_ternary`, in eval mode.
 
     ``model`` is an instance of the exported architecture (float, ternary or packed layers; its
     values are all overwritten): each ternary layer becomes its :mod:`chimera.deploy.packed`
     layer and every tensor is loaded from the file (strictly). Returns the model (or the packed
-    layer when ``model`` itself is the one ternary layer).
+    layer when ``model`` itself is the one ternary layer). ``exact`` sets the packed layers'
+    ``exact``: True reproduces the exported model's eval outputs bit for bit; False (default)
+    lets linear layers use the integer kernel (faster on CPU; outputs within the float path's
+    rounding, see :mod:`chimera.deploy.packed`).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module of the exported architecture, got "
                          f"{type(model).__name__}")
+    if not isinstance(exact, bool):
+        raise ValueError(f"exact must be True or False, got {exact!r}")
     path = Path(path)
     tensors, meta = read_ternary(path)
     state = dict(tensors)
     for name, info in meta["layers"].items():
         try:
-            model = _swap(model, name, _inference_layer(name, info))
+            layer = _inference_layer(name, info)
+            layer.exact = exact
+            model = _swap(model, name, layer)
             _unpack_layer(state, _key(name, "T"))
         except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
             raise ValueError(f"{path}: ternary layer {name!r}: {_one_line(e)}") from None
