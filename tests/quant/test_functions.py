@@ -9,6 +9,8 @@ from chimera.quant.functions import (
     quantize_activations,
     quantize_weight_chimera,
     quantize_weight_strict_bitnet,
+    scaled_ternary,
+    stat_of_magnitudes,
 )
 
 
@@ -110,3 +112,47 @@ def test_ema_update():
     for rho in (-0.1, 1.5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match=r"^rho must be a number in \[0, 1\], got"):
             ema_update(old, new, rho)
+
+
+def activation_formula(x, mode, eps_beta=1e-6):
+    """The activation quantizer as first written (abs, max, out-of-place steps)."""
+    amax = x.detach().abs().max() if mode == "per_tensor" else (
+        x.detach().abs().amax(dim=-1, keepdim=True))
+    beta = amax / 127 + eps_beta
+    x_q = torch.clamp(torch.round(x.detach() / beta), -127, 127)
+    return x + (beta * x_q - x).detach()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["per_tensor", "per_token"])
+def test_activation_quantizer_passes_equal_the_formula_bit_for_bit(mode, dtype):
+    """aminmax and in-place steps: same values (NaN rows and all-zero rows included) and the
+    same straight-through gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 33, dtype=dtype) * torch.logspace(-3, 3, 33, dtype=dtype)
+    x[0, 1] = 0.0
+    x[0, 2] = -0.0
+    x[2, 3, 5] = float("nan")
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = quantize_activations(a, mode), activation_formula(b, mode)
+    torch.testing.assert_close(ya, yb, rtol=0, atol=0, equal_nan=True)
+    numbers = ~ya.isnan()  # the sign bit of a NaN means nothing
+    assert torch.equal(ya.signbit()[numbers], yb.signbit()[numbers])
+    grad = torch.randn_like(ya)
+    ya.backward(grad)
+    yb.backward(grad)
+    assert torch.equal(a.grad, b.grad)
+
+
+def test_stat_of_magnitudes_is_abs_stat_of_w():
+    w = torch.randn(7, 9)
+    for mode in ("mean", "median"):
+        assert torch.equal(stat_of_magnitudes(w.abs(), mode), abs_stat(w, mode))
+    with pytest.raises(ValueError, match="^stat_mode must be"):
+        stat_of_magnitudes(w.abs(), "max")
+
+
+def test_scaled_ternary_rejects_an_unknown_quantizer():
+    u = torch.randn(4)
+    with pytest.raises(ValueError, match="^quant_mode must be 'chimera' or 'strict_bitnet'"):
+        scaled_ternary(u, torch.tensor(1.0), 0.5, "sign", out=torch.empty_like(u))

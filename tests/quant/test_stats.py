@@ -10,7 +10,9 @@ from chimera.nn.bit_layers import BitLinear
 from chimera.quant.stats import (
     entropy_from_ternary_ratios,
     model_quant_stats,
+    sign_counts,
     symmetric_zero_ratio_for_entropy,
+    ternary_counts,
     ternary_stats,
 )
 
@@ -128,3 +130,11 @@ def test_model_quant_stats_requires_weight_count():
 
     with pytest.raises(ValueError, match="num_weights"):
         model_quant_stats(nn.Sequential(Incomplete()))
+
+
+@pytest.mark.parametrize("gamma", [0.3, 1e-30, float("inf")])
+def test_sign_counts_of_a_scaled_ternary_tensor_equal_the_ternary_counts(gamma):
+    t = torch.tensor([1.0, -1.0, 0.0, 1.0, 0.0, 0.0, -1.0, 1.0]).repeat(5)
+    q = gamma * t  # inf * 0 is NaN: counted as a zero
+    assert sign_counts(q).tolist() == ternary_counts(t).tolist() == [15, 15, 10]
+    assert sign_counts(q).dtype == torch.int64

@@ -27,9 +27,14 @@ def _check_weight(u: object, name: str = "U") -> Tensor:
 def abs_stat(w: Tensor, mode: str = "mean") -> Tensor:
     """The weight scale statistic: ``mean(|W|)`` or ``median(|W|)`` (0-dim tensor)."""
     _check_weight(w, "W")
+    return stat_of_magnitudes(w.abs(), mode)
+
+
+def stat_of_magnitudes(magnitudes: Tensor, mode: str = "mean") -> Tensor:
+    """:func:`abs_stat` of W given ``|W|`` (a buffer the caller reuses)."""
     if choice("stat_mode", mode, STAT_MODES) == "mean":
-        return w.abs().mean()
-    return w.abs().median()
+        return magnitudes.mean()
+    return magnitudes.median()
 
 
 def ema_update(old: Tensor, new: Tensor, rho: float) -> Tensor:
@@ -56,11 +61,61 @@ def quantize_weight_chimera(u: Tensor, gamma: Tensor | float, alpha: Tensor | fl
     product, exactly as a Python float alpha is, so both give the same T bit for bit.
     """
     _check_weight(u)
+    return torch.sign(u) * (u.abs() > chimera_threshold(u, gamma, alpha)).to(u.dtype)
+
+
+def chimera_threshold(u: Tensor, gamma: Tensor | float, alpha: Tensor | float) -> Tensor | float:
+    """``alpha * gamma``, the threshold of :func:`quantize_weight_chimera` (a tensor alpha is
+    first rounded to U's precision, at least float32; a float alpha is range-checked)."""
     if isinstance(alpha, Tensor):
         alpha = alpha.to(torch.promote_types(u.dtype, torch.float32))
     else:
         number("alpha", alpha, 0)
-    return torch.sign(u) * (u.abs() > alpha * gamma).to(u.dtype)
+    return alpha * gamma
+
+
+def scaled_ternary(
+    u: Tensor, gamma: Tensor, alpha: Tensor | float, quant_mode: str, out: Tensor
+) -> Tensor:
+    """``gamma * T`` of the ``quant_mode`` quantizer (``"chimera"`` or ``"strict_bitnet"``)
+    written into ``out`` (U's shape and dtype; it may hold ``|U|``): three or four in-place
+    passes, no temporaries, and one host sync (the threshold becomes a Python float).
+
+    T is ``sign(hardshrink(V, lambd))``: chimera ``V = U``, ``lambd = alpha * gamma``; strict
+    ``V = U / gamma``, ``lambd = 0.5`` (``clamp(round(V), -1, 1)`` is nonzero exactly when
+    ``|V| > 0.5``). Equal bit for bit to ``gamma * T`` with zeros ``+0`` for float32/float64
+    U and a finite ``gamma > 0`` (float16/bfloat16 would round the threshold differently). The
+    Bit layers use it only where ``gamma * T`` is also ``gamma * (U + (T - U))`` (finite
+    ``|U| < 2^24`` for float32; a NaN weight gives 0 here but NaN there).
+    """
+    if quant_mode == "chimera":
+        v, lambd = u, float(chimera_threshold(u, gamma, alpha))
+    elif quant_mode == "strict_bitnet":
+        v, lambd = torch.div(u, gamma, out=out), 0.5
+    else:
+        raise ValueError(f"quant_mode must be 'chimera' or 'strict_bitnet', got {quant_mode!r}")
+    return torch.hardshrink(v, lambd, out=out).sign_().mul_(gamma)
+
+
+def traced() -> bool:
+    """Whether a tracer or transform runs the code (dynamo, export, jit, a ``torch.func``
+    transform): the eager-only forms (in-place chains, one-pass reductions, host syncs) are
+    then replaced by the plain formulas, which the compilers fuse anyway."""
+    return (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or torch.jit.is_tracing() or torch._C._functorch.peek_interpreter_stack() is not None)
+
+
+def abs_max(x: Tensor, mode: str) -> Tensor:
+    """``max|x|`` over the tensor (``per_tensor``) or per row of the last dim (``per_token``).
+
+    Eagerly ``max(max x, -min x)``: one pass, no ``|x|`` temporary, the same value (a max is
+    exact). Traced (compile, export, jit): ``amax(|x|)``, which inductor fuses and ONNX knows.
+    """
+    per_tensor = mode == "per_tensor"
+    if traced():
+        return x.abs().max() if per_tensor else x.abs().amax(dim=-1, keepdim=True)
+    low, high = x.aminmax() if per_tensor else x.aminmax(dim=-1, keepdim=True)
+    return torch.maximum(high, low.neg())
 
 
 def quantize_activations(
@@ -77,11 +132,25 @@ def quantize_activations(
     """
     if choice("act_quant", mode, ACT_QUANT_MODES) == "none":
         return x
-    if mode == "per_tensor":
-        beta = x.detach().abs().max() / 127 + eps_beta
-    else:
-        beta = x.detach().abs().amax(dim=-1, keepdim=True) / 127 + eps_beta
+    data = x.detach()
+    beta = abs_max(data, mode) / 127 + eps_beta
     if not ste:
         return beta * torch.clamp(torch.round(x / beta), -127, 127)
-    x_q = torch.clamp(torch.round(x.detach() / beta), -127, 127)
-    return x + (beta * x_q - x).detach()
+    if traced():
+        return x + (beta * torch.clamp(torch.round(data / beta), -127, 127) - data)
+    # x + (beta * x_q - x) in place on one buffer (the values of the formula above)
+    value = torch.div(data, beta).round_().clamp_(-127, 127).mul_(beta).sub_(data).add_(data)
+    return StraightThrough.apply(x, value) if x.requires_grad else value
+
+
+class StraightThrough(torch.autograd.Function):
+    """Forward: ``value`` (computed without autograd); backward: the gradient to ``x``
+    unchanged, the gradient of ``x + (value - x).detach()``."""
+
+    @staticmethod
+    def forward(ctx: object, x: Tensor, value: Tensor) -> Tensor:
+        return value
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None

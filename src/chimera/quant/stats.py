@@ -41,6 +41,14 @@ def ternary_counts(tq: Tensor) -> Tensor:
     return torch.stack([(tq == 0).sum(), (tq == 1).sum(), (tq == -1).sum()])
 
 
+def sign_counts(q: Tensor) -> Tensor:
+    """``[#zeros, #(+), #(-)]`` of ``gamma * T`` (gamma > 0) as an int64 tensor on its device:
+    the counts of T in two counting passes (``q > 0``, ``q < 0``); anything else (zero, NaN)
+    counts as a zero."""
+    plus, minus = torch.count_nonzero(q > 0), torch.count_nonzero(q < 0)
+    return torch.stack([q.numel() - plus - minus, plus, minus])
+
+
 def stats_from_counts(zeros: int, plus: int, minus: int) -> dict[str, float]:
     """Ratios and effective bits from value counts (see :func:`ternary_stats`)."""
     total = zeros + plus + minus
