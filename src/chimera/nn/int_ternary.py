@@ -51,7 +51,12 @@ statistics stay those of the earlier forwards.
 Training state bytes per ternary weight (``T`` is the weight itself, not state): ``pressure``
 1 + ``corr_accum`` 8/gs + ``E`` 1/gs + ``step`` 8/numel, i.e. 1.28 bytes with gs = 32.
 Eval mode and ``torch.no_grad()`` forwards mutate nothing. ``2^E`` is computed as
-``pow(2, E)`` (exact for integer E, and an op every exporter knows).
+``pow(2, E)`` (exact for integer E, and an op every exporter knows); the optimizer's step
+builds the same float from its exponent field (``group_scale(..., bits=True)``).
+
+The plain functions ``group_sums``, ``scale_groups``, ``group_scale`` and
+``rebalance_exponent_`` hold the group arithmetic that the layer's methods and
+``ScaledOptum``'s fast step share.
 """
 
 from __future__ import annotations
@@ -78,8 +83,64 @@ E_MIN, E_MAX = -126, 126  # exponent range (2^(E+1) stays a finite float32)
 MAX_THRESHOLD = 127  # pressure is int8
 
 
+def group_sums(x: Tensor, group_size: int, dtype: torch.dtype | None = None) -> Tensor:
+    """Sums over the groups of ``group_size`` consecutive columns: of a (out, groups, gs) view,
+    or of a (out, fan_in) tensor whose last group per row may be partial (views, no padded
+    copy). Shape (out, groups)."""
+    if x.dim() == 3:
+        return x.sum(-1, dtype=dtype)
+    out, fan_in = x.shape
+    full = fan_in // group_size
+    head = x[:, : full * group_size].reshape(out, full, group_size).sum(-1, dtype=dtype)
+    if full * group_size == fan_in:
+        return head
+    return torch.cat([head, x[:, full * group_size:].sum(-1, keepdim=True, dtype=dtype)], 1)
+
+
+def scale_groups(x: Tensor, values: Tensor, group_size: int) -> Tensor:
+    """``x`` times the value of each column's group (``values``: (out, groups)); ``x`` is a
+    (out, groups, gs) view or a (out, fan_in) tensor as in :func:`group_sums`."""
+    if x.dim() == 3:
+        return x * values.unsqueeze(-1)
+    out, fan_in = x.shape
+    full = fan_in // group_size
+    head = x[:, : full * group_size].reshape(out, full, group_size) * values[:, :full, None]
+    if full * group_size == fan_in:
+        return head.view(out, fan_in)
+    # head and tail, not one expanded column vector: inductor (torch 2.13, CPU) miscompiles
+    # expand -> reshape -> slice here
+    return torch.cat([head.view(out, -1), x[:, full * group_size:] * values[:, full:]], 1)
+
+
+def group_scale(E: Tensor, corr_accum: Tensor, step: Tensor, group_size: int,
+                bits: bool = False) -> Tensor:
+    """``S = 2^E * (1 + corr_accum / (step * gs))``, ``2^E`` while ``step == 0`` (float32).
+    ``2^E`` is ``pow(2, E)`` (exact, and an op every exporter knows) or, with ``bits``, the
+    float32 whose exponent field is ``E + 127`` (the same value; compiled for CPU it is a
+    shift where ``pow`` is a scalar ``exp2`` call per element)."""
+    if bits:
+        power = ((E.to(torch.int32) + 127) << 23).view(torch.float32)
+    else:
+        power = torch.pow(2.0, E.float())
+    n = (step * group_size).clamp_min(1).float()  # tensor ops: no device sync
+    return torch.where(step > 0, power * (1 + corr_accum.float() / n), power)
+
+
+def rebalance_exponent_(E: Tensor, corr_accum: Tensor, step: Tensor, group_size: int) -> None:
+    """In place, where ``f = 1 + corr / n`` (``n = step * gs``) left [2/3, 3/2):
+    ``f >= 3/2``: ``E += 1``, ``corr = floor((corr - n) / 2)``; ``0 < f <= 2/3``: ``E -= 1``,
+    ``corr = 2 corr + n`` (``S`` kept up to integer rounding; E stays in [E_MIN, E_MAX])."""
+    n = step * group_size
+    total = corr_accum + n  # = f * n
+    up = (2 * total >= 3 * n) & (E < E_MAX) & (n > 0)
+    down = (3 * total <= 2 * n) & (E > E_MIN) & (total > 0)  # S = 0 keeps its E
+    corr = torch.where(up, (corr_accum - n).div(2, rounding_mode="floor"), corr_accum)
+    corr_accum.copy_(torch.where(down, 2 * corr + n, corr))
+    E.add_(up.to(torch.int8) - down.to(torch.int8))
+
+
 class IntTernaryModule(nn.Module):
-    """Shared logic of the integer-ternary layers; subclasses only add geometry and the F call.
+    """Common logic of the integer-ternary layers; subclasses only add geometry and the F call.
 
     ``weight_shape`` is (out, *fan_in_dims). ``act_quant`` in {per_tensor, per_token, none}.
     """
@@ -124,10 +185,6 @@ class IntTernaryModule(nn.Module):
         pad = self.E.shape[1] * self.group_size - self.fan_in
         return F.pad(rows, (0, pad)).view(t.shape[0], -1, self.group_size)
 
-    def _ungrouped(self, g: Tensor) -> Tensor:
-        """(out, groups, gs) -> weight shape, dropping the padding."""
-        return g.reshape(g.shape[0], -1)[:, : self.fan_in].reshape(self.T.shape)
-
     @torch.no_grad()
     def load_float_weight(self, w: Tensor) -> None:
         """Set ``T``, ``E`` from a float weight and reset the training state.
@@ -155,15 +212,13 @@ class IntTernaryModule(nn.Module):
 
     def group_scale(self) -> Tensor:
         """Per-group ``S = 2^E * (1 + corr_accum / (step * gs))`` (float32, shape (out, groups))."""
-        power = torch.pow(2.0, self.E.float())  # exact, like exp2, and exportable
-        n = (self.step * self.group_size).clamp_min(1).float()  # tensor ops: no device sync
-        return torch.where(self.step > 0, power * (1 + self.corr_accum.float() / n), power)
+        return group_scale(self.E, self.corr_accum, self.step, self.group_size)
 
     def effective_weight(self) -> Tensor:
         """``W = T * S`` in the weight's shape (float32, no grad)."""
         with torch.no_grad():
-            s = self.group_scale().unsqueeze(-1)
-            return self._ungrouped(self._grouped(self.T.float()) * s)
+            rows = self.T.reshape(self.T.shape[0], self.fan_in).float()
+            return scale_groups(rows, self.group_scale(), self.group_size).view(self.T.shape)
 
     @torch.no_grad()
     def sync_weight(self) -> None:
@@ -217,9 +272,10 @@ class IntTernaryModule(nn.Module):
         grad = self.weight_grad if grad is None else grad
         if grad is None:
             return False
-        descent = -torch.sign(grad).to(torch.int16)
+        descent = -torch.sign(grad).to(torch.int16) * self.T
         self.step += 1
-        self.corr_accum += self._grouped(descent * self.T).sum(-1, dtype=torch.int64)
+        self.corr_accum += group_sums(descent.reshape(descent.shape[0], self.fan_in),
+                                      self.group_size, torch.int64)
         self.sync_weight()
         return True
 
@@ -243,15 +299,7 @@ class IntTernaryModule(nn.Module):
         ``f >= 3/2``: ``E += 1``, ``corr = floor((corr - n) / 2)`` (f -> f/2);
         ``0 < f <= 2/3``: ``E -= 1``, ``corr = 2 corr + n`` (f -> 2 f); n = step * gs.
         """
-        n = self.step * self.group_size
-        total = self.corr_accum + n  # = f * n
-        up = (2 * total >= 3 * n) & (self.E < E_MAX) & (n > 0)
-        down = (3 * total <= 2 * n) & (self.E > E_MIN) & (total > 0)  # S = 0 keeps its E
-        self.corr_accum.copy_(
-            torch.where(up, (self.corr_accum - n).div(2, rounding_mode="floor"), self.corr_accum)
-        )
-        self.corr_accum.copy_(torch.where(down, 2 * self.corr_accum + n, self.corr_accum))
-        self.E += up.to(torch.int8) - down.to(torch.int8)
+        rebalance_exponent_(self.E, self.corr_accum, self.step, self.group_size)
         self.sync_weight()
 
     def extra_repr(self) -> str:

@@ -29,14 +29,16 @@ otherwise; so OneCycleLR warms the ternary rate up to ``ternary_lr`` and anneals
 setting it to a float-sized lr. ``weight_decay`` and ``momentum`` do nothing to ternary weights
 (``T`` has no magnitude to decay; the pressure counter already integrates the gradient);
 ``maximize`` negates their gradient too. Each step, for every registered module whose
-``weight.grad`` (g, accumulated since ``zero_grad``) exists:
+``weight.grad`` (g, accumulated since ``zero_grad``; non-finite entries read as 0) exists:
 
 1. ``module.update_corr(g)``: per group ``corr_accum += sum(-sign(g) * T)``
 (docs/algorithms.md#scaledoptum);
-2. pressure increment (design choice): ``inc = -sign(g) * min(round(rate * |g| / mean|g|),
-   threshold)`` (mean over the layer); then ``module.update_ternary(inc, threshold)``: the int8
-   pressure moves ``T`` one step once ``|pressure| >= threshold``, then resets. Rounding filters
-   gradients far below the layer mean, and ``rate -> 0`` (an annealing schedule) freezes T;
+2. pressure increment (design choice): ``inc = -sign(g) * min(round(|g| * scale), threshold)``
+   with ``scale = min(rate / max(mean|g|, tiny), float32 max)`` (mean over the layer:
+   :func:`gradient_scales`); then ``module.update_ternary(inc, threshold)``:
+   the int8 pressure moves ``T`` one step once ``|pressure| >= threshold``, then resets.
+   Rounding filters gradients far below the layer mean, and ``rate -> 0`` (an annealing
+   schedule) freezes T;
 3. ``e_policy == "track"``: ``module.rebalance_exponent()`` (E follows the corr-derived scale);
    ``"fixed"`` keeps ``E`` as initialised, so ``corr_accum`` follows docs/algorithms.md#scaledoptum
    to the letter.
@@ -46,20 +48,39 @@ As in every torch optimizer, ``step`` does not clear gradients: a second ``step`
 checkpoints with the model. Optimizer states saved before the ternary group held the weight
 caches (0 parameters, no ``ternary_lr``) are rejected by ``load_state_dict`` (ValueError).
 
-``fused``: True runs the step compiled by ``torch.compile`` (one graph per device for the
-registered modules and the float groups: the same module methods and ``pressure_increment``,
-and the sign-SGD as foreach ops, fused by inductor; triton on CUDA, C++ on CPU); False never
-does; None (default) does only for groups on one CUDA device where torch.compile and triton are
-usable (see ``chimera.optim._fused``). The per-group scalars enter the graph as tensors, so a
-schedule recompiles nothing; the compiled step needs its tensors on one device per group. Float
-parameters match the eager step bit for bit, and so does the integer state, with one exception:
-``mean|g|`` is a reduction whose summation order inductor may change, so where
-``rate * |g| / mean|g|`` lies within float rounding of a half-integer, that pressure increment
-can differ by one (the CPU tests pin exact equality on small layers).
+Paths of the integer update, equal bit for bit (integer state and ``weight`` cache):
+
+- ``foreach=False``: the for-loop ground truth, steps 1-3 by the module's own methods;
+- default eager (``foreach`` None or True): :func:`ternary_step_` per module, about a dozen
+  ops on views grouped as (out, groups, gs) (no padded copies; a partial last group is a
+  slice), ``nan_to_num`` only for a gradient whose sum |g| is not finite, the ``weight``
+  cache written once;
+- compiled (``fused=True``): :func:`ternary_step_` of every module in one ``torch.compile``
+  graph per device, with the float groups' sign-SGD (foreach ops); inductor makes two passes
+  over each weight (the per-group corr sums, then one elementwise kernel writing pressure,
+  ``T`` and the weight cache). Bytes per ternary weight: g read three times (sum |g|,
+  both passes), T twice, pressure once, T, pressure and the fp32 cache written: ~23 B.
+  ``fused=None`` (default) compiles on one CUDA device where ``use_fused`` allows
+  (``chimera.optim._fused``), and on CPU from ``AUTO_COMPILE_WEIGHTS`` (2^20) registered
+  ternary weights on where inductor builds C++ (the first step compiles: ~5-15 s for one
+  layer, ~1 min for GPT-2 small's 49 matrices; inductor's on-disk cache keeps the kernels
+  across processes); smaller models (ResNet-20's 0.27M, tests) stay eager. ``fused=False``
+  never compiles.
+
+Every path takes ``mean|g|`` from :func:`gradient_scales` (eager, chunked ``abs`` + ``sum``: a
+reduction inside the compiled graph would sum in another order and move half-integer
+roundings); every
+other operation is exact (signs, small integers in float32, integer sums). The per-group
+scalars enter the graph as tensors, so a schedule recompiles nothing; the compiled step needs
+its tensors on one device per group, and a module whose buffers are not contiguous (e.g.
+channels_last) is updated eagerly. Float parameters match the eager step bit for bit.
 """
 
 from __future__ import annotations
 
+import functools
+import shutil
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -67,7 +88,14 @@ import torch
 from torch import Tensor, nn
 
 from chimera._validate import choice, integer, number, require
-from chimera.nn.int_ternary import MAX_THRESHOLD, IntTernaryModule
+from chimera.nn.int_ternary import (
+    MAX_THRESHOLD,
+    IntTernaryModule,
+    group_scale,
+    group_sums,
+    rebalance_exponent_,
+    scale_groups,
+)
 from chimera.optim._common import (
     FusableOptimizer,
     check_loaded_state,
@@ -79,7 +107,15 @@ from chimera.optim._fused import check_fused, foreach_add_, run_compiled, use_fu
 E_POLICIES = ("fixed", "track")
 _TERNARY_KEYS = ("lr", "ternary_lr", "threshold", "e_policy", "ternary")
 _FLOAT_DEFAULTS = {"momentum": 0.0, "momentum_decay": None, "weight_decay": 0.0,
-                   "maximize": False}  # for older states
+                   "maximize": False, "foreach": None}  # for older states
+# fused=None compiles the integer update on CPU from this many ternary weights on (module
+# docstring): the compiled step saves ~6 ns per weight against the eager one (x86, 1
+# thread), ~6 ms per step here, which repays a compile of 5-60 s within thousands of steps
+AUTO_COMPILE_WEIGHTS = 2**20
+_TINY = torch.finfo(torch.float32).tiny
+_CHUNK = 2**16  # elements per abs + sum of abs_sums (256 KiB of fp32: stays in L2)
+_EAGER_BLOCK = 2**16  # weights per block of the eager step
+_FLOAT_MAX = torch.finfo(torch.float32).max
 
 
 def _check_group(group: dict[str, Any]) -> None:
@@ -96,7 +132,7 @@ def _check_group(group: dict[str, Any]) -> None:
         number("ternary_lr", group["ternary_lr"], 0)
         integer("threshold", group["threshold"], 1, MAX_THRESHOLD)
         choice("e_policy", group["e_policy"], E_POLICIES)
-    check_fused(group.get("fused"))
+    check_fused(group.get("fused"), group.get("foreach"))
 
 
 def ternary_rate(group: dict[str, Any]) -> float:
@@ -105,32 +141,176 @@ def ternary_rate(group: dict[str, Any]) -> float:
     return group["ternary_lr"] * group["lr"] / group.get("max_lr", 1.0)
 
 
-def pressure_increment(grad: Tensor, rate: float | Tensor, threshold: int) -> Tensor:
-    """``-sign(g) * min(round(rate * |g| / mean|g|), threshold)`` as int16 (0 where g == 0).
+def abs_sums(grads: list[Tensor]) -> Tensor:
+    """``sum |g|`` per gradient as a float32 vector: torch's 1-norm (one foreach call) for
+    gradients of at most ``_CHUNK`` elements; for larger ones, per chunk of ``_CHUNK``
+    elements ``abs`` into a cache-sized scratch and ``sum``, then the sum of the chunk sums
+    (the 1-norm is a scalar loop, several times slower than these two vectorized ops)."""
+    small = [i for i, g in enumerate(grads) if g.numel() <= _CHUNK]
+    sums: list[Tensor | None] = [None] * len(grads)
+    for i, value in zip(small, torch._foreach_norm([grads[i] for i in small], 1,
+                                                   dtype=torch.float32), strict=True):
+        sums[i] = value
+    for i, grad in enumerate(grads):
+        if sums[i] is None:
+            flat = grad.reshape(-1)
+            scratch = torch.empty(_CHUNK, dtype=flat.dtype, device=flat.device)
+            sums[i] = torch.stack([
+                torch.abs(chunk, out=scratch[: chunk.numel()]).sum(dtype=torch.float32)
+                for chunk in flat.split(_CHUNK)]).sum()
+    return torch.stack(sums)
 
-    ``rate`` is a Python float or a 0-dim tensor (compiled step), cast to the gradient's dtype;
-    ``rate / mean`` is computed as ``(1 / mean) * rate`` either way (torch's ``float / Tensor``).
-    """
-    mag = grad.abs()
-    if isinstance(rate, Tensor):
-        rate = rate.to(mag.dtype)
-    scale = mag.mean().clamp_min(torch.finfo(mag.dtype).tiny).reciprocal() * rate
-    units = torch.round(mag * scale)
-    return (-torch.sign(grad) * units.clamp_(max=threshold)).to(torch.int16)
+
+def gradient_scales(grads: list[Tensor], rate: float) -> tuple[list[Tensor], Tensor]:
+    """The gradients with non-finite entries read as 0 (a cleaned copy only of a gradient that
+    has one) and, per gradient, ``min(rate / max(mean|g|, tiny), float32 max)`` as a float32
+    vector, ``mean|g| = abs_sums(g) / numel``. Every path of the step computes its scales
+    here, so they agree bit for bit. One host sync (the finiteness check)."""
+    norms = abs_sums(grads)
+    if not bool(torch.isfinite(norms).all()):
+        grads = [g if bool(torch.isfinite(n)) else
+                 torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+                 for g, n in zip(grads, norms, strict=True)]
+        norms = abs_sums(grads)
+    numels = torch.tensor([g.numel() for g in grads], dtype=torch.float32, device=norms.device)
+    means = (norms / numels).clamp_min(_TINY)
+    return grads, means.reciprocal().mul(rate).clamp_max(_FLOAT_MAX)
+
+
+def increment(grad: Tensor, scale: Tensor, threshold: int) -> Tensor:
+    """``clamp(round(g * scale), -threshold, threshold)`` in float32 (``scale``: a 0-dim float32
+    tensor, negative when descending): ``-sign(g) * min(round(|g| * |scale|), threshold)`` with
+    the sign of the direction, since rounding is symmetric."""
+    return torch.mul(grad.float(), scale).round_().clamp_(-threshold, threshold)
+
+
+def pressure_increment(grad: Tensor, rate: float, threshold: int) -> Tensor:
+    """``-sign(g) * min(round(rate * |g| / mean|g|), threshold)`` as int16 (0 where g == 0;
+    non-finite entries of ``grad`` read as 0; :func:`gradient_scales`)."""
+    (grad,), scales = gradient_scales([grad], rate)
+    return increment(grad, -scales[0], threshold).to(torch.int16)
+
+
+def ternary_step_(
+    grad: Tensor,
+    scale: Tensor,
+    T: Tensor,
+    pressure: Tensor,
+    corr_accum: Tensor,
+    E: Tensor,
+    step: Tensor,
+    weight: Tensor,
+    *,
+    threshold: int,
+    group_size: int,
+    track: bool,
+    maximize: bool,
+) -> None:
+    """Steps 1-3 of the module docstring on one module's tensors, in place. ``T``,
+    ``pressure``, ``weight`` (and ``grad``, finite) come in the working shape of
+    :func:`work_views`; ``scale`` is the gradient's signed 0-dim scale (``-``
+    :func:`gradient_scales`, ``+`` when maximizing). Compiled, this is two passes over the
+    weights (the corr sums, then the elementwise update writing ``pressure``, ``T`` and the
+    ``weight`` cache); eager, a dozen ops. The float arithmetic is exact: signs, small
+    integers, and ``|pressure + increment| < 2 threshold`` for a pressure left by this
+    threshold."""
+    g = grad.float()
+    score = group_sums(torch.sign(g).mul_(T), group_size)  # small integers: exact in float32
+    corr_accum.add_(score.to(torch.int64), alpha=1 if maximize else -1)
+    step.add_(1)
+    if track:
+        rebalance_exponent_(E, corr_accum, step, group_size)
+    p = torch.mul(g, scale).round_().clamp_(-threshold, threshold).add_(pressure)
+    move = _move(p, threshold)
+    pressure.copy_(p.mul_(move == 0))
+    t = move.add_(T).clamp_(-1, 1)
+    T.copy_(t)
+    weight.copy_(scale_groups(t, group_scale(E, corr_accum, step, group_size, bits=True),
+                              group_size))
+
+
+def _move(p: Tensor, threshold: int) -> Tensor:
+    """``sign(p)`` where ``|p| >= threshold``, else 0 (float): ``trunc(p / threshold)``
+    clamped to [-1, 1] in eager (two ops; exact, and the clamp covers a pressure left by a
+    larger threshold), comparisons when compiled (no vector division)."""
+    if torch.compiler.is_compiling():
+        return (p >= threshold).to(p.dtype) - (p <= -threshold).to(p.dtype)
+    return torch.div(p, threshold, rounding_mode="trunc").clamp_(-1, 1)
+
+
+def work_views(module: IntTernaryModule, grad: Tensor) -> tuple[Tensor, ...] | None:
+    """``(grad, T, pressure, weight)`` viewed as (out, groups, gs) where ``gs`` divides the
+    fan-in (every elementwise op then shares the corr sums' loop), else as (out, fan_in);
+    None where a buffer is not contiguous (no view writes through). The buffer views are
+    cached per module while they still view its tensors' current storage."""
+    tensors = (module.T, module.pressure, module.weight)
+    cached = _VIEWS.get(module)
+    if cached is None or not all(src is t and v.data_ptr() == t.data_ptr()
+                                 for src, v, t in zip(*cached, tensors, strict=True)):
+        out, fan_in, size = module.T.shape[0], module.fan_in, module.group_size
+        shape = (out, fan_in) if fan_in % size else (out, fan_in // size, size)
+        if not all(t.is_contiguous() for t in tensors):
+            return None
+        # views of detached aliases: no autograd view metadata on the weight's view
+        cached = _VIEWS[module] = (tensors, tuple(t.detach().view(shape) for t in tensors))
+    views = cached[1]
+    return (grad.view(views[0].shape) if grad.is_contiguous() else grad.reshape(views[0].shape),
+            *views)
+
+
+_VIEWS: weakref.WeakKeyDictionary[IntTernaryModule, tuple[tuple[Tensor, ...], ...]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _step_module_(module: IntTernaryModule, grad: Tensor, scale: Tensor, **static: Any) -> None:
+    """:func:`ternary_step_` on ``module`` in blocks of rows (each row's update is its own:
+    exact), through contiguous copies where its buffers are not contiguous (e.g. a
+    channels_last conv)."""
+    views = work_views(module, grad)
+    if views is not None:
+        tensors = (*views, module.corr_accum, module.E)
+        rows = max(1, _EAGER_BLOCK // module.fan_in)  # rows per block: temporaries stay cached
+        for start in range(0, module.T.shape[0], rows):
+            g, T, pressure, weight, corr, E = (t[start: start + rows] for t in tensors)
+            step = module.step.clone()  # every block counts from the same step
+            ternary_step_(g, scale, T, pressure, corr, E, step, weight,
+                          group_size=module.group_size, **static)
+        module.step.add_(1)
+        return
+    rows = (module.T.shape[0], module.fan_in)
+    T, pressure, weight = (t.reshape(rows).contiguous() for t in (
+        module.T, module.pressure, module.weight))
+    ternary_step_(grad.reshape(rows), scale, T, pressure, module.corr_accum, module.E,
+                  module.step, weight, group_size=module.group_size, **static)
+    for buffer, value in ((module.T, T), (module.pressure, pressure), (module.weight, weight)):
+        buffer.copy_(value.view(buffer.shape))
+
+
+def _ternary_inputs(
+    modules: list[IntTernaryModule], rate: float, maximize: bool
+) -> tuple[list[IntTernaryModule], list[Tensor], Tensor]:
+    """The modules with ``dL/dW``, their finite gradients and signed scales (one device)."""
+    active = [m for m in modules if m.weight.grad is not None]
+    if not active:
+        return [], [], torch.empty(0)
+    grads, scales = gradient_scales([m.weight.grad for m in active], rate)
+    return active, grads, scales if maximize else scales.neg()
 
 
 def _update_ternary_modules(
-    modules: list[IntTernaryModule], rate: float | Tensor, threshold: int, track: bool,
-    maximize: bool,
+    modules: list[IntTernaryModule], grads: list[Tensor], scales: Tensor, threshold: int,
+    track: bool, maximize: bool, *, reference: bool = False,
 ) -> None:
-    """Steps 1-3 of the module docstring for every module with ``dL/dW``."""
-    for module in modules:
-        grad = module.weight_grad
-        if grad is None:
+    """Steps 1-3 of the module docstring for every module (each with its ``dL/dW``):
+    :func:`ternary_step_`, or, with ``reference``, the module's own methods one by one (the
+    ground truth the fast path matches bit for bit)."""
+    for module, grad, scale in zip(modules, grads, scales, strict=True):
+        if not reference:
+            _step_module_(module, grad, scale, threshold=threshold, track=track,
+                          maximize=maximize)
             continue
-        grad = -grad if maximize else grad
-        module.update_corr(grad)
-        module.update_ternary(pressure_increment(grad, rate, threshold), threshold)
+        module.update_corr(-grad if maximize else grad)
+        module.update_ternary(increment(grad, scale, threshold).to(torch.int16), threshold)
         if track:
             module.rebalance_exponent()
 
@@ -171,19 +351,47 @@ def _float_scalars(group: dict[str, Any]) -> tuple[float, float, float, float]:
 
 def _compiled_scaled_optum(
     float_groups: list[tuple[list[Tensor], list[Tensor], list[Tensor]]],
-    modules: list[IntTernaryModule],
+    ternary: tuple[Tensor, list[tuple[Tensor, ...]]] | None,
     *scalars: Tensor,
     threshold: int,
+    group_sizes: tuple[int, ...],
     track: bool,
     maximize: bool,
 ) -> None:
     """The step ``fused=True`` compiles for one device: :func:`sign_sgd_` on every
-    ``(params, grads, bufs)`` of ``float_groups`` with scalars ``scalars[4 i : 4 i + 4]``, then
-    the integer update of ``modules`` with rate ``scalars[-1]`` (0-dim float64 tensors)."""
+    ``(params, grads, bufs)`` of ``float_groups`` with scalars ``scalars[4 i : 4 i + 4]``
+    (0-dim float64 tensors), then :func:`ternary_step_` on every module of ``ternary``
+    (``(scales, per module (grad, T, pressure, corr_accum, E, step, weight))`` in the shapes
+    of :func:`work_views`; ``group_sizes`` per module)."""
     for i, (params, grads, bufs) in enumerate(float_groups):
         sign_sgd_(params, grads, bufs, *scalars[4 * i: 4 * i + 4])
-    if modules:
-        _update_ternary_modules(modules, scalars[-1], threshold, track, maximize)
+    if ternary is not None:
+        scales, tensors = ternary
+        for i, (grad, T, pressure, corr_accum, E, step, weight) in enumerate(tensors):
+            ternary_step_(grad, scales[i], T, pressure, corr_accum, E, step, weight,
+                          threshold=threshold, group_size=group_sizes[i], track=track,
+                          maximize=maximize)
+
+
+@functools.cache
+def _cpu_compiles() -> bool:
+    """Whether ``torch.compile`` can build C++ kernels here (dynamo supported, a compiler)."""
+    return torch._dynamo.is_dynamo_supported() and any(
+        shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
+
+
+def _compile_ternary(group: dict[str, Any], modules: list[IntTernaryModule]) -> bool:
+    """Whether the integer update of ``modules`` (one device) runs compiled: ``fused`` (and
+    ``foreach``) when given; for None, on CUDA as ``use_fused`` decides, on CPU from
+    ``AUTO_COMPILE_WEIGHTS`` ternary weights on where inductor builds C++."""
+    if not modules:
+        return False
+    tensors = [m.T for m in modules]
+    if group["fused"] is not None or group["foreach"] is not None:
+        return use_fused(group["fused"], tensors, group["foreach"])
+    if tensors[0].device.type == "cpu":
+        return sum(t.numel() for t in tensors) >= AUTO_COMPILE_WEIGHTS and _cpu_compiles()
+    return use_fused(None, tensors)
 
 
 class ScaledOptum(FusableOptimizer):
@@ -204,8 +412,12 @@ class ScaledOptum(FusableOptimizer):
         weight_decay: decoupled decay ``p <- p * (1 - lr * weight_decay)`` of the float
             parameters (>= 0); none on ternary weights.
         maximize: ascend instead of descend (float and ternary weights alike).
-        fused: the compiled step (see the module docstring): True, False or None (automatic,
-            CUDA only). Stored in every param group, the ternary group included.
+        foreach: False runs the for-loop ground truth of the integer update (the modules'
+            own methods); None or True the default eager step (module docstring). The float
+            sign-SGD is the same foreach step either way.
+        fused: the compiled step (module docstring): True, False or None (automatic: CUDA,
+            or CPU from ``AUTO_COMPILE_WEIGHTS`` ternary weights). ``foreach`` and ``fused``
+            are stored in every param group, the ternary group included.
     """
 
     _PICKLED_ATTRIBUTES = ("default_group_size", "_ternary_defaults", "ternary_modules")
@@ -223,10 +435,12 @@ class ScaledOptum(FusableOptimizer):
         maximize: bool = False,
         momentum_decay: float | None = None,
         *,
+        foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, momentum_decay=momentum_decay,
-                        weight_decay=weight_decay, maximize=maximize, fused=fused)
+                        weight_decay=weight_decay, maximize=maximize, foreach=foreach,
+                        fused=fused)
         _check_group(defaults)
         integer("default_group_size", default_group_size, 1, 2**16)
         ternary = dict(lr=1.0, ternary_lr=ternary_lr, threshold=threshold, e_policy=e_policy,
@@ -325,36 +539,72 @@ class ScaledOptum(FusableOptimizer):
         """One integer update of every registered module and a sign-SGD step of the floats."""
         loss = evaluate_closure(closure)
         active = self._groups_with_grads()
-        batches: dict[torch.device, tuple[list, list]] = {}  # device -> (float groups, modules)
-        group, modules = self.ternary_group, self.ternary_modules
-        if modules and use_fused(group["fused"], [m.T for m in modules]):
-            batches[modules[0].T.device] = ([], modules)
-        elif modules:
-            track = group["e_policy"] == "track"
-            _update_ternary_modules(modules, ternary_rate(group), group["threshold"], track,
-                                    group["maximize"])
+        batches: dict[torch.device, tuple[list, Any]] = {}  # device -> (float groups, ternary)
+        group = self.ternary_group
+        if group is not None:
+            self._ternary_step(group, batches)
         for g, params in active:
             if g.get("ternary") or not params:
                 continue
             grads, bufs = [p.grad for p in params], self._momentum_buffers(g, params)
-            if use_fused(g["fused"], params):
-                batches.setdefault(params[0].device, ([], []))[0].append((params, grads, bufs, g))
+            if use_fused(g["fused"], params, g["foreach"]):
+                batches.setdefault(params[0].device, ([], None))[0].append(
+                    (params, grads, bufs, g))
             else:
                 sign_sgd_(params, grads, bufs, *_float_scalars(g))
-        for device, (float_groups, batch_modules) in batches.items():
+        for device, (float_groups, ternary) in batches.items():
+            modules, tensors, scales = ternary or ([], [], None)
             run_compiled(
                 _compiled_scaled_optum,
                 [(params, grads, bufs) for params, grads, bufs, _ in float_groups],
-                batch_modules,
-                key=[p for params, *_ in float_groups for p in params] + batch_modules,
+                (scales, tensors) if ternary else None,
+                key=[p for params, *_ in float_groups for p in params] + modules,
                 device=device,
-                scalars=[x for *_, g in float_groups for x in _float_scalars(g)]
-                + ([ternary_rate(group)] if batch_modules else []),
-                threshold=group["threshold"] if batch_modules else 0,
-                track=bool(batch_modules) and group["e_policy"] == "track",
-                maximize=bool(batch_modules) and group["maximize"],
+                scalars=[x for *_, g in float_groups for x in _float_scalars(g)],
+                threshold=group["threshold"] if ternary else 0,
+                group_sizes=tuple(m.group_size for m in modules),
+                track=bool(ternary) and group["e_policy"] == "track",
+                maximize=bool(ternary) and group["maximize"],
             )
         return loss
+
+    def _ternary_step(self, group: dict[str, Any], batches: dict[torch.device, tuple]) -> None:
+        """The integer update of every registered module with ``dL/dW``: now (eager) or, per
+        device, queued in ``batches`` for the compiled step."""
+        by_device: dict[torch.device, list[IntTernaryModule]] = {}
+        for module in self.ternary_modules:
+            if module.weight.grad is not None:
+                by_device.setdefault(module.T.device, []).append(module)
+        for device, modules in by_device.items():
+            modules, grads, scales = _ternary_inputs(modules, ternary_rate(group),
+                                                     group["maximize"])
+            static = {"threshold": group["threshold"], "track": group["e_policy"] == "track",
+                      "maximize": group["maximize"]}
+            if _compile_ternary(group, modules):
+                batch = self._compiled_batch(modules, grads, scales, static)
+                if batch[0]:
+                    batches[device] = ([], batch)
+                continue
+            _update_ternary_modules(modules, grads, scales, **static,
+                                    reference=group["foreach"] is False)
+
+    @staticmethod
+    def _compiled_batch(modules: list[IntTernaryModule], grads: list[Tensor], scales: Tensor,
+                        static: dict[str, Any]) -> tuple[list, list, Tensor]:
+        """``(modules, their tensors, scales)`` for the compiled step; a module whose buffers
+        are not contiguous is updated now, eagerly."""
+        batch = ([], [], [])
+        for module, grad, scale in zip(modules, grads, scales, strict=True):
+            views = work_views(module, grad)
+            if views is None:
+                _step_module_(module, grad, scale, **static)
+                continue
+            g, T, pressure, weight = views
+            batch[0].append(module)
+            batch[1].append((g, T, pressure, module.corr_accum, module.E, module.step, weight))
+            batch[2].append(scale)
+        return batch[0], batch[1], scales if len(batch[2]) == len(scales) else torch.stack(
+            batch[2] or [scales.new_zeros(())])
 
     def run_metrics(self) -> dict[str, float]:
         """What a training run records about this optimizer beyond its state bytes."""
