@@ -21,9 +21,10 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import chimera.optim.chimera21 as chimera21_module
+import chimera.optim.stac as stac_module
 from chimera.nn.int_ternary import IntTernaryLinear
 from chimera.optim import STAC, Chimera21, ScaledOptum
-from chimera.optim._fused import compile_usable, use_fused
+from chimera.optim._fused import CPU_MIN_NUMEL, compile_usable, use_fused
 
 STEPS = 6
 NO_GRAD_STEPS = (2, 3)  # steps where a parameter (or module) gets no gradient
@@ -156,6 +157,12 @@ def assert_same_state(opt_ref, opt, model_ref, model, *, exact: bool = False) ->
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def tensors_of(model: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Copies of the parameters and of every optimizer state tensor."""
+    state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    return [t.detach().clone() for t in (*model.parameters(), *state)]
+
+
 def twin_runs(make, build, device, drop, reference=LOOP):
     """Model and optimizer trained by the ``reference`` path and by ``fused=True``, and the
     number of graphs dynamo compiled for the latter."""
@@ -184,12 +191,28 @@ def test_chimera21_fused_matches_for_loop(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_stac_fused_matches_for_loop(device):
+    graphs_before = counters["stats"]["unique_graphs"]
     m0, o0, m1, o1, graphs = twin_runs(Net, build_stac, device, drop_lin2_bias)
     assert o1.partition.cap_layer_names == ("head",)
     assert_same_state(o0, o1, m0, m1)
     assert {"trunk_momentum_buffer"} == o1.state[m1.lin1.weight].keys()
     assert "max_exp_avg_sq" in o1.state[m1.head.weight]
     assert graphs == 2  # the trunk with and without lin2.bias; the cap is torch's fused AdamW
+    # the compiled step checks the gradients itself: a non-finite one, in the trunk or in the
+    # cap, moves nothing (same graph: no recompile)
+    before = tensors_of(m1, o1)
+    for param, value in ((m1.lin1.weight, float("nan")), (m1.head.bias, float("-inf"))):
+        for p in m1.parameters():
+            p.grad = torch.ones_like(p) if p.requires_grad else None
+        param.grad.view(-1)[1] = value
+        o1.step()
+        assert all(map(torch.equal, tensors_of(m1, o1), before))
+    assert o1.nonfinite_skipped_steps == 2
+    o1.param_groups[0]["error_if_nonfinite"] = True
+    with pytest.raises(RuntimeError, match="non-finite"):
+        o1.step()
+    assert all(map(torch.equal, tensors_of(m1, o1), before))
+    assert counters["stats"]["unique_graphs"] == graphs_before + graphs
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -236,6 +259,46 @@ def test_fused_none_keeps_the_eager_path_on_cpu(monkeypatch):
     params = list(model.parameters())
     assert not use_fused(None, params) and not use_fused(False, params)
     assert use_fused(True, params)
+
+
+def test_stac_fused_cap_takes_gradients_of_other_strides():
+    """torch's fused AdamW kernel needs the gradient in the parameter's layout; the cap
+    gets a copy when the strides differ (all-cap STAC: nothing compiles)."""
+    runs = []
+    for kw in (LOOP, {"fused": True}):
+        torch.manual_seed(0)
+        model = Net()
+        opt = STAC(model, lr=0.01, last_n_layers=10, **kw)
+        for _ in range(3):
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.grad = torch.randn(p.shape[::-1]).t() if p.dim() == 2 else torch.randn_like(p)
+            opt.step()
+        runs.append((model, opt))
+    (m0, o0), (m1, o1) = runs
+    assert not o1.partition.trunk_layers
+    assert_same_state(o0, o1, m0, m1)
+
+
+def test_fused_none_compiles_from_cpu_min_numel_parameters_on_cpu(monkeypatch):
+    calls = []
+
+    def record(fn, *args, **kwargs):
+        calls.append(fn.__name__)
+        return torch.tensor(True)
+
+    monkeypatch.setattr(chimera21_module, "run_compiled", record)
+    monkeypatch.setattr(stac_module, "run_compiled", record)
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(2, 2))
+    assert sum(p.numel() for p in model.parameters()) >= CPU_MIN_NUMEL
+    for opt in (Chimera21(model.parameters()), STAC(model)):
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert calls == ["_compiled_chimera21", "_compiled_stac_trunk"]
+    model[0].weight.grad = None  # below the threshold now: eager
+    Chimera21(model.parameters()).step()
+    assert len(calls) == 2
 
 
 def test_state_dict_without_fused_key_loads():
