@@ -183,3 +183,9 @@ def test_abs_sums_small_by_the_1_norm_large_by_chunks():
     assert sums[0] == torch.linalg.vector_norm(grads[0], 1) and sums[2] == 0
     torch.testing.assert_close(sums[1].double(), grads[1].double().abs().sum(), rtol=1e-5,
                                atol=0)
+
+
+def test_abs_sums_of_only_large_or_only_small_gradients():
+    large = [torch.ones(so._CHUNK + 3), -torch.ones(2 * so._CHUNK)]
+    assert abs_sums(large).tolist() == [so._CHUNK + 3, 2 * so._CHUNK]
+    assert abs_sums([torch.full((4,), -2.0)]).tolist() == [8.0]

@@ -148,8 +148,8 @@ def abs_sums(grads: list[Tensor]) -> Tensor:
     (the 1-norm is a scalar loop, several times slower than these two vectorized ops)."""
     small = [i for i, g in enumerate(grads) if g.numel() <= _CHUNK]
     sums: list[Tensor | None] = [None] * len(grads)
-    for i, value in zip(small, torch._foreach_norm([grads[i] for i in small], 1,
-                                                   dtype=torch.float32), strict=True):
+    norms = torch._foreach_norm([grads[i] for i in small], 1, dtype=torch.float32) if small else []
+    for i, value in zip(small, norms, strict=True):
         sums[i] = value
     for i, grad in enumerate(grads):
         if sums[i] is None:
