@@ -132,20 +132,6 @@ def normalize_credit(a: Tensor) -> Tensor:
     return a / (rms.view(-1, *[1] * (a.dim() - 1)) + RMS_EPS)
 
 
-def apply_credits(credits: Sequence[Tensor], outs: Sequence[Tensor]) -> None:
-    """Backward of the local losses ``sum_l mean_batch <a_norm_l, out_l>`` (``out_l`` the stem's
-    or block l's output, same-shaped credits): one backward from ``out_l`` with gradient
-    ``a_norm_l / batch``, every credit normalised in one batched op. Outputs that need no
-    gradient are skipped."""
-    pairs = [(a, out) for a, out in zip(credits, outs, strict=True) if out.requires_grad]
-    if not pairs:
-        return
-    a = torch.stack([a.detach() for a, _ in pairs])  # (n, batch, ...)
-    rms = a.flatten(2).pow(2).mean(2).sqrt()
-    scale = (rms + RMS_EPS).mul_(a.shape[1]).view(*rms.shape, *[1] * (a.dim() - 2))
-    torch.autograd.backward([out for _, out in pairs], grad_tensors=list(a.div_(scale)))
-
-
 def normalised_sq_error(pred: Tensor, target: Tensor, floor: float = 1.0) -> Tensor:
     """``mean_i ||pred_i − target_i||² / max(||target_i||, floor)²`` (rows flattened; scalars
     ok)."""
@@ -285,7 +271,10 @@ class LearningRule:
         credits = self._credits(hs, c, term)
         info = self._train_feedback(hs, c, term)
         self.bridge_residual = info.get("bridge_residual", self.bridge_residual)
-        apply_credits(credits, [h0, *outs])
+        local = [(normalize_credit(a).detach() * out).flatten(1).sum(1).mean()
+                 for a, out in zip(credits, [h0, *outs], strict=True) if out.requires_grad]
+        if local:
+            torch.stack(local).sum().backward()
         self.optimizer.step()
         self.step_count += 1
         return {"loss": term.loss, "logits": term.y, **info}
