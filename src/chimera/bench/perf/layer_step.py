@@ -193,7 +193,8 @@ def _row(rows: list[dict[str, Any]], case: str, **fields: Any) -> dict[str, Any]
 
 
 def layer_goals(setup: Setup, rows: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
-    """The goals of issue 16's table that this run measured (default paths only)."""
+    """The goals of the ternary-layer table in docs/performance.md that this run measured (default
+    paths only)."""
     goals = []
     shapes = dict.fromkeys((r["features"], r["batch"]) for r in rows if r["case"] == "train")
     for (features, batch), limit in zip(shapes, TRAIN_GOALS, strict=False):  # cases run

@@ -303,7 +303,7 @@ def run(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any]]:
                ("1st step s", lambda r: fmt(r["first_step_s"]))]
     probes = ", ".join(sorted({f"{r['copy_gbps']:.1f}" for r in rows}))
     notes = [f"copy bandwidth (dst.copy_(src), {nbytes / 2**20:.0f} MiB, timed with the steps): "
-             f"{probes} GB/s; fused AdamW reaches about 0.85 of it on an H100 (issue 6)"]
+             f"{probes} GB/s; fused AdamW reaches about 0.85 of it on an H100"]
     notes.append(f"goals: CPU gpt2 at 1 thread, CPU resnet20 at 2 threads (this run: "
                  f"{setup.machine['threads']}); default path within {DEFAULT_GOAL}x of the best "
                  f"on sets of >= {DEFAULT_GOAL_MIN_PARAMS:,} parameters")
