@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
+import chimera.optim._fused as fused_module
 import chimera.optim.chimera21 as chimera21_module
 import chimera.optim.stac as stac_module
 from chimera.nn.int_ternary import IntTernaryLinear
@@ -289,6 +290,7 @@ def test_fused_none_compiles_from_cpu_min_numel_parameters_on_cpu(monkeypatch):
 
     monkeypatch.setattr(chimera21_module, "run_compiled", record)
     monkeypatch.setattr(stac_module, "run_compiled", record)
+    monkeypatch.setattr(fused_module, "cpu_compile_usable", lambda: True)
     model = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(2, 2))
     assert sum(p.numel() for p in model.parameters()) >= CPU_MIN_NUMEL
     for opt in (Chimera21(model.parameters()), STAC(model)):
@@ -297,6 +299,10 @@ def test_fused_none_compiles_from_cpu_min_numel_parameters_on_cpu(monkeypatch):
         opt.step()
     assert calls == ["_compiled_chimera21", "_compiled_stac_trunk"]
     model[0].weight.grad = None  # below the threshold now: eager
+    Chimera21(model.parameters()).step()
+    assert len(calls) == 2
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    monkeypatch.setattr(fused_module, "cpu_compile_usable", lambda: False)  # no C++ compiler
     Chimera21(model.parameters()).step()
     assert len(calls) == 2
 

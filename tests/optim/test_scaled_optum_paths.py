@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+import chimera.optim._fused as fused_module
 import chimera.optim.scaled_optum as so
 from chimera.nn.int_ternary import IntTernaryConv2d, IntTernaryLinear
 from chimera.optim.scaled_optum import (
@@ -143,10 +144,10 @@ def test_fused_none_compiles_from_the_size_threshold_on_cpu(monkeypatch):
         fake_compile(fn, *args, **kw)
 
     monkeypatch.setattr(so, "run_compiled", record)
-    monkeypatch.setattr(so, "_cpu_compiles", lambda: True)
+    monkeypatch.setattr(fused_module, "cpu_compile_usable", lambda: True)
     run(steps=1)
     assert not calls  # a small model stays eager
-    monkeypatch.setattr(so, "AUTO_COMPILE_WEIGHTS", 1000)
+    monkeypatch.setattr(fused_module, "CPU_MIN_NUMEL", 1000)
     model, _ = run(steps=1)
     assert len(calls) == 1 and model.lin1 in calls[0]
     calls.clear()

@@ -5,10 +5,11 @@ validates it (with ``foreach``), ``use_fused`` decides per group and step whethe
 step runs, and ``run_compiled`` runs it.
 
 When ``fused=None`` compiles: on one CUDA device where triton is usable, always; on CPU only
-for callers that pass ``cpu=True`` to ``use_fused``, which Chimera21 and STAC do when their
-parameters with a gradient hold ``CPU_MIN_NUMEL`` elements or more together
-(``worth_compiling_on_cpu``; one decision for all groups, so small no-decay groups compile
-with the large ones). Measured on a 2-core x86 CPU under load, torch 2.13, 1 thread
+for callers that pass ``cpu=True`` to ``use_fused`` and where inductor can build C++
+(``cpu_compile_usable``). Chimera21 and STAC pass it when their parameters with a gradient hold
+``CPU_MIN_NUMEL`` elements or more together (``worth_compiling_on_cpu``; one decision for all
+groups, so small no-decay groups compile with the large ones), ScaledOptum when its registered
+ternary weights do. Measured on a 2-core x86 CPU under load, torch 2.13, 1 thread
 (``chimera perf optim``): per parameter, Chimera21's compiled step takes ~2-3 ns against ~15
 ns for the for-loop path (the CPU's eager default) and ~65 ns for foreach; STAC's ~2 ns
 against ~7 ns. At ``CPU_MIN_NUMEL`` = 2^20 parameters that saves ~10 ms per step, which
@@ -53,7 +54,7 @@ import torch
 from torch import Tensor
 
 from chimera._validate import optional_bool, require
-from chimera.compile_support import compile_usable
+from chimera.compile_support import compile_usable, cpu_compile_usable
 
 MAX_ENTRIES = 32
 # fused=None compiles the CPU step of Chimera21 and STAC from this many parameters on.
@@ -83,7 +84,7 @@ def use_fused(
     """Whether a group runs its compiled step: ``fused`` when given; for ``None``, only without
     an explicit ``foreach`` choice, with every tensor on one device, and there: on CUDA where
     ``compile_usable`` holds; on CPU when ``cpu`` (the caller's ``worth_compiling_on_cpu``)
-    and dynamo supports this Python (module docstring)."""
+    and ``cpu_compile_usable`` (dynamo and a C++ compiler; module docstring)."""
     if fused is not None:
         return fused
     if foreach is not None or not tensors:
@@ -92,7 +93,7 @@ def use_fused(
     if any(t.device != device for t in tensors):
         return False
     if device.type == "cpu":
-        return cpu and torch._dynamo.is_dynamo_supported()
+        return cpu and cpu_compile_usable()
     return compile_usable(device.type)
 
 

@@ -61,8 +61,8 @@ Paths of the integer update, equal bit for bit (integer state and ``weight`` cac
   ``T`` and the weight cache). Bytes per ternary weight: g read three times (sum |g|,
   both passes), T twice, pressure once, T, pressure and the fp32 cache written: ~23 B.
   ``fused=None`` (default) compiles on one CUDA device where ``use_fused`` allows
-  (``chimera.optim._fused``), and on CPU from ``AUTO_COMPILE_WEIGHTS`` (2^20) registered
-  ternary weights on where inductor builds C++ (the first step compiles: ~5-15 s for one
+  (``chimera.optim._fused``), and on CPU from ``CPU_MIN_NUMEL`` (2^20) registered ternary
+  weights on where inductor builds C++ (the first step compiles: ~5-15 s for one
   layer, ~1 min for GPT-2 small's 49 matrices; inductor's on-disk cache keeps the kernels
   across processes); smaller models (ResNet-20's 0.27M, tests) stay eager. ``fused=False``
   never compiles.
@@ -78,8 +78,6 @@ channels_last) is updated eagerly. Float parameters match the eager step bit for
 
 from __future__ import annotations
 
-import functools
-import shutil
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -102,16 +100,18 @@ from chimera.optim._common import (
     evaluate_closure,
     sign_keep_nan,
 )
-from chimera.optim._fused import check_fused, foreach_add_, run_compiled, use_fused
+from chimera.optim._fused import (
+    check_fused,
+    foreach_add_,
+    run_compiled,
+    use_fused,
+    worth_compiling_on_cpu,
+)
 
 E_POLICIES = ("fixed", "track")
 _TERNARY_KEYS = ("lr", "ternary_lr", "threshold", "e_policy", "ternary")
 _FLOAT_DEFAULTS = {"momentum": 0.0, "momentum_decay": None, "weight_decay": 0.0,
                    "maximize": False, "foreach": None}  # for older states
-# fused=None compiles the integer update on CPU from this many ternary weights on (module
-# docstring): the compiled step saves ~6 ns per weight against the eager one (x86, 1
-# thread), ~6 ms per step here, which repays a compile of 5-60 s within thousands of steps
-AUTO_COMPILE_WEIGHTS = 2**20
 _TINY = torch.finfo(torch.float32).tiny
 _CHUNK = 2**16  # elements per abs + sum of abs_sums (256 KiB of fp32: stays in L2)
 _EAGER_BLOCK = 2**16  # weights per block of the eager step
@@ -373,25 +373,17 @@ def _compiled_scaled_optum(
                           maximize=maximize)
 
 
-@functools.cache
-def _cpu_compiles() -> bool:
-    """Whether ``torch.compile`` can build C++ kernels here (dynamo supported, a compiler)."""
-    return torch._dynamo.is_dynamo_supported() and any(
-        shutil.which(cxx) for cxx in ("g++", "c++", "clang++"))
-
-
 def _compile_ternary(group: dict[str, Any], modules: list[IntTernaryModule]) -> bool:
     """Whether the integer update of ``modules`` (one device) runs compiled: ``fused`` (and
-    ``foreach``) when given; for None, on CUDA as ``use_fused`` decides, on CPU from
-    ``AUTO_COMPILE_WEIGHTS`` ternary weights on where inductor builds C++."""
+    ``foreach``) when given; for None, as ``use_fused`` decides, on CPU from
+    ``CPU_MIN_NUMEL`` ternary weights (``chimera.optim._fused``; the compiled step saves ~6 ns
+    per weight against the eager one on x86, which repays a compile of 5-60 s within thousands
+    of steps)."""
     if not modules:
         return False
     tensors = [m.T for m in modules]
-    if group["fused"] is not None or group["foreach"] is not None:
-        return use_fused(group["fused"], tensors, group["foreach"])
-    if tensors[0].device.type == "cpu":
-        return sum(t.numel() for t in tensors) >= AUTO_COMPILE_WEIGHTS and _cpu_compiles()
-    return use_fused(None, tensors)
+    return use_fused(group["fused"], tensors, group["foreach"],
+                     cpu=worth_compiling_on_cpu(tensors))
 
 
 class ScaledOptum(FusableOptimizer):
@@ -416,7 +408,7 @@ class ScaledOptum(FusableOptimizer):
             own methods); None or True the default eager step (module docstring). The float
             sign-SGD is the same foreach step either way.
         fused: the compiled step (module docstring): True, False or None (automatic: CUDA,
-            or CPU from ``AUTO_COMPILE_WEIGHTS`` ternary weights). ``foreach`` and ``fused``
+            or CPU from ``CPU_MIN_NUMEL`` ternary weights). ``foreach`` and ``fused``
             are stored in every param group, the ternary group included.
     """
 
