@@ -69,7 +69,7 @@ from chimera.nn.int_ternary import (
     IntTernaryLinear,
     IntTernaryModule,
 )
-from chimera.quant.functions import ACT_QUANT_MODES, quantize_activations
+from chimera.quant.functions import ACT_QUANT_MODES, activation_scale, quantize_activations
 
 # integer-ternary layers quantize activations with quantize_activations' default eps_beta
 _DEFAULT_EPS_BETA = inspect.signature(quantize_activations).parameters["eps_beta"].default
@@ -96,10 +96,7 @@ def int8_activations(x: Tensor, mode: str, eps_beta: float, *, unsigned: bool = 
     float32 (``|x / beta| <= 127``, so ``round_float32`` applies). ``unsigned``: ``x_q + 128``
     as uint8 instead."""
     x = x.detach()
-    if mode == "per_tensor":
-        beta = x.abs().max() / 127 + eps_beta
-    else:
-        beta = x.abs().amax(dim=-1, keepdim=True) / 127 + eps_beta
+    beta = activation_scale(x, mode, eps_beta)
     x_q = round_float32(x / beta).clamp_(-127, 127)
     return (x_q.add_(128).to(torch.uint8) if unsigned else x_q.to(torch.int8)), beta
 

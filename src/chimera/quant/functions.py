@@ -118,6 +118,12 @@ def abs_max(x: Tensor, mode: str) -> Tensor:
     return torch.maximum(high, low.neg())
 
 
+def activation_scale(x: Tensor, mode: str, eps_beta: float) -> Tensor:
+    """The int8 activation scale ``beta = max|x| / 127 + eps_beta`` (``per_tensor``, or
+    ``per_token``: per row of the last dim, kept as a column)."""
+    return abs_max(x, mode) / 127 + eps_beta
+
+
 def quantize_activations(
     x: Tensor, mode: str = "per_tensor", eps_beta: float = 1e-6, ste: bool = True
 ) -> Tensor:
@@ -133,7 +139,7 @@ def quantize_activations(
     if choice("act_quant", mode, ACT_QUANT_MODES) == "none":
         return x
     data = x.detach()
-    beta = abs_max(data, mode) / 127 + eps_beta
+    beta = activation_scale(data, mode, eps_beta)
     if not ste:
         return beta * torch.clamp(torch.round(x / beta), -127, 127)
     if traced():

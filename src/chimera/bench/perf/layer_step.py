@@ -44,6 +44,7 @@ from chimera.nn.quantize import ternarize
 # (warmup, repeats) by (device type, case); --quick: (1, 1)
 COUNTS = {("cpu", "train"): (3, 20), ("cpu", "eval"): (3, 20), ("cpu", "resnet20"): (2, 5),
           ("cuda", "train"): (10, 50), ("cuda", "eval"): (10, 50), ("cuda", "resnet20"): (5, 20)}
+CASES = ("train", "eval", "resnet20")
 TRAIN_SHAPES = ((1024, 256), (4096, 1))  # (features, batch); --quick: (32, 8), (64, 1)
 TRAIN_GOALS = (1.3, 3.0)  # BitLinear train step / nn.Linear's, one per TRAIN_SHAPES entry
 EVAL_WIDTH, EVAL_BATCHES = 4096, (1, 16)  # --quick: 64 and (2, 3)
@@ -228,8 +229,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resnet-batch", type=int, default=None,
                         help="ResNet-20 batch (default: 512 on CUDA, 64 on CPU)")
 
-
-CASES = ("train", "eval", "resnet20")
 
 
 @perf_target("layers", help="ternary layers vs float: BitLinear train steps, eval and packed "
