@@ -103,6 +103,14 @@ def worth_compiling_on_cpu(tensors: Iterable[Tensor]) -> bool:
     return sum(t.numel() for t in tensors if t.device.type == "cpu") >= CPU_MIN_NUMEL
 
 
+def flat_views(tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """1-D views of ``tensors`` when all are contiguous (inductor then emits one simple loop
+    per kernel), else the tensors themselves."""
+    if all(t.is_contiguous() for t in tensors):
+        return tuple(t.view(-1) for t in tensors)
+    return tuple(tensors)
+
+
 def foreach_add_(params: list[Tensor], tensors: list[Tensor], alpha: float | Tensor) -> None:
     """``p += alpha * t`` pairwise; ``alpha`` is a Python float (eager paths) or a 0-dim tensor
     (compiled paths). Both round like ``torch.add(p, t, alpha=alpha)``."""

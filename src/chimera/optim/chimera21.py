@@ -30,6 +30,7 @@ from chimera.optim._common import (
 )
 from chimera.optim._fused import (
     check_fused,
+    flat_views,
     run_compiled,
     use_fused,
     worth_compiling_on_cpu,
@@ -402,17 +403,10 @@ def _compiled_chimera21(
         for j, tensors in enumerate(zip(params, grads, ms, vs, psis, strict=True)):
             decay, neg_lr = per_dtype[tensors[0].dtype]
             _chimera21_tensor(
-                *_flat(tensors), bias1[j], bias2[j], decay=decay, neg_lr=neg_lr, **hp
+                *flat_views(tensors), bias1[j], bias2[j], decay=decay, neg_lr=neg_lr, **hp
             )
     return once
 
-
-def _flat(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """1-D views of ``tensors`` when all are contiguous (one simple loop per kernel), else
-    the tensors themselves."""
-    if all(t.is_contiguous() for t in tensors):
-        return tuple(t.view(-1) for t in tensors)
-    return tensors
 
 
 def _chimera21_tensor(

@@ -30,6 +30,7 @@ from chimera.optim._common import (
 )
 from chimera.optim._fused import (
     check_fused,
+    flat_views,
     foreach_add_,
     run_compiled,
     use_fused,
@@ -246,7 +247,7 @@ def _compiled_stac_trunk(
     ``decay`` are rounded to each parameter's dtype as the eager paths round their floats."""
     finite = _compiled_all_finite([*grads, *other_grads], zero)
     for j, (p, g) in enumerate(zip(params, grads, strict=True)):
-        flat = _flat([p, g, momentum_buffers[j]] if momentum != 0 else [p, g])
+        flat = flat_views([p, g, momentum_buffers[j]] if momentum != 0 else [p, g])
         _stac_trunk_tensor(
             flat[0], flat[1], flat[2] if momentum != 0 else None, finite,
             decay.to(p.dtype), lr.neg().to(p.dtype), momentum=momentum, maximize=maximize,
@@ -283,12 +284,6 @@ def _zero_sum(g: Tensor, zero: Tensor) -> Tensor:
         acc = acc + flat[i * size:(i + 1) * size] * zero
     return acc.sum() + (flat[_CHECK_STREAMS * size:] * zero).sum()
 
-
-def _flat(tensors: list[Tensor]) -> list[Tensor]:
-    """1-D views of ``tensors`` when all are contiguous (one simple loop per kernel)."""
-    if all(t.is_contiguous() for t in tensors):
-        return [t.view(-1) for t in tensors]
-    return tensors
 
 
 def _stac_trunk_tensor(
